@@ -1,0 +1,51 @@
+// What every kvtier benchmark shares: timing (median after warm-up) and the
+// JSON report {"bench", "machine", "config", "results": [{name, value, unit,
+// baseline, ratio}]}, where baseline names another result of the same run and
+// ratio = value / that result's value.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace kvtier::bench {
+
+struct Timing {
+  double median_s = 0, min_s = 0, max_s = 0;
+  int repeats = 0;
+};
+
+// Calls fn `warmup` times untimed, then `repeats` times, and returns the spread.
+Timing time_it(const std::function<void()>& fn, int warmup, int repeats);
+
+struct SuiteArgs {
+  bool json = false;
+  bool quick = false;  // finishes in under a minute on a 2-core machine
+  unsigned threads = 0;  // 0: all hardware threads
+};
+
+class Report {
+ public:
+  Report(std::string bench, nlohmann::json config);
+  // baseline: the name of an earlier result of this report, or "" for none.
+  void add(const std::string& name, double value, const std::string& unit, const std::string& baseline = "");
+  nlohmann::json to_json() const;
+  // Prints JSON (args.json) or an aligned table.
+  void print(const SuiteArgs& args) const;
+
+ private:
+  struct Row {
+    std::string name, unit, baseline;
+    double value;
+  };
+  std::string bench_;
+  nlohmann::json config_;
+  std::vector<Row> rows_;
+};
+
+// CPU model, cores, memory, GPUs and versions: enough to tell machines apart.
+nlohmann::json machine_summary();
+
+}  // namespace kvtier::bench

@@ -1,0 +1,41 @@
+#include "cli.h"
+
+#include <ostream>
+
+namespace kvtier::cli {
+namespace {
+
+constexpr const char* kUsage =
+    "usage: kvtier <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  info    describe this machine: CPU features, cores and NUMA, RAM, GPUs,\n"
+    "          io_uring and O_DIRECT, library versions (--json, --dir PATH)\n"
+    "  bench   run a benchmark suite and print JSON (kvtier bench --help)\n"
+    "\n"
+    "kvtier <command> --help shows a command's options.\n";
+
+}  // namespace
+
+int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  if (args.empty()) {
+    err << kUsage;
+    return kExitUsage;
+  }
+  const std::string& command = args.front();
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (command == "info") return info_command(rest, out, err);
+  if (command == "bench") return bench_command(rest, out, err);
+  if (command == "help" || command == "--help" || command == "-h") {
+    out << kUsage;
+    return kExitOk;
+  }
+  if (command == "--version") {
+    out << "kvtier " << KVTIER_VERSION << "\n";
+    return kExitOk;
+  }
+  err << "kvtier: unknown command '" << command << "' (commands: info, bench; see kvtier --help)\n";
+  return kExitUsage;
+}
+
+}  // namespace kvtier::cli
