@@ -24,6 +24,7 @@ struct SuiteArgs {
   bool json = false;
   bool quick = false;  // finishes in under a minute on a 2-core machine
   unsigned threads = 0;  // 0: all hardware threads
+  std::string dir = ".";  // where disk benchmarks put their files
 };
 
 class Report {

@@ -18,6 +18,8 @@ struct Suite {
 
 constexpr Suite kSuites[] = {
     {"memory", "host memory read/copy bandwidth: the ceiling for CPU attention", kvtier::bench::run_memory},
+    {"storage", "io_uring vs thread-pool block I/O on --dir, and batched host->GPU block uploads",
+     kvtier::bench::run_storage},
 };
 
 void print_usage(std::ostream& os, const po::options_description& options) {
@@ -33,6 +35,7 @@ int main(int argc, char** argv) {
   options.add_options()("help,h", "show this help")("json", po::bool_switch(), "print one JSON object (default: table)")(
       "quick", po::bool_switch(), "smaller sizes, fewer repeats: under a minute on 2 cores")(
       "threads", po::value<unsigned>()->default_value(0), "worker threads (0: all hardware threads)")(
+      "dir", po::value<std::string>()->default_value("."), "directory for disk benchmark files (storage)")(
       "suite", po::value<std::string>(), "suite to run");
   po::positional_options_description positional;
   positional.add("suite", 1);
@@ -49,7 +52,8 @@ int main(int argc, char** argv) {
     return vm.count("help") ? 0 : 2;
   }
   const std::string name = vm["suite"].as<std::string>();
-  const kvtier::bench::SuiteArgs args{vm["json"].as<bool>(), vm["quick"].as<bool>(), vm["threads"].as<unsigned>()};
+  const kvtier::bench::SuiteArgs args{vm["json"].as<bool>(), vm["quick"].as<bool>(), vm["threads"].as<unsigned>(),
+                                      vm["dir"].as<std::string>()};
   for (const Suite& s : kSuites)
     if (name == s.name) return s.run(args);
   std::cerr << "kvtier bench: unknown suite '" << name << "' (suites:";

@@ -1,10 +1,17 @@
 // The benchmark suites of kvtier-bench, one function each.
 #pragma once
 
+#include <string>
+
 #include "harness.h"
 
 namespace kvtier::bench {
 
 int run_memory(const SuiteArgs& args);
+int run_storage(const SuiteArgs& args);  // storage_bench.cpp
+
+// h2d_block_batch and h2d_single_copy_32mib on a GPU host; adds nothing and
+// returns a note without a GPU (h2d_bench.cpp).
+std::string add_h2d_results(Report& report, const SuiteArgs& args);
 
 }  // namespace kvtier::bench

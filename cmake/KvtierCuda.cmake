@@ -21,8 +21,9 @@ if(KVTIER_ENABLE_CUDA)
       set(CMAKE_CUDA_ARCHITECTURES 90 CACHE STRING "CUDA architectures" FORCE)
     endif()
     enable_language(CUDA)
-    set(CMAKE_CUDA_STANDARD 20)
-    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    # CMake 3.25 does not know that nvcc 13 speaks C++20, so the dialect is
+    # passed directly rather than through CMAKE_CUDA_STANDARD.
+    string(APPEND CMAKE_CUDA_FLAGS " -std=c++20")
     find_package(CUDAToolkit REQUIRED)
     set(KVTIER_WITH_CUDA ON)
     set(KVTIER_CUDA_SUMMARY
