@@ -21,9 +21,15 @@ if(KVTIER_ENABLE_CUDA)
       set(CMAKE_CUDA_ARCHITECTURES 90 CACHE STRING "CUDA architectures" FORCE)
     endif()
     enable_language(CUDA)
-    # CMake 3.25 does not know that nvcc 13 speaks C++20, so the dialect is
-    # passed directly rather than through CMAKE_CUDA_STANDARD.
-    string(APPEND CMAKE_CUDA_FLAGS " -std=c++20")
+    # CMake 3.25 knows nvcc dialects only up to C++17; nvcc >= 12 speaks C++20.
+    if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+      set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+      set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+      set(CMAKE_CUDA20_COMPILE_FEATURES cuda_std_20)
+      list(APPEND CMAKE_CUDA_COMPILE_FEATURES cuda_std_20)
+    endif()
+    set(CMAKE_CUDA_STANDARD 20)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
     find_package(CUDAToolkit REQUIRED)
     set(KVTIER_WITH_CUDA ON)
     set(KVTIER_CUDA_SUMMARY
