@@ -22,10 +22,12 @@ Status hwloc_failure(const char* call) {
   return internal_error(std::string(call) + " failed: " + std::strerror(errno));
 }
 
-Result<TopologyPtr> open_topology() {
+Result<TopologyPtr> open_topology(bool with_pci = false) {
   hwloc_topology_t raw = nullptr;
   if (hwloc_topology_init(&raw) != 0) return hwloc_failure("hwloc_topology_init");
   TopologyPtr topo(raw);
+  // PCI devices are filtered out by default; finding a GPU's node needs them.
+  if (with_pci) hwloc_topology_set_io_types_filter(topo.get(), HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
   if (hwloc_topology_load(topo.get()) != 0) return hwloc_failure("hwloc_topology_load");
   return topo;
 }
@@ -99,6 +101,20 @@ Result<Topology> load_topology() {
   t.caches = caches(topo.get());
   t.memory_bytes = memory_bytes(topo.get(), t.numa_nodes);
   return t;
+}
+
+Result<std::optional<uint32_t>> numa_node_of_pci(const std::string& pci_bus_id) {
+  KVT_ASSIGN_OR_RETURN(TopologyPtr topo, open_topology(true));
+  const hwloc_obj_t dev = hwloc_get_pcidev_by_busidstring(topo.get(), pci_bus_id.c_str());
+  if (dev == nullptr) return std::optional<uint32_t>();
+  // The device's nearest non-I/O ancestor (a package or the machine) carries
+  // the nodeset of the memory close to it.
+  const hwloc_obj_t near = hwloc_get_non_io_ancestor_obj(topo.get(), dev);
+  if (near == nullptr || near->nodeset == nullptr || hwloc_bitmap_iszero(near->nodeset))
+    return std::optional<uint32_t>();
+  // A machine-wide ancestor spans every node: then no node is nearer.
+  if (hwloc_bitmap_weight(near->nodeset) != 1) return std::optional<uint32_t>();
+  return std::optional<uint32_t>(static_cast<uint32_t>(hwloc_bitmap_first(near->nodeset)));
 }
 
 }  // namespace kvtier::cpu

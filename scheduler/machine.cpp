@@ -47,7 +47,7 @@ nlohmann::json cpu_json(const MachineFacts& f) {
   return j;
 }
 
-nlohmann::json gpu_json(const gpu::GpuDevice& g) {
+nlohmann::json gpu_json(const gpu::GpuDevice& g, std::optional<uint32_t> numa_node) {
   auto known = [](int v) { return v < 0 ? nlohmann::json(nullptr) : nlohmann::json(v); };
   return {{"index", g.index},
           {"name", g.name},
@@ -55,6 +55,7 @@ nlohmann::json gpu_json(const gpu::GpuDevice& g) {
           {"sm_count", g.sm_count},
           {"compute_capability", std::to_string(g.cc_major) + "." + std::to_string(g.cc_minor)},
           {"pci_bus_id", g.pci_bus_id},
+          {"numa_node", numa_node ? nlohmann::json(*numa_node) : nlohmann::json(nullptr)},
           {"pcie",
            {{"gen", known(g.pcie_gen_current)},
             {"gen_max", known(g.pcie_gen_max)},
@@ -78,6 +79,10 @@ MachineFacts probe_machine(const std::string& dir) {
   if (auto gpus = gpu::list_gpus(); gpus.ok()) {
     f.gpus = std::move(gpus).value();
     if (f.gpus.empty()) f.gpu_error = "the CUDA driver reports no devices";
+    for (const gpu::GpuDevice& g : f.gpus) {
+      const auto node = cpu::numa_node_of_pci(g.pci_bus_id);
+      f.gpu_numa_nodes.push_back(node.ok() ? *node : std::nullopt);
+    }
   } else {
     f.gpu_error = gpus.status().message();
   }
@@ -92,7 +97,7 @@ MachineFacts probe_machine(const std::string& dir) {
 
 nlohmann::json to_json(const MachineFacts& f) {
   nlohmann::json gpus = nlohmann::json::array();
-  for (const gpu::GpuDevice& g : f.gpus) gpus.push_back(gpu_json(g));
+  for (size_t i = 0; i < f.gpus.size(); ++i) gpus.push_back(gpu_json(f.gpus[i], f.gpu_numa_nodes[i]));
   auto or_null = [](const std::string& s) { return s.empty() ? nlohmann::json(nullptr) : nlohmann::json(s); };
   return {
       {"cpu", cpu_json(f)},

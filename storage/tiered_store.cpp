@@ -1,1 +1,618 @@
-// placeholder: being written
+#include "kvtier/storage/tiered_store.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "kvtier/core/log.h"
+#include "kvtier/core/sizes.h"
+#include "kvtier/storage/device_arena.h"
+#include "kvtier/storage/host_arena.h"
+
+namespace kvtier::storage {
+namespace {
+
+// Requests waiting for the mover; a caller beyond this waits (backpressure).
+constexpr size_t kMaxQueuedJobs = 64;
+
+struct Job {
+  uint64_t id;
+  std::vector<uint32_t> blocks;
+  Tier tier;
+};
+
+struct FreeDeleter {
+  void operator()(std::byte* p) const { std::free(p); }
+};
+
+std::string block_name(const BlockGeometry& g, uint32_t block, uint32_t chunks) {
+  std::ostringstream os;
+  os << "block " << block << " (" << g.from_flat_index(block, chunks) << ")";
+  return os.str();
+}
+
+}  // namespace
+
+struct TieredStore::Impl {
+  Impl(ComputeBackend& b, const StoreConfig& c, std::unique_ptr<BlockFile> f, uint32_t chunks)
+      : backend(b),
+        config(c),
+        geometry(c.shape, c.policy.chunk_tokens),
+        chunks_per_head(chunks),
+        file(std::move(f)),
+        table(static_cast<uint32_t>(geometry.block_count(chunks)), make_lru_policy(table_size()),
+              make_lru_policy(table_size())) {}
+
+  uint32_t table_size() const { return static_cast<uint32_t>(geometry.block_count(chunks_per_head)); }
+
+  ComputeBackend& backend;
+  StoreConfig config;
+  BlockGeometry geometry;
+  uint32_t chunks_per_head;
+  std::unique_ptr<BlockFile> file;
+  std::unique_ptr<HostArena> home_arena;   // host homes (may be absent)
+  std::unique_ptr<HostArena> cache_arena;  // staging copies of nvme homes
+  std::unique_ptr<DeviceArena> gpu_arena;
+
+  mutable std::mutex mu;
+  BlockTable table;
+  StoreStats stats;
+  uint64_t step = 0;
+  uint64_t sequence_tokens = 0;
+
+  std::deque<Job> queue;
+  std::condition_variable queue_cv, space_cv, done_cv;
+  std::unordered_map<uint64_t, Status> done;
+  uint64_t next_ticket = 1;
+  bool stopping = false;
+  std::thread mover;
+
+  std::string name(uint32_t b) const { return block_name(geometry, b, chunks_per_head); }
+  Status check_block(uint32_t b) const;
+
+  // Mover side.
+  void mover_loop();
+  Status run_job(Job& job);
+  Status stage_from_nvme(const std::vector<uint32_t>& blocks);
+  Status copy_to_gpu(const std::vector<uint32_t>& blocks);
+  Result<uint32_t> take_cache_slot();
+  Result<uint32_t> take_gpu_slot();
+  std::byte* host_copy(const BlockEntry& e) const;
+  void release_host_pins(const std::vector<uint32_t>& blocks);
+
+  // Caller side.
+  Status begin_write(uint32_t b, BlockEntry& e);
+  Status drop_copies(uint32_t b, BlockEntry& e);
+  void protect_range(uint64_t tokens, bool on);
+};
+
+// ---------------------------------------------------------------- creation
+
+namespace {
+
+uint64_t protected_blocks_needed(const StoreConfig& c, uint32_t chunks_per_head) {
+  const uint64_t per_head = c.policy.sink_tokens / c.policy.chunk_tokens +
+                            c.policy.window_tokens / c.policy.chunk_tokens + 1;  // +1: an unaligned window
+  return uint64_t{c.shape.layers} * c.shape.kv_heads * std::min<uint64_t>(per_head, chunks_per_head);
+}
+
+Status check_config(const StoreConfig& c, const BlockFile& file, uint32_t chunks_per_head) {
+  KVT_RETURN_IF_ERROR(validate(c.shape));
+  KVT_RETURN_IF_ERROR(validate(c.policy));
+  if (c.max_tokens == 0) return invalid_argument("tiered store: max_tokens=0; the context needs at least one token");
+  const FileGeometry want{c.shape, c.policy.chunk_tokens, chunks_per_head};
+  if (!(file.geometry() == want))
+    return invalid_argument("tiered store: " + file.path() + " holds a context of another shape or length (" +
+                            to_string(file.geometry().shape) + ", " + std::to_string(file.geometry().chunks_per_head) +
+                            " chunks per head); expected " + to_string(c.shape) + ", " +
+                            std::to_string(chunks_per_head) + " chunks per head");
+  const BlockGeometry g(c.shape, c.policy.chunk_tokens);
+  const uint64_t need = protected_blocks_needed(c, chunks_per_head) * g.slot_bytes();
+  if (c.budgets.gpu_bytes < need)
+    return invalid_argument("tiered store: gpu_bytes=" + format_bytes(c.budgets.gpu_bytes) +
+                            " cannot hold the sink and window blocks, which stay on the gpu: " +
+                            std::to_string(protected_blocks_needed(c, chunks_per_head)) + " blocks of " +
+                            format_bytes(g.slot_bytes()) + " = " + format_bytes(need) +
+                            " (layers x kv_heads x (sink_tokens + window_tokens) / chunk_tokens, +1 chunk); "
+                            "raise --gpu-bytes or lower window_tokens/sink_tokens");
+  return Status::ok_status();
+}
+
+// Splits host_bytes into the staging cache and host homes.
+std::pair<uint64_t, uint64_t> split_host(const TierBudgets& b, uint64_t slot_bytes) {
+  uint64_t cache = b.host_cache_bytes;
+  if (cache == 0) cache = std::max(b.host_bytes / 4, 64 * slot_bytes);
+  cache = std::min(cache, b.host_bytes);
+  return {cache, b.host_bytes - cache};
+}
+
+}  // namespace
+
+Result<std::unique_ptr<TieredStore>> TieredStore::create(ComputeBackend& backend, const StoreConfig& config,
+                                                         std::unique_ptr<BlockFile> file) {
+  KVT_ASSERT(file != nullptr, "TieredStore needs a file");
+  KVT_RETURN_IF_ERROR(validate(config.policy));
+  const BlockGeometry g(config.shape, config.policy.chunk_tokens);
+  if (config.max_tokens == 0) return invalid_argument("tiered store: max_tokens=0; the context needs at least one token");
+  const uint32_t chunks = g.chunks_for(config.max_tokens);
+  KVT_RETURN_IF_ERROR(check_config(config, *file, chunks));
+  if (g.block_count(chunks) >= UINT32_MAX)
+    return out_of_range("tiered store: " + std::to_string(g.block_count(chunks)) + " blocks exceed 2^32");
+  const auto [cache_bytes, home_bytes] = split_host(config.budgets, g.slot_bytes());
+  if (cache_bytes < g.slot_bytes())
+    return invalid_argument("tiered store: host_bytes=" + format_bytes(config.budgets.host_bytes) +
+                            " leaves no staging cache for nvme reads; give at least " +
+                            format_bytes(64 * g.slot_bytes()));
+  auto impl = std::make_unique<Impl>(backend, config, std::move(file), chunks);
+  HostArenaOptions host{cache_bytes, g.slot_bytes(), config.numa_node, true};
+  KVT_ASSIGN_OR_RETURN(impl->cache_arena, HostArena::create(backend, host));
+  if (home_bytes >= g.slot_bytes()) {
+    host.budget_bytes = home_bytes;
+    KVT_ASSIGN_OR_RETURN(impl->home_arena, HostArena::create(backend, host));
+  }
+  KVT_ASSIGN_OR_RETURN(impl->gpu_arena, DeviceArena::create(backend, config.budgets.gpu_bytes, g.slot_bytes()));
+  impl->file->device().register_buffers(impl->cache_arena->base(), impl->cache_arena->bytes());
+  Impl* raw = impl.get();
+  impl->mover = std::thread([raw] { raw->mover_loop(); });
+  return std::unique_ptr<TieredStore>(new TieredStore(std::move(impl)));
+}
+
+Result<std::unique_ptr<TieredStore>> TieredStore::reopen(ComputeBackend& backend, const StoreConfig& config,
+                                                         std::unique_ptr<BlockFile> file) {
+  KVT_ASSIGN_OR_RETURN(std::unique_ptr<TieredStore> store, create(backend, config, std::move(file)));
+  Impl& s = *store->impl_;
+  std::lock_guard lock(s.mu);
+  for (uint32_t b = 0; b < s.table.size(); ++b) {
+    if (!s.file->written(b)) continue;
+    BlockEntry& e = s.table[b];
+    e.home = Tier::kNvme;
+    e.home_assigned = e.home_valid = true;
+    e.checksum = s.file->checksum(b);
+  }
+  return store;
+}
+
+TieredStore::TieredStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+TieredStore::~TieredStore() {
+  {
+    std::lock_guard lock(impl_->mu);
+    impl_->stopping = true;
+  }
+  impl_->queue_cv.notify_all();
+  impl_->mover.join();
+}
+
+// ---------------------------------------------------------------- mover
+
+void TieredStore::Impl::mover_loop() {
+  for (;;) {
+    std::unique_lock lock(mu);
+    queue_cv.wait(lock, [&] { return stopping || !queue.empty(); });
+    if (queue.empty()) return;  // stopping, and nothing left to do
+    Job job = std::move(queue.front());
+    queue.pop_front();
+    space_cv.notify_one();
+    lock.unlock();
+    Status st = run_job(job);
+    lock.lock();
+    done.emplace(job.id, std::move(st));
+    done_cv.notify_all();
+  }
+}
+
+Status TieredStore::Impl::check_block(uint32_t b) const {
+  if (b >= table.size())
+    return out_of_range("block " + std::to_string(b) + " is outside the context's " + std::to_string(table.size()) +
+                        " blocks");
+  return Status::ok_status();
+}
+
+std::byte* TieredStore::Impl::host_copy(const BlockEntry& e) const {
+  if (e.home == Tier::kHost) return home_arena->slot_data(e.home_slot);
+  return cache_arena->slot_data(e.host_cache_slot);
+}
+
+Result<uint32_t> TieredStore::Impl::take_cache_slot() {
+  if (auto slot = cache_arena->allocate()) return *slot;
+  const std::optional<uint32_t> victim = table.host_cache_policy().victim();
+  if (!victim)
+    return no_space("host staging cache full: all " + std::to_string(cache_arena->capacity()) +
+                    " slots are pinned or in use by this request; raise host_cache_bytes or prefetch fewer blocks");
+  const uint32_t slot = table[*victim].host_cache_slot;
+  table.host_cache_dropped(*victim);  // homes are durable: dropping a copy never writes
+  ++stats.host_cache_evictions;
+  return slot;
+}
+
+Result<uint32_t> TieredStore::Impl::take_gpu_slot() {
+  if (auto slot = gpu_arena->allocate()) return *slot;
+  const std::optional<uint32_t> victim = table.gpu_policy().victim();
+  if (!victim)
+    return no_space("gpu tier full: all " + std::to_string(gpu_arena->capacity()) +
+                    " slots hold pinned, sink/window or in-flight blocks; raise gpu_bytes or prefetch fewer blocks");
+  const uint32_t slot = table[*victim].gpu_slot;
+  table.gpu_dropped(*victim);
+  ++stats.gpu_evictions;
+  return slot;
+}
+
+void TieredStore::Impl::release_host_pins(const std::vector<uint32_t>& blocks) {
+  for (uint32_t b : blocks) table.unpin_host(b);
+}
+
+Status TieredStore::Impl::run_job(Job& job) {
+  std::vector<uint32_t> need_read, need_gpu;
+  {
+    std::lock_guard lock(mu);
+    for (uint32_t b : job.blocks) {
+      KVT_RETURN_IF_ERROR(check_block(b));
+      BlockEntry& e = table[b];
+      if (!e.home_valid || e.busy)
+        return invalid_argument(name(b) + " has not been written home" + (e.busy ? " (a write is in progress)" : ""));
+      table.touch(b, step);
+      if (job.tier == Tier::kGpu && e.gpu_ready) {
+        ++stats.gpu_hits;
+        continue;
+      }
+      if (job.tier == Tier::kGpu) need_gpu.push_back(b);
+      if (e.home == Tier::kHost) continue;
+      if (e.host_cache_ready) {
+        ++stats.host_cache_hits;
+      } else {
+        need_read.push_back(b);
+      }
+    }
+    // Every host copy of this job stays put until it ends, so a job is
+    // either wholly resident or reports that it does not fit.
+    for (uint32_t b : job.blocks) table.pin_host(b);
+  }
+  Status st = stage_from_nvme(need_read);
+  if (st.ok()) st = copy_to_gpu(need_gpu);
+  std::lock_guard lock(mu);
+  release_host_pins(job.blocks);
+  return st;
+}
+
+Status TieredStore::Impl::stage_from_nvme(const std::vector<uint32_t>& blocks) {
+  const size_t batch = std::max<uint32_t>(1, config.read_batch_blocks);
+  for (size_t begin = 0; begin < blocks.size(); begin += batch) {
+    const size_t end = std::min(blocks.size(), begin + batch);
+    std::vector<BlockIo> io;
+    {
+      std::lock_guard lock(mu);
+      for (size_t i = begin; i < end; ++i) {
+        Result<uint32_t> slot = take_cache_slot();
+        if (!slot.ok()) {
+          for (const BlockIo& done_io : io) {  // give back what this batch took
+            cache_arena->free(table[static_cast<uint32_t>(done_io.index)].host_cache_slot);
+            table[static_cast<uint32_t>(done_io.index)].host_cache_slot = kNoSlot;
+          }
+          return slot.status();
+        }
+        table[blocks[i]].host_cache_slot = *slot;
+        io.push_back(BlockIo{blocks[i], cache_arena->slot_data(*slot)});
+      }
+    }
+    const Status st = file->read_blocks(io);
+    std::lock_guard lock(mu);
+    for (const BlockIo& r : io) {
+      const uint32_t b = static_cast<uint32_t>(r.index);
+      if (st.ok()) {
+        table.host_cached(b);
+      } else {
+        // A failed batch leaves nothing half-loaded: every slot goes back.
+        cache_arena->free(table[b].host_cache_slot);
+        table[b].host_cache_slot = kNoSlot;
+      }
+    }
+    stats.nvme_reads += st.ok() ? io.size() : 0;
+    if (!st.ok()) return st;
+  }
+  return Status::ok_status();
+}
+
+Status TieredStore::Impl::copy_to_gpu(const std::vector<uint32_t>& blocks) {
+  if (blocks.empty()) return Status::ok_status();
+  std::vector<BlockCopy> copies;
+  {
+    std::lock_guard lock(mu);
+    for (uint32_t b : blocks) {
+      Result<uint32_t> slot = take_gpu_slot();
+      if (!slot.ok()) {
+        for (size_t i = 0; i < copies.size(); ++i) {
+          gpu_arena->free(table[blocks[i]].gpu_slot);
+          table[blocks[i]].gpu_slot = kNoSlot;
+        }
+        return slot.status();
+      }
+      table[b].gpu_slot = *slot;
+      copies.push_back(BlockCopy{host_copy(table[b]), gpu_arena->slot_data(*slot), geometry.block_bytes()});
+    }
+  }
+  const Status st = backend.copy_to_device(copies);
+  std::lock_guard lock(mu);
+  for (uint32_t b : blocks) {
+    if (st.ok()) {
+      table.gpu_cached(b);
+    } else {
+      gpu_arena->free(table[b].gpu_slot);
+      table[b].gpu_slot = kNoSlot;
+    }
+  }
+  if (st.ok()) {
+    stats.h2d_blocks += blocks.size();
+    ++stats.h2d_batches;
+  }
+  return st.with_context("uploading " + std::to_string(blocks.size()) + " blocks to the gpu tier");
+}
+
+// ---------------------------------------------------------------- callers
+
+Ticket TieredStore::prefetch(std::span<const uint32_t> blocks, Tier tier) {
+  KVT_ASSERT(tier == Tier::kGpu || tier == Tier::kHost, "prefetch into ", tier_name(tier));
+  Job job{0, std::vector<uint32_t>(blocks.begin(), blocks.end()), tier};
+  std::sort(job.blocks.begin(), job.blocks.end());
+  job.blocks.erase(std::unique(job.blocks.begin(), job.blocks.end()), job.blocks.end());
+  Impl& s = *impl_;
+  std::unique_lock lock(s.mu);
+  s.space_cv.wait(lock, [&] { return s.queue.size() < kMaxQueuedJobs; });
+  job.id = s.next_ticket++;
+  const Ticket ticket{job.id};
+  s.queue.push_back(std::move(job));
+  s.queue_cv.notify_one();
+  return ticket;
+}
+
+Status TieredStore::wait(Ticket ticket) {
+  Impl& s = *impl_;
+  std::unique_lock lock(s.mu);
+  if (ticket.id == 0 || ticket.id >= s.next_ticket)
+    return invalid_argument("ticket " + std::to_string(ticket.id) + " was never issued");
+  s.done_cv.wait(lock, [&] { return s.done.count(ticket.id) != 0; });
+  Status st = std::move(s.done.at(ticket.id));
+  s.done.erase(ticket.id);
+  return st;
+}
+
+Result<BlockPin> TieredStore::pin(uint32_t block, Tier tier) {
+  Impl& s = *impl_;
+  std::lock_guard lock(s.mu);
+  KVT_RETURN_IF_ERROR(s.check_block(block));
+  BlockEntry& e = s.table[block];
+  if (tier == Tier::kGpu && e.gpu_ready) {
+    s.table.pin_gpu(block);
+    return BlockPin(this, block, tier, s.gpu_arena->slot_data(e.gpu_slot));
+  }
+  const bool host_home = e.home == Tier::kHost && e.home_valid && !e.busy;
+  if (tier == Tier::kHost && (host_home || e.host_cache_ready)) {
+    s.table.pin_host(block);
+    return BlockPin(this, block, tier, s.host_copy(e));
+  }
+  return unavailable(s.name(block) + " is not resident in the " + std::string(tier_name(tier)) +
+                     " tier; prefetch it and wait for the ticket first");
+}
+
+void TieredStore::unpin(uint32_t block, Tier tier) {
+  std::lock_guard lock(impl_->mu);
+  if (tier == Tier::kGpu)
+    impl_->table.unpin_gpu(block);
+  else
+    impl_->table.unpin_host(block);
+}
+
+Status TieredStore::Impl::drop_copies(uint32_t b, BlockEntry& e) {
+  if (table.user_gpu_pins(b) > 0 || e.host_pins > 0)
+    return invalid_argument(name(b) + " is pinned; release its pins before rewriting it");
+  const bool gpu_in_flight = e.gpu_slot != kNoSlot && !e.gpu_ready;
+  const bool host_in_flight = e.host_cache_slot != kNoSlot && !e.host_cache_ready;
+  if (gpu_in_flight || host_in_flight)
+    return unavailable(name(b) + " is being moved; wait for its ticket before rewriting it");
+  if (e.gpu_ready) {
+    gpu_arena->free(e.gpu_slot);
+    table.gpu_dropped(b);
+  }
+  if (e.host_cache_ready) {
+    cache_arena->free(e.host_cache_slot);
+    table.host_cache_dropped(b);
+  }
+  return Status::ok_status();
+}
+
+Status TieredStore::Impl::begin_write(uint32_t b, BlockEntry& e) {
+  if (e.busy) return unavailable(name(b) + " is already being written by another thread");
+  KVT_RETURN_IF_ERROR(drop_copies(b, e));
+  if (!e.home_assigned) {
+    const std::optional<uint32_t> slot = home_arena ? home_arena->allocate() : std::nullopt;
+    e.home = slot ? Tier::kHost : Tier::kNvme;
+    e.home_slot = slot.value_or(kNoSlot);
+    e.home_assigned = true;
+  }
+  e.busy = true;
+  e.home_valid = false;
+  return Status::ok_status();
+}
+
+Status TieredStore::write_home(std::span<const BlockWrite> writes) {
+  Impl& s = *impl_;
+  const uint64_t payload = s.geometry.block_bytes(), slot = s.geometry.slot_bytes();
+  std::vector<std::pair<size_t, std::byte*>> host;  // (index in writes, home slot)
+  std::vector<size_t> nvme;
+  Status st;
+  {
+    std::lock_guard lock(s.mu);
+    for (size_t i = 0; i < writes.size() && st.ok(); ++i) {
+      st = s.check_block(writes[i].block);
+      if (!st.ok()) break;
+      BlockEntry& e = s.table[writes[i].block];
+      st = s.begin_write(writes[i].block, e);
+      if (!st.ok()) break;
+      if (e.home == Tier::kHost)
+        host.emplace_back(i, s.home_arena->slot_data(e.home_slot));
+      else
+        nvme.push_back(i);
+    }
+  }
+  for (const auto& [i, dst] : host) {
+    std::memcpy(dst, writes[i].data, payload);
+    std::memset(dst + payload, 0, slot - payload);
+  }
+  Status nvme_st;
+  if (!nvme.empty()) {
+    // O_DIRECT needs aligned, slot-sized buffers.
+    std::unique_ptr<std::byte, FreeDeleter> bounce(
+        static_cast<std::byte*>(std::aligned_alloc(kBlockAlignBytes, nvme.size() * slot)));
+    KVT_ASSERT(bounce != nullptr, "cannot allocate ", nvme.size() * slot, " bytes of write buffers");
+    std::vector<BlockIo> io;
+    for (size_t k = 0; k < nvme.size(); ++k) {
+      std::byte* buf = bounce.get() + k * slot;
+      std::memcpy(buf, writes[nvme[k]].data, payload);
+      std::memset(buf + payload, 0, slot - payload);
+      io.push_back(BlockIo{writes[nvme[k]].block, buf});
+    }
+    nvme_st = s.file->write_blocks(io);
+  }
+  std::lock_guard lock(s.mu);
+  for (const auto& [i, dst] : host) {
+    BlockEntry& e = s.table[writes[i].block];
+    e.busy = false;
+    e.home_valid = true;
+    ++s.stats.host_writes;
+  }
+  for (size_t i : nvme) {
+    BlockEntry& e = s.table[writes[i].block];
+    e.busy = false;
+    // A failed batch is never read back as if it had landed.
+    e.home_valid = nvme_st.ok();
+    if (nvme_st.ok()) e.checksum = s.file->checksum(writes[i].block);
+  }
+  if (nvme_st.ok()) s.stats.nvme_writes += nvme.size();
+  return st.ok() ? nvme_st : st;
+}
+
+// ---------------------------------------------------------------- protection
+
+void TieredStore::Impl::protect_range(uint64_t tokens, bool on) {
+  if (tokens == 0) return;
+  const uint64_t c = config.policy.chunk_tokens;
+  const uint64_t last = (tokens - 1) / c;
+  const uint64_t sink_end = std::min<uint64_t>(config.policy.sink_tokens / c, last + 1);
+  const uint64_t window_begin = tokens > config.policy.window_tokens ? (tokens - config.policy.window_tokens) / c : 0;
+  const uint64_t rows = uint64_t{config.shape.layers} * config.shape.kv_heads;
+  for (uint64_t row = 0; row < rows; ++row) {
+    const uint64_t base = row * chunks_per_head;
+    for (uint64_t ch = 0; ch < sink_end; ++ch) table.set_gpu_protected(static_cast<uint32_t>(base + ch), on);
+    for (uint64_t ch = std::max(window_begin, sink_end); ch <= last; ++ch)
+      table.set_gpu_protected(static_cast<uint32_t>(base + ch), on);
+  }
+}
+
+void TieredStore::set_sequence_tokens(uint64_t tokens) {
+  Impl& s = *impl_;
+  KVT_ASSERT(tokens <= s.config.max_tokens, "tokens=", tokens, " exceeds max_tokens=", s.config.max_tokens);
+  std::lock_guard lock(s.mu);
+  // Unprotect the old set and protect the new: blocks in both end protected.
+  s.protect_range(s.sequence_tokens, false);
+  s.protect_range(tokens, true);
+  s.sequence_tokens = tokens;
+}
+
+void TieredStore::set_step(uint64_t step) {
+  std::lock_guard lock(impl_->mu);
+  impl_->step = step;
+}
+
+// ---------------------------------------------------------------- save, queries
+
+Status TieredStore::save() {
+  Impl& s = *impl_;
+  std::vector<BlockIo> io;
+  {
+    std::lock_guard lock(s.mu);
+    for (uint32_t b = 0; b < s.table.size(); ++b) {
+      BlockEntry& e = s.table[b];
+      if (e.home != Tier::kHost || !e.home_valid || e.busy) continue;
+      s.table.pin_host(b);  // the home slot must not be rewritten while it is saved
+      io.push_back(BlockIo{b, s.home_arena->slot_data(e.home_slot)});
+    }
+  }
+  Status st;
+  const size_t batch = 1024;
+  for (size_t i = 0; i < io.size() && st.ok(); i += batch)
+    st = s.file->write_blocks(std::span<const BlockIo>(io).subspan(i, std::min(batch, io.size() - i)));
+  {
+    std::lock_guard lock(s.mu);
+    for (const BlockIo& r : io) s.table.unpin_host(static_cast<uint32_t>(r.index));
+  }
+  KVT_RETURN_IF_ERROR(st.with_context("saving host-homed blocks to " + s.file->path()));
+  return s.file->flush();
+}
+
+Tier TieredStore::home_of(uint32_t block) const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->table[block].home;
+}
+
+bool TieredStore::resident(uint32_t block, Tier tier) const {
+  std::lock_guard lock(impl_->mu);
+  const BlockEntry& e = impl_->table[block];
+  switch (tier) {
+    case Tier::kGpu: return e.gpu_ready;
+    case Tier::kHost: return (e.home == Tier::kHost && e.home_valid) || e.host_cache_ready;
+    case Tier::kNvme: return impl_->file->written(block);
+  }
+  return false;
+}
+
+uint32_t TieredStore::block_count() const { return impl_->table.size(); }
+const BlockGeometry& TieredStore::geometry() const { return impl_->geometry; }
+uint32_t TieredStore::chunks_per_head() const { return impl_->chunks_per_head; }
+uint64_t TieredStore::block_bytes() const { return impl_->geometry.block_bytes(); }
+BlockFile& TieredStore::file() { return *impl_->file; }
+ComputeBackend& TieredStore::backend() { return impl_->backend; }
+
+StoreStats TieredStore::stats() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->stats;
+}
+
+std::string TieredStore::describe() const {
+  const Impl& s = *impl_;
+  std::ostringstream os;
+  os << "gpu: " << s.gpu_arena->capacity() << " slots on " << s.backend.name() << "; host homes: "
+     << (s.home_arena ? s.home_arena->describe() : std::string("none")) << "; host staging: "
+     << s.cache_arena->describe() << "; nvme: " << s.file->path() << " (" << s.file->device().describe() << ")";
+  return os.str();
+}
+
+// ---------------------------------------------------------------- pins
+
+BlockPin::BlockPin(BlockPin&& o) noexcept
+    : store_(std::exchange(o.store_, nullptr)), block_(o.block_), tier_(o.tier_), data_(o.data_) {}
+
+BlockPin& BlockPin::operator=(BlockPin&& o) noexcept {
+  if (this != &o) {
+    release();
+    store_ = std::exchange(o.store_, nullptr);
+    block_ = o.block_;
+    tier_ = o.tier_;
+    data_ = o.data_;
+  }
+  return *this;
+}
+
+BlockPin::~BlockPin() { release(); }
+
+void BlockPin::release() {
+  if (store_ != nullptr) store_->unpin(block_, tier_);
+  store_ = nullptr;
+}
+
+}  // namespace kvtier::storage

@@ -80,3 +80,9 @@ TEST_CASE("load_topology lists caches in ascending level with real sizes") {
     CHECK(caches[i].size_bytes >= caches[i - 1].size_bytes);
   }
 }
+
+TEST_CASE("a PCI device hwloc does not see has no nearest NUMA node") {
+  const auto node = kvtier::cpu::numa_node_of_pci("ffff:ff:1f.7");
+  REQUIRE(node.ok());
+  CHECK_FALSE(node->has_value());
+}

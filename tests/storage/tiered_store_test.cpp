@@ -1,1 +1,405 @@
+// The tiered store end to end: a 1M-token context of a small shape written
+// through budgets that force all three tiers, read back bit-exact through
+// every path, reopened and verified again; the same against the
+// fault-injecting device with faults on (errors surface, never a wrong byte).
 #include <doctest/doctest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "kvtier/cpu/cpu_backend.h"
+#include "kvtier/storage/io_probe.h"
+#include "kvtier/storage/tiered_store.h"
+#include "random.h"
+#include "skip.h"
+
+using namespace kvtier;
+using namespace kvtier::storage;
+
+namespace {
+
+constexpr uint64_t kMiB = 1 << 20;
+
+// 2 layers x 2 KV heads x head dim 64, 64-token chunks: 16 KiB blocks.
+StoreConfig small_config(uint64_t max_tokens, uint64_t gpu_bytes, uint64_t host_bytes) {
+  StoreConfig c;
+  c.shape = ModelShape{2, 8, 2, 64, DType::kBf16};
+  c.policy = SparsityPolicy{};
+  c.max_tokens = max_tokens;
+  c.budgets = TierBudgets{gpu_bytes, host_bytes, 0};
+  return c;
+}
+
+FileGeometry file_geometry(const StoreConfig& c) {
+  const BlockGeometry g(c.shape, c.policy.chunk_tokens);
+  return FileGeometry{c.shape, c.policy.chunk_tokens, g.chunks_for(c.max_tokens)};
+}
+
+// Contents of version `v` of block `b`: a splitmix64 stream, so 1 GiB of
+// expected data never has to be held.
+void fill_block(std::byte* dst, uint64_t bytes, uint32_t b, uint32_t v) {
+  uint64_t x = test::seed() ^ (uint64_t{b} << 20) ^ (uint64_t{v} << 52);
+  for (uint64_t i = 0; i < bytes; i += 8) {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    std::memcpy(dst + i, &z, 8);
+  }
+}
+
+bool block_matches(const std::byte* p, uint64_t bytes, uint32_t b, uint32_t v = 0) {
+  thread_local std::vector<std::byte> expect;
+  expect.resize(bytes);
+  fill_block(expect.data(), bytes, b, v);
+  return std::memcmp(p, expect.data(), bytes) == 0;
+}
+
+// Writes every block (version 0) in batches; retries batches that failed
+// (faults), at most `attempts` times each. Returns the errors surfaced.
+uint64_t write_all(TieredStore& store, int attempts = 1) {
+  const uint64_t bytes = store.block_bytes();
+  const uint32_t batch = 64;
+  std::vector<std::byte> data(batch * bytes);
+  uint64_t errors = 0;
+  for (uint32_t first = 0; first < store.block_count(); first += batch) {
+    const uint32_t n = std::min(batch, store.block_count() - first);
+    std::vector<TieredStore::BlockWrite> writes;
+    for (uint32_t k = 0; k < n; ++k) {
+      fill_block(data.data() + k * bytes, bytes, first + k, 0);
+      writes.push_back({first + k, data.data() + k * bytes});
+    }
+    Status st = store.write_home(writes);
+    for (int a = 1; !st.ok() && a < attempts; ++a) {
+      ++errors;
+      st = store.write_home(writes);
+    }
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+  }
+  return errors;
+}
+
+// Makes [first, first+n) resident in `tier`, retrying a failed ticket (faults).
+Status prefetch_retrying(TieredStore& store, const std::vector<uint32_t>& blocks, Tier tier, int attempts,
+                         uint64_t* errors) {
+  Status st;
+  for (int a = 0; a < attempts; ++a) {
+    st = store.wait(store.prefetch(blocks, tier));
+    if (st.ok()) return st;
+    ++*errors;
+  }
+  return st;
+}
+
+// Reads every block through `tier` (host: pinned host copy; gpu: the slot
+// copied back with the backend) and checks every byte.
+uint64_t verify_through(TieredStore& store, Tier tier, int attempts = 1) {
+  const uint64_t bytes = store.block_bytes();
+  const uint32_t batch = tier == Tier::kGpu ? 1024 : 512;
+  std::vector<std::byte> back(bytes);
+  uint64_t errors = 0, wrong = 0;
+  for (uint32_t first = 0; first < store.block_count(); first += batch) {
+    std::vector<uint32_t> blocks;
+    for (uint32_t b = first; b < std::min(store.block_count(), first + batch); ++b) blocks.push_back(b);
+    const Status st = prefetch_retrying(store, blocks, tier, attempts, &errors);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    for (uint32_t b : blocks) {
+      Result<BlockPin> pin = store.pin(b, tier);
+      REQUIRE_MESSAGE(pin.ok(), pin.status().to_string());
+      const BlockCopy copy{pin->data(), back.data(), bytes};
+      REQUIRE(store.backend().copy_to_host(std::span<const BlockCopy>(&copy, 1)).ok());
+      wrong += !block_matches(back.data(), bytes, b);
+    }
+  }
+  CHECK(wrong == 0);
+  return errors;
+}
+
+// Reads the nvme-homed blocks straight from the file.
+void verify_file(TieredStore& store) {
+  const uint64_t slot = store.geometry().slot_bytes();
+  std::byte* buf = static_cast<std::byte*>(std::aligned_alloc(4096, 256 * slot));
+  uint64_t checked = 0, wrong = 0;
+  std::vector<BlockIo> io;
+  auto flush = [&] {
+    const Status st = store.file().read_blocks(io);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    for (const BlockIo& r : io) wrong += !block_matches(r.buf, store.block_bytes(), static_cast<uint32_t>(r.index));
+    checked += io.size();
+    io.clear();
+  };
+  for (uint32_t b = 0; b < store.block_count(); ++b) {
+    if (store.home_of(b) != Tier::kNvme) continue;
+    io.push_back(BlockIo{b, buf + io.size() * slot});
+    if (io.size() == 256) flush();
+  }
+  if (!io.empty()) flush();
+  std::free(buf);
+  CHECK(checked > 0);
+  CHECK(wrong == 0);
+}
+
+void check_all_tiers_used(TieredStore& store) {
+  uint64_t host = 0, nvme = 0;
+  for (uint32_t b = 0; b < store.block_count(); ++b) ++(store.home_of(b) == Tier::kHost ? host : nvme);
+  CHECK(host > 0);
+  CHECK(nvme > 0);
+  const StoreStats s = store.stats();
+  CHECK(s.gpu_evictions > 0);  // the gpu tier is far smaller than the context
+  CHECK(s.host_cache_evictions > 0);
+  MESSAGE("homes: " << host << " host, " << nvme << " nvme; " << store.describe());
+}
+
+std::string make_temp_dir() {
+  char tmpl[] = "/tmp/kvtier_tiered_XXXXXX";
+  REQUIRE(::mkdtemp(tmpl) != nullptr);
+  return tmpl;
+}
+
+}  // namespace
+
+TEST_CASE("budgets that cannot hold sinks and window are refused with the numbers") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 1 * kMiB, 16 * kMiB);
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  REQUIRE(file.ok());
+  const auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE_FALSE(store.ok());
+  const std::string m = store.status().message();
+  CHECK(m.find("gpu_bytes=1 MiB") != std::string::npos);
+  CHECK(m.find("268 blocks") != std::string::npos);  // 2 x 2 x (2 sink + 64 window + 1)
+}
+
+TEST_CASE("a file of another shape is refused") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 16 * kMiB, 16 * kMiB);
+  FileGeometry other = file_geometry(c);
+  other.chunks_per_head /= 2;
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), other);
+  REQUIRE(file.ok());
+  const auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE_FALSE(store.ok());
+  CHECK(store.status().message().find("another shape or length") != std::string::npos);
+}
+
+TEST_CASE("usage errors name the block") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 16 * kMiB, 16 * kMiB);
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  TieredStore& s = **store;
+  const Status unwritten = s.wait(s.prefetch(std::vector<uint32_t>{5}, Tier::kGpu));
+  CHECK(unwritten.message().find("block 5 (block(layer=0, kv_head=0, chunk=5)) has not been written home") !=
+        std::string::npos);
+  std::vector<std::byte> data(s.block_bytes());
+  fill_block(data.data(), data.size(), 5, 0);
+  CHECK(s.write_home(5, data.data()).ok());
+  CHECK(s.pin(5, Tier::kGpu).status().message().find("not resident in the gpu tier") != std::string::npos);
+  CHECK(s.write_home(99999, data.data()).message().find("outside the context") != std::string::npos);
+  REQUIRE(s.wait(s.prefetch(std::vector<uint32_t>{5}, Tier::kGpu)).ok());
+  {
+    Result<BlockPin> pin = s.pin(5, Tier::kGpu);
+    REQUIRE(pin.ok());
+    CHECK(s.write_home(5, data.data()).message().find("is pinned") != std::string::npos);
+  }
+  fill_block(data.data(), data.size(), 5, 1);  // a new version replaces the cached copies
+  REQUIRE(s.write_home(5, data.data()).ok());
+  CHECK_FALSE(s.resident(5, Tier::kGpu));
+  REQUIRE(s.wait(s.prefetch(std::vector<uint32_t>{5}, Tier::kHost)).ok());
+  Result<BlockPin> pin = s.pin(5, Tier::kHost);
+  REQUIRE(pin.ok());
+  CHECK(block_matches(pin->data(), s.block_bytes(), 5, 1));
+  CHECK(s.wait(Ticket{12345}).message().find("never issued") != std::string::npos);
+}
+
+namespace {
+
+// Row 0's chunks [first, last] as block indices (row 0 = layer 0, kv head 0).
+std::vector<uint32_t> chunk_range(uint32_t first, uint32_t last) {
+  std::vector<uint32_t> out;
+  for (uint32_t ch = first; ch <= last; ++ch) out.push_back(ch);
+  return out;
+}
+
+// Streams row 0's far chunks [2, 800) through the gpu in requests of 256.
+void churn(TieredStore& s) {
+  for (uint32_t first = 2; first + 256 <= 800; first += 256)
+    REQUIRE(s.wait(s.prefetch(chunk_range(first, first + 255), Tier::kGpu)).ok());
+}
+
+}  // namespace
+
+TEST_CASE("pinned, sink and window blocks survive eviction churn; blocks leaving the window do not") {
+  auto backend = cpu::make_cpu_backend();
+  // 64K tokens: 4 rows x 1024 chunks; the gpu holds 512 of the 4096 blocks.
+  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  TieredStore& s = **store;
+  write_all(s);
+  // 60000 tokens: sinks are chunks 0-1, the window chunks 873-937.
+  s.set_sequence_tokens(60000);
+  REQUIRE(s.wait(s.prefetch(chunk_range(0, 1), Tier::kGpu)).ok());
+  REQUIRE(s.wait(s.prefetch(chunk_range(873, 937), Tier::kGpu)).ok());
+  REQUIRE(s.wait(s.prefetch(std::vector<uint32_t>{1500}, Tier::kGpu)).ok());
+  Result<BlockPin> pinned = s.pin(1500, Tier::kGpu);
+  REQUIRE(pinned.ok());
+  churn(s);
+  CHECK(s.stats().gpu_evictions > 0);
+  for (uint32_t b : chunk_range(0, 1)) CHECK(s.resident(b, Tier::kGpu));
+  for (uint32_t b : chunk_range(873, 937)) CHECK(s.resident(b, Tier::kGpu));
+  CHECK(s.resident(1500, Tier::kGpu));
+  std::vector<std::byte> back(s.block_bytes());
+  const BlockCopy copy{pinned->data(), back.data(), back.size()};
+  REQUIRE(backend->copy_to_host(std::span<const BlockCopy>(&copy, 1)).ok());
+  CHECK(block_matches(back.data(), back.size(), 1500));
+  // The sequence grows to 64K: the window is now chunks 960-1023, and 873-937 may go.
+  s.set_sequence_tokens(1 << 16);
+  REQUIRE(s.wait(s.prefetch(chunk_range(960, 1023), Tier::kGpu)).ok());
+  churn(s);
+  uint32_t old_window_left = 0;
+  for (uint32_t b : chunk_range(873, 937)) old_window_left += s.resident(b, Tier::kGpu);
+  CHECK(old_window_left == 0);  // least recent: gone first
+  for (uint32_t b : chunk_range(960, 1023)) CHECK(s.resident(b, Tier::kGpu));
+  for (uint32_t b : chunk_range(0, 1)) CHECK(s.resident(b, Tier::kGpu));
+}
+
+TEST_CASE("many threads prefetching, pinning and reading at once see only right bytes") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 16 * kMiB);
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  TieredStore& s = **store;
+  write_all(s);
+  std::atomic<uint64_t> checked{0}, wrong{0}, failed{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      auto gen = test::rng(100 + t);
+      std::vector<std::byte> back(s.block_bytes());
+      for (int iter = 0; iter < 60; ++iter) {
+        std::vector<uint32_t> blocks;
+        for (int k = 0; k < 32; ++k) blocks.push_back(static_cast<uint32_t>(gen() % s.block_count()));
+        const Tier tier = iter % 3 == 0 ? Tier::kHost : Tier::kGpu;
+        if (!s.wait(s.prefetch(blocks, tier)).ok()) {
+          ++failed;
+          continue;
+        }
+        for (uint32_t b : blocks) {
+          Result<BlockPin> pin = s.pin(b, tier);
+          if (!pin.ok()) continue;  // another thread's request evicted it meanwhile: allowed
+          const BlockCopy copy{pin->data(), back.data(), back.size()};
+          if (!backend->copy_to_host(std::span<const BlockCopy>(&copy, 1)).ok()) ++failed;
+          wrong += !block_matches(back.data(), back.size(), b);
+          ++checked;
+        }
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(wrong == 0);
+  CHECK(failed == 0);
+  CHECK(checked > 1000);
+  CHECK(s.stats().gpu_evictions > 0);
+}
+
+TEST_CASE("1M tokens through all three tiers on the fault-injecting device, faults on") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 20, 64 * kMiB, 256 * kMiB);
+  auto medium = make_fault_medium();
+  FaultConfig faults;
+  faults.seed = test::seed();
+  faults.short_read = 0.02;
+  faults.eagain = 0.02;
+  faults.eio = 0.0005;
+  faults.flip_on_read = 0.005;
+  auto device = make_fault_device(medium, "fault:ctx", faults);
+  FaultDevice* dev = device.get();
+  auto file = BlockFile::create_on(std::move(device), file_geometry(c));
+  REQUIRE_MESSAGE(file.ok(), file.status().to_string());
+  auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE_MESSAGE(store.ok(), store.status().to_string());
+  uint64_t surfaced = write_all(**store, 50);
+  check_all_tiers_used(**store);  // (evictions counted after the reads below)
+  surfaced += verify_through(**store, Tier::kHost, 50);
+  surfaced += verify_through(**store, Tier::kGpu, 50);
+  check_all_tiers_used(**store);
+  REQUIRE((*store)->save().ok());
+  store = Result<std::unique_ptr<TieredStore>>(internal_error("closed"));
+  // Reopen over the same medium, faults still on.
+  auto reopened_file = BlockFile::open_on(make_fault_device(medium, "fault:ctx", faults));
+  REQUIRE_MESSAGE(reopened_file.ok(), reopened_file.status().to_string());
+  auto reopened = TieredStore::reopen(*backend, c, std::move(reopened_file).value());
+  REQUIRE(reopened.ok());
+  surfaced += verify_through(**reopened, Tier::kHost, 50);
+  const FaultDevice::Counters k = dev->counters();
+  MESSAGE("faults injected: " << k.short_reads << " short reads, " << k.eagains << " EAGAIN, " << k.eios
+                              << " EIO, " << k.read_flips << " flipped reads; errors surfaced: " << surfaced);
+  CHECK(k.short_reads > 0);
+  CHECK(k.read_flips > 0);
+  CHECK(k.eios > 0);
+  CHECK(surfaced > 0);  // EIO is not retried below the store: it reaches the caller
+}
+
+TEST_CASE("persistent corruption is reported naming the block, never returned") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 16 * kMiB, 2 * kMiB);  // small host: most homes on nvme
+  auto medium = make_fault_medium();
+  auto device = make_fault_device(medium, "fault:corrupt", FaultConfig{});
+  FaultDevice* dev = device.get();
+  auto file = BlockFile::create_on(std::move(device), file_geometry(c));
+  auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  TieredStore& s = **store;
+  FaultConfig flip;
+  flip.flip_stored = 1.0;
+  dev->set_faults(flip);
+  std::vector<std::byte> data(s.block_bytes());
+  fill_block(data.data(), data.size(), 3000, 0);
+  REQUIRE(s.home_of(3000) == Tier::kNvme);
+  REQUIRE(s.write_home(3000, data.data()).ok());  // the medium flips a stored bit
+  dev->set_faults(FaultConfig{});
+  const Status st = s.wait(s.prefetch(std::vector<uint32_t>{3000}, Tier::kHost));
+  REQUIRE_FALSE(st.ok());
+  CHECK(st.code() == StatusCode::kCorrupt);
+  CHECK(st.message().find("block 3000") != std::string::npos);
+  CHECK_FALSE(s.resident(3000, Tier::kHost));
+}
+
+// Needs io_uring: last in the file, since require() ends the process when it is missing.
+TEST_CASE("1M tokens through all three tiers on the io_uring store, reopened by a new store") {
+  const std::string dir = make_temp_dir();
+  const IoProbe probe = probe_io(dir);
+  test::require(probe.io_uring && probe.o_direct, "io_uring with O_DIRECT in " + dir + ": " + probe.error.value_or(""));
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 20, 64 * kMiB, 256 * kMiB);
+  const std::string path = dir + "/ctx.kvt";
+  {
+    auto file = BlockFile::create(path, file_geometry(c), UringOptions{});
+    REQUIRE_MESSAGE(file.ok(), file.status().to_string());
+    auto store = TieredStore::create(*backend, c, std::move(file).value());
+    REQUIRE_MESSAGE(store.ok(), store.status().to_string());
+    write_all(**store);
+    verify_file(**store);
+    verify_through(**store, Tier::kHost);
+    verify_through(**store, Tier::kGpu);
+    check_all_tiers_used(**store);
+    REQUIRE((*store)->save().ok());
+  }
+  auto file = BlockFile::open(path, UringOptions{});
+  REQUIRE_MESSAGE(file.ok(), file.status().to_string());
+  auto store = TieredStore::reopen(*backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  verify_file(**store);  // every block is nvme-homed after reopening
+  verify_through(**store, Tier::kGpu);
+  store = Result<std::unique_ptr<TieredStore>>(internal_error("closed"));
+  std::filesystem::remove_all(dir);
+}

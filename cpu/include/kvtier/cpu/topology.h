@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,5 +33,10 @@ struct Topology {
 
 // Loads the topology of this machine; fails only if hwloc cannot load it.
 Result<Topology> load_topology();
+
+// The OS index of the NUMA node nearest a PCI device ("0000:1a:00.0", as
+// GpuDevice::pci_bus_id gives it): where its pinned host buffers belong.
+// Empty when hwloc does not see the device or no single node is nearer.
+Result<std::optional<uint32_t>> numa_node_of_pci(const std::string& pci_bus_id);
 
 }  // namespace kvtier::cpu

@@ -23,6 +23,7 @@ struct MachineFacts {
   uint64_t memory_bytes = 0;              // physical RAM
   bool cuda_built = false;
   std::vector<gpu::GpuDevice> gpus;
+  std::vector<std::optional<uint32_t>> gpu_numa_nodes;  // per gpu: nearest NUMA node, if one is nearer
   std::string gpu_error;                  // why gpus is empty, when it is
   storage::IoProbe io;
   std::string onednn_version, onetbb_version, hwloc_version, cuda_runtime_version, cuda_driver_version;

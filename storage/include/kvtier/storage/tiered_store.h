@@ -1,0 +1,147 @@
+// TieredStore: one context's blocks over three tiers, and the movement between
+// them (DESIGN.md sections 2 and 7). Homes are durable (pinned host RAM or the
+// NVMe file); the gpu tier and the host staging cache hold copies, which are
+// dropped without writing. Later layers ask "make these blocks resident there"
+// (prefetch -> ticket, wait) and read them through RAII pins.
+//
+// Thread-safety: every public call may come from any thread. Movement runs on
+// one mover thread in request order; metadata is guarded by one mutex, and
+// I/O and copies run outside it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "kvtier/core/block.h"
+#include "kvtier/core/compute_backend.h"
+#include "kvtier/core/policy.h"
+#include "kvtier/core/status.h"
+#include "kvtier/storage/block_file.h"
+#include "kvtier/storage/block_table.h"
+
+namespace kvtier::storage {
+
+struct TierBudgets {
+  uint64_t gpu_bytes = 0;           // gpu tier (cached copies; sinks and window stay there)
+  uint64_t host_bytes = 0;          // host homes plus the staging cache for nvme homes
+  uint64_t host_cache_bytes = 0;    // of host_bytes, the staging cache (0: a quarter, at least 64 slots)
+};
+
+struct StoreConfig {
+  ModelShape shape;
+  SparsityPolicy policy;
+  uint64_t max_tokens = 0;          // context capacity; the file holds every block of it
+  TierBudgets budgets;
+  int numa_node = -1;               // host arenas' NUMA node (-1: no binding)
+  uint32_t read_batch_blocks = 256; // nvme reads handed to the file at once
+};
+
+struct StoreStats {
+  uint64_t nvme_reads = 0, nvme_writes = 0, host_writes = 0;
+  uint64_t h2d_blocks = 0, h2d_batches = 0;
+  uint64_t gpu_evictions = 0, host_cache_evictions = 0;
+  uint64_t gpu_hits = 0, host_cache_hits = 0;
+};
+
+class TieredStore;
+
+// Keeps a block's copy in one tier resident while held; never evicted meanwhile.
+class BlockPin {
+ public:
+  BlockPin() = default;
+  BlockPin(BlockPin&& o) noexcept;
+  BlockPin& operator=(BlockPin&& o) noexcept;
+  BlockPin(const BlockPin&) = delete;
+  BlockPin& operator=(const BlockPin&) = delete;
+  ~BlockPin();
+
+  // The block's bytes in that tier (a device pointer for the CUDA gpu tier).
+  std::byte* data() const { return data_; }
+  uint32_t block() const { return block_; }
+  Tier tier() const { return tier_; }
+  explicit operator bool() const { return store_ != nullptr; }
+
+ private:
+  friend class TieredStore;
+  BlockPin(TieredStore* store, uint32_t block, Tier tier, std::byte* data)
+      : store_(store), block_(block), tier_(tier), data_(data) {}
+  void release();
+  TieredStore* store_ = nullptr;
+  uint32_t block_ = 0;
+  Tier tier_ = Tier::kHost;
+  std::byte* data_ = nullptr;
+};
+
+struct Ticket {
+  uint64_t id = 0;
+};
+
+class TieredStore {
+ public:
+  // A new context in a new file at `path`. Fails at start, naming the numbers,
+  // when the budgets cannot hold sinks + window on the gpu, when a budget
+  // exceeds the machine, or when the disk cannot hold the file.
+  static Result<std::unique_ptr<TieredStore>> create(ComputeBackend& backend, const StoreConfig& config,
+                                                     std::unique_ptr<BlockFile> file);
+  // A context reopened from its file: every written block is nvme-homed.
+  static Result<std::unique_ptr<TieredStore>> reopen(ComputeBackend& backend, const StoreConfig& config,
+                                                     std::unique_ptr<BlockFile> file);
+  ~TieredStore();
+
+  // Writes full blocks (block_bytes from each `data`, any host memory) to
+  // their homes, assigning one on first write: host while host-home slots
+  // last, then nvme (one batched file write). Cached copies of an earlier
+  // version are dropped; a block pinned by a user is an error. A block whose
+  // write failed is not readable until it is written again.
+  struct BlockWrite {
+    uint32_t block;
+    const std::byte* data;
+  };
+  Status write_home(std::span<const BlockWrite> writes);
+  Status write_home(uint32_t block, const std::byte* data) {
+    const BlockWrite w{block, data};
+    return write_home(std::span<const BlockWrite>(&w, 1));
+  }
+  // Starts making `blocks` resident in `tier` (kHost or kGpu). Blocks already
+  // there are touched. Blocks up to the call are bounded: a full request queue
+  // makes the caller wait.
+  Ticket prefetch(std::span<const uint32_t> blocks, Tier tier);
+  // Waits for a ticket; the Status says what failed (naming block and file).
+  Status wait(Ticket ticket);
+  // Pins a block resident in `tier`; an error if it is not resident there.
+  Result<BlockPin> pin(uint32_t block, Tier tier);
+
+  // The sequence now holds `tokens` tokens: sink and window blocks become
+  // protected on the gpu; blocks that left the window become evictable.
+  void set_sequence_tokens(uint64_t tokens);
+  // Advances the step counter used for last-used bookkeeping.
+  void set_step(uint64_t step);
+
+  // Writes every host-homed block into the file too and flushes it, so the
+  // context can be reopened by a later process.
+  Status save();
+
+  Tier home_of(uint32_t block) const;
+  bool resident(uint32_t block, Tier tier) const;
+  uint32_t block_count() const;
+  const BlockGeometry& geometry() const;
+  uint32_t chunks_per_head() const;
+  uint64_t block_bytes() const;   // payload bytes (K + V)
+  StoreStats stats() const;
+  std::string describe() const;   // tiers, slots, how memory is pinned, how I/O runs
+  BlockFile& file();
+  ComputeBackend& backend();
+
+  struct Impl;
+
+ private:
+  friend class BlockPin;
+  explicit TieredStore(std::unique_ptr<Impl> impl);
+  void unpin(uint32_t block, Tier tier);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvtier::storage
