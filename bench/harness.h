@@ -32,6 +32,8 @@ class Report {
   Report(std::string bench, nlohmann::json config);
   // baseline: the name of an earlier result of this report, or "" for none.
   void add(const std::string& name, double value, const std::string& unit, const std::string& baseline = "");
+  // Adds or replaces one config entry (a fact learned while measuring).
+  void set_config(const std::string& key, nlohmann::json value) { config_[key] = std::move(value); }
   nlohmann::json to_json() const;
   // Prints JSON (args.json) or an aligned table.
   void print(const SuiteArgs& args) const;

@@ -13,40 +13,20 @@
 #include <memory>
 #include <utility>
 
+#include "uring_util.h"
+
 namespace kvtier::storage {
 namespace {
+
+using detail::errno_text;
+using detail::FreeDeleter;
+using detail::Ring;
+using detail::UniqueFd;
 
 // One aligned block: O_DIRECT needs the buffer, offset and length aligned to
 // the device's logical block size, and 4 KiB covers every NVMe format.
 constexpr size_t kProbeBytes = 4096;
 
-std::string errno_text(int err) { return std::strerror(err); }
-
-// Owns a file descriptor; closes it on every path out of the probe.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    std::swap(fd_, other.fd_);
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  ~UniqueFd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-
- private:
-  int fd_ = -1;
-};
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
 using AlignedBuffer = std::unique_ptr<uint8_t[], FreeDeleter>;
 
 // kProbeBytes aligned to kProbeBytes; null only when the host is out of memory.
@@ -57,28 +37,6 @@ AlignedBuffer aligned_buffer() {
 // Varies within each 256-byte run and between runs, so a read that lands at
 // the wrong offset or returns stale zeros fails the comparison.
 uint8_t pattern_byte(size_t i) { return static_cast<uint8_t>(i * 131 + (i >> 8) + 17); }
-
-// An io_uring instance, torn down with the probe.
-class Ring {
- public:
-  Ring() = default;
-  Ring(const Ring&) = delete;
-  Ring& operator=(const Ring&) = delete;
-  ~Ring() {
-    if (ready_) io_uring_queue_exit(&ring_);
-  }
-  // 0 or -errno, as io_uring_queue_init returns it.
-  int init(unsigned depth) {
-    const int ret = io_uring_queue_init(depth, &ring_, 0);
-    ready_ = ret == 0;
-    return ret;
-  }
-  io_uring* get() { return &ring_; }
-
- private:
-  io_uring ring_{};
-  bool ready_ = false;
-};
 
 // A probe file: created in dir under a fresh name and unlinked at once, so
 // nothing is left behind however the probe ends.
