@@ -339,6 +339,10 @@ Status measure_all(const Plan& plan, Rig& rig, std::vector<Figure>* out) {
   auto sequential = sequential_requests(block_bytes, plan.file_bytes, region);
   KVT_RETURN_IF_ERROR(measure(plan, "uring_seq_read_1m_qd32", "psync_seq_read_1m", block_bytes,
                               [&](FirstError* e) { uring_run(rig.uring.depth(kSeqQueueDepth), sequential, e); }, out));
+  // The drive's read ceiling on this machine: large sequential requests at
+  // the deepest queue; every read figure above is bounded by it.
+  KVT_RETURN_IF_ERROR(measure(plan, "ceiling_seq_read_1m_qd64", "", block_bytes,
+                              [&](FirstError* e) { uring_run(rig.uring.depth(64), sequential, e); }, out));
   KVT_RETURN_IF_ERROR(measure(plan, "psync_block_write_32threads", "", block_bytes,
                               [&](FirstError* e) { psync_blocks(rig.psync_fd, rig.blocks, region, true, e); }, out));
   auto writes = block_requests(rig.blocks, region, /*write=*/true);
