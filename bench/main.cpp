@@ -20,6 +20,8 @@ constexpr Suite kSuites[] = {
     {"memory", "host memory read/copy bandwidth: the ceiling for CPU attention", kvtier::bench::run_memory},
     {"storage", "io_uring vs thread-pool block I/O on --dir, and batched host->GPU block uploads",
      kvtier::bench::run_storage},
+    {"cpu", "CPU attention engine: summary scoring, top-k, host block attention, prefill scoring",
+     kvtier::bench::run_cpu},
 };
 
 void print_usage(std::ostream& os, const po::options_description& options) {
