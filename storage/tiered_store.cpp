@@ -66,6 +66,7 @@ struct TieredStore::Impl {
   StoreStats stats;
   uint64_t step = 0;
   uint64_t sequence_tokens = 0;
+  uint64_t user_pins = 0;  // BlockPins alive: the store must outlive them
 
   std::deque<Job> queue;
   std::condition_variable queue_cv, space_cv, done_cv;
@@ -184,6 +185,7 @@ TieredStore::TieredStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 TieredStore::~TieredStore() {
   {
     std::lock_guard lock(impl_->mu);
+    KVT_ASSERT(impl_->user_pins == 0, impl_->user_pins, " BlockPins outlive their TieredStore");
     impl_->stopping = true;
   }
   impl_->queue_cv.notify_all();
@@ -389,11 +391,13 @@ Result<BlockPin> TieredStore::pin(uint32_t block, Tier tier) {
   BlockEntry& e = s.table[block];
   if (tier == Tier::kGpu && e.gpu_ready) {
     s.table.pin_gpu(block);
+    ++s.user_pins;
     return BlockPin(this, block, tier, s.gpu_arena->slot_data(e.gpu_slot));
   }
   const bool host_home = e.home == Tier::kHost && e.home_valid && !e.busy;
   if (tier == Tier::kHost && (host_home || e.host_cache_ready)) {
     s.table.pin_host(block);
+    ++s.user_pins;
     return BlockPin(this, block, tier, s.host_copy(e));
   }
   return unavailable(s.name(block) + " is not resident in the " + std::string(tier_name(tier)) +
@@ -402,6 +406,7 @@ Result<BlockPin> TieredStore::pin(uint32_t block, Tier tier) {
 
 void TieredStore::unpin(uint32_t block, Tier tier) {
   std::lock_guard lock(impl_->mu);
+  --impl_->user_pins;
   if (tier == Tier::kGpu)
     impl_->table.unpin_gpu(block);
   else
