@@ -14,6 +14,7 @@
 #include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/task_arena.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -66,9 +67,15 @@ struct FreeDeleter {
 };
 using Buffer = std::unique_ptr<std::byte[], FreeDeleter>;
 
+// 2 MiB-aligned and advised onto transparent huge pages, as the host arena
+// (storage/host_arena.cpp) and the summary tables are: with 4 KiB pages,
+// scattered 32 KiB blocks would measure TLB misses the runtime does not have.
 Buffer aligned_buffer(uint64_t bytes) {
-  auto* p = static_cast<std::byte*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+  constexpr uint64_t kHuge = uint64_t{2} << 20;
+  const uint64_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  auto* p = static_cast<std::byte*>(std::aligned_alloc(kHuge, rounded));
   KVT_ASSERT(p != nullptr, "cannot allocate ", bytes, " bytes for the cpu benchmark");
+  ::madvise(p, rounded, MADV_HUGEPAGE);  // advice only: a kernel without THP keeps 4 KiB pages
   return Buffer(p);
 }
 
