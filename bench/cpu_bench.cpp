@@ -310,7 +310,7 @@ void run_rounds(Bench& b, const std::vector<Subject*>& subjects, int repeats) {
 struct Figures {
   double mem_read_gbps = 0;
   double score_f32_gbps = 0, score_f32_ms = 0, score_bf16_gbps = 0, score_scalar_gbps = 0, topk_ms = 0;
-  double attention_gbps = 0, decode_32_ms = 0;
+  double attention_gbps = 0, scattered_read_gbps = 0, decode_32_ms = 0;
   double prefill_own_gflops = 0, prefill_onednn_gflops = 0;
   double overlap_jaccard = 0, overlap_changed = 0, needle_f32 = 0, needle_bf16 = 0;
 };
@@ -361,6 +361,25 @@ Subject read_subject(Bench& b, const Buffer& buf) {
   return s;
 }
 
+// The ceiling of host attention's access pattern: the same scattered 32 KiB
+// blocks read whole with the same loads and threads, and no arithmetic.
+Subject scattered_read_subject(Bench& b, const HostKv& kv) {
+  std::vector<const std::byte*> blocks;
+  for (const auto& head : kv.lists[0])
+    for (const cpu::HostBlock& blk : head) blocks.push_back(reinterpret_cast<const std::byte*>(blk.data));
+  Subject s{[arena = &b.arena, blocks = std::move(blocks), read = best_read().first] {
+              arena->execute([&] {
+                tbb::parallel_for(tbb::blocked_range<size_t>(0, blocks.size(), 8), [&](const auto& r) {
+                  for (size_t i = r.begin(); i < r.end(); ++i) g_sink = g_sink ^ read(blocks[i], kBlockBytes);
+                });
+              });
+            },
+            {},
+            {}};
+  add_blocks(s.cold, kv.lists[0]);
+  return s;
+}
+
 Subject score_subject(CpuEngine& engine, const SummaryTable& table, const std::vector<bf16>& q,
                       std::vector<float>& scores) {
   // Pointers, not references to the parameters: the pass outlives this call.
@@ -402,18 +421,20 @@ void measure_bandwidths(Bench& b, const SummaryTable& f32, const HostKv& kv, Fig
                  {},
                  {}};
   add_blocks(attend.cold, kv.lists[0]);
+  Subject scattered = scattered_read_subject(b, kv);
   Subject topk{[&] {
                  b.engine->select(F32View<2>(in.scores, {kKvHeads, kBlocks}), kTopk, kFarBegin, kFarEnd, in.selected);
                },
                {},
                {}};
-  run_rounds(b, {&read, &score, &topk, &score_b16, &attend, &score_scalar}, b.plan.repeats);
+  run_rounds(b, {&read, &score, &topk, &score_b16, &attend, &scattered, &score_scalar}, b.plan.repeats);
   f.mem_read_gbps = gbps(kSummaryF32Bytes, read.median_s());
   f.score_f32_gbps = gbps(f32.scoring_bytes(), score.median_s());
   f.score_f32_ms = score.median_s() * 1e3;
   f.score_bf16_gbps = gbps(in.bf16_table->scoring_bytes(), score_b16.median_s());
   f.score_scalar_gbps = gbps(f32.scoring_bytes(), score_scalar.median_s());
   f.attention_gbps = gbps(kKvBytesPerLayer, attend.median_s());
+  f.scattered_read_gbps = gbps(kKvBytesPerLayer, scattered.median_s());
   f.topk_ms = topk.median_s() * 1e3;
 }
 
@@ -599,6 +620,9 @@ void report(Bench& b, const Figures& f) {
   r.add("summary_scoring_1m", f.score_f32_gbps, "GB/s", "mem_read_bw");
   r.add("summary_scoring_1m_bf16", f.score_bf16_gbps, "GB/s", "summary_scoring_1m");
   r.add("block_attention_host", f.attention_gbps, "GB/s", "mem_read_bw");
+  // What the scattered access pattern allows on this machine, and the kernel against it.
+  r.add("scattered_block_read_bw", f.scattered_read_gbps, "GB/s", "mem_read_bw");
+  r.add("block_attention_host_vs_scattered", f.attention_gbps, "GB/s", "scattered_block_read_bw");
   r.add("summary_scoring_1m_scalar", f.score_scalar_gbps, "GB/s", "summary_scoring_1m");
   r.add("summary_scoring_1m_ms", f.score_f32_ms, "ms");
   r.add("topk_1m", f.topk_ms, "ms", "summary_scoring_1m_ms");
