@@ -137,10 +137,12 @@ KVTIER_SIMD_INLINE static void prefetch_bytes(const void* p, uint64_t bytes) {
   }
 }
 
-// fp32 rows (mean keys) against the pass's q widened to fp32.
-template <class S>
-struct DotF32 {
-  using Row = const float*;
+// Rows of T (fp32 mean keys; bf16 keys or mean keys, widened to fp32) against
+// the pass's q widened to fp32. The products of two bf16 values are exact in
+// fp32, so for bf16 rows only the sums round.
+template <class S, class T>
+struct DotWidened {
+  using Row = const T*;
   static constexpr uint32_t kStep = S::kLanes;
   const float* q;  // [G][kHeadDimMax]
   uint32_t dim;
@@ -148,23 +150,12 @@ struct DotF32 {
   KVTIER_SIMD_INLINE typename S::V madd(typename S::V acc, typename S::V k, uint32_t g, uint32_t i) const {
     return S::fma(k, S::load(q + g * kHeadDimMax + i), acc);
   }
-  KVTIER_SIMD_INLINE void prefetch(Row r) const { prefetch_bytes<CacheLevel::kL1>(r, uint64_t{dim} * sizeof(float)); }
+  KVTIER_SIMD_INLINE void prefetch(Row r) const { prefetch_bytes<CacheLevel::kL1>(r, uint64_t{dim} * sizeof(T)); }
 };
-
-// bf16 rows (keys, bf16 mean keys) widened to fp32; the products of two bf16
-// values are exact in fp32, so only the sums round.
 template <class S>
-struct DotBf16 {
-  using Row = const bf16*;
-  static constexpr uint32_t kStep = S::kLanes;
-  const float* q;  // [G][kHeadDimMax]
-  uint32_t dim;
-  KVTIER_SIMD_INLINE typename S::V load(Row r, uint32_t i) const { return S::load(r + i); }
-  KVTIER_SIMD_INLINE typename S::V madd(typename S::V acc, typename S::V k, uint32_t g, uint32_t i) const {
-    return S::fma(k, S::load(q + g * kHeadDimMax + i), acc);
-  }
-  KVTIER_SIMD_INLINE void prefetch(Row r) const { prefetch_bytes<CacheLevel::kL1>(r, uint64_t{dim} * sizeof(bf16)); }
-};
+using DotF32 = DotWidened<S, float>;
+template <class S>
+using DotBf16 = DotWidened<S, bf16>;
 
 // The min/max bound sum_d max(q_d kmin_d, q_d kmax_d). Since kmin <= kmax it
 // is q+ . kmax + q- . kmin with q+ = max(q, 0), q- = min(q, 0): per dimension
