@@ -104,10 +104,17 @@ uint64_t protected_blocks_needed(const StoreConfig& c, uint32_t chunks_per_head)
   return uint64_t{c.shape.layers} * c.shape.kv_heads * std::min<uint64_t>(per_head, chunks_per_head);
 }
 
-Status check_config(const StoreConfig& c, const BlockFile& file, uint32_t chunks_per_head) {
+// Shape, policy and length: checked before anything builds a BlockGeometry,
+// which asserts on them.
+Status check_shape(const StoreConfig& c) {
   KVT_RETURN_IF_ERROR(validate(c.shape));
   KVT_RETURN_IF_ERROR(validate(c.policy));
   if (c.max_tokens == 0) return invalid_argument("tiered store: max_tokens=0; the context needs at least one token");
+  return Status::ok_status();
+}
+
+// The file and the gpu budget against the (valid) shape.
+Status check_config(const StoreConfig& c, const BlockFile& file, uint32_t chunks_per_head) {
   const FileGeometry want{c.shape, c.policy.chunk_tokens, chunks_per_head};
   if (!(file.geometry() == want))
     return invalid_argument("tiered store: " + file.path() + " holds a context of another shape or length (" +
@@ -139,9 +146,8 @@ std::pair<uint64_t, uint64_t> split_host(const TierBudgets& b, uint64_t slot_byt
 Result<std::unique_ptr<TieredStore>> TieredStore::create(ComputeBackend& backend, const StoreConfig& config,
                                                          std::unique_ptr<BlockFile> file) {
   KVT_ASSERT(file != nullptr, "TieredStore needs a file");
-  KVT_RETURN_IF_ERROR(validate(config.policy));
+  KVT_RETURN_IF_ERROR(check_shape(config));
   const BlockGeometry g(config.shape, config.policy.chunk_tokens);
-  if (config.max_tokens == 0) return invalid_argument("tiered store: max_tokens=0; the context needs at least one token");
   const uint32_t chunks = g.chunks_for(config.max_tokens);
   KVT_RETURN_IF_ERROR(check_config(config, *file, chunks));
   if (g.block_count(chunks) >= UINT32_MAX)

@@ -176,6 +176,23 @@ TEST_CASE("budgets that cannot hold sinks and window are refused with the number
   CHECK(m.find("268 blocks") != std::string::npos);  // 2 x 2 x (2 sink + 64 window + 1)
 }
 
+TEST_CASE("an invalid shape or empty context is an error, not an abort") {
+  auto backend = cpu::make_cpu_backend();
+  StoreConfig c = small_config(1 << 16, 16 * kMiB, 16 * kMiB);
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  REQUIRE(file.ok());
+  c.shape.head_dim = 96;
+  const auto bad_shape = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE_FALSE(bad_shape.ok());
+  CHECK(bad_shape.status().message().find("head_dim=96") != std::string::npos);
+  c = small_config(0, 16 * kMiB, 16 * kMiB);
+  auto file2 = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}),
+                                    file_geometry(small_config(1 << 16, 0, 0)));
+  const auto empty = TieredStore::create(*backend, c, std::move(file2).value());
+  REQUIRE_FALSE(empty.ok());
+  CHECK(empty.status().message().find("max_tokens=0") != std::string::npos);
+}
+
 TEST_CASE("a file of another shape is refused") {
   auto backend = cpu::make_cpu_backend();
   const StoreConfig c = small_config(1 << 16, 16 * kMiB, 16 * kMiB);
