@@ -22,6 +22,7 @@ constexpr Suite kSuites[] = {
      kvtier::bench::run_storage},
     {"cpu", "CPU attention engine: summary scoring, top-k, host block attention, prefill scoring",
      kvtier::bench::run_cpu},
+    {"gpu", "GPU kernels: sparse paged decode, block-sparse prefill, gather, append, summaries", kvtier::bench::run_gpu},
 };
 
 void print_usage(std::ostream& os, const po::options_description& options) {

@@ -10,6 +10,7 @@ namespace kvtier::bench {
 int run_memory(const SuiteArgs& args);
 int run_storage(const SuiteArgs& args);  // storage_bench.cpp
 int run_cpu(const SuiteArgs& args);      // cpu_bench.cpp
+int run_gpu(const SuiteArgs& args);      // gpu_bench.cpp
 
 // h2d_block_batch and h2d_single_copy_32mib on a GPU host; adds nothing and
 // returns a note without a GPU (h2d_bench.cpp).

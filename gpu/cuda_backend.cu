@@ -18,31 +18,7 @@
 
 #include "kvtier/core/log.h"
 #include "kvtier/core/sizes.h"
-
-namespace kvtier::gpu {
-namespace {
-
-std::string cuda_error_text(cudaError_t err) {
-  return std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ")";
-}
-
-// A failed runtime call as a Status. Also clears the thread's last-error slot,
-// so that a handled failure is not reported again by the cudaGetLastError
-// that follows the next kernel launch.
-Status cuda_failure(const char* call, cudaError_t err) {
-  (void)cudaGetLastError();
-  return internal_error(std::string(call) + " failed: " + cuda_error_text(err));
-}
-
-}  // namespace
-}  // namespace kvtier::gpu
-
-// Returns a Status naming the call when a CUDA runtime call fails.
-#define KVT_CUDA_RETURN_IF_ERROR(call)                                                 \
-  do {                                                                                 \
-    const cudaError_t kvt_cuda_err_ = (call);                                          \
-    if (kvt_cuda_err_ != cudaSuccess) return ::kvtier::gpu::cuda_failure(#call, kvt_cuda_err_); \
-  } while (0)
+#include "cuda_check.h"
 
 namespace kvtier::gpu {
 namespace {

@@ -1,0 +1,5 @@
+// being written
+#include "gpu_suites.h"
+namespace kvtier::bench {
+void add_prefill_results(Report&, gpu::CudaContext&, const SuiteArgs&) {}
+}  // namespace kvtier::bench

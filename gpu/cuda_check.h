@@ -1,0 +1,42 @@
+// Private to gpu/: turning CUDA runtime failures into Status values that name
+// the call (DESIGN.md section 7).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "kvtier/core/status.h"
+
+namespace kvtier::gpu {
+
+inline std::string cuda_error_text(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ")";
+}
+
+// A failed runtime call as a Status. Also clears the thread's last-error slot,
+// so that a handled failure is not reported again by the cudaGetLastError
+// that follows the next kernel launch.
+inline Status cuda_failure(const char* call, cudaError_t err) {
+  (void)cudaGetLastError();
+  return internal_error(std::string(call) + " failed: " + cuda_error_text(err));
+}
+
+}  // namespace kvtier::gpu
+
+// Returns a Status naming the call when a CUDA runtime call fails.
+#define KVT_CUDA_RETURN_IF_ERROR(call)                                                          \
+  do {                                                                                          \
+    const cudaError_t kvt_cuda_err_ = (call);                                                   \
+    if (kvt_cuda_err_ != cudaSuccess) return ::kvtier::gpu::cuda_failure(#call, kvt_cuda_err_); \
+  } while (0)
+
+// After a kernel launch: the launch error (bad configuration, no device) as a
+// Status naming the kernel.
+#define KVT_CUDA_RETURN_IF_LAUNCH_FAILED(kernel_name)                                           \
+  do {                                                                                          \
+    const cudaError_t kvt_cuda_err_ = cudaGetLastError();                                       \
+    if (kvt_cuda_err_ != cudaSuccess)                                                           \
+      return ::kvtier::internal_error(std::string("launch of ") + (kernel_name) +               \
+                                      " failed: " + ::kvtier::gpu::cuda_error_text(kvt_cuda_err_)); \
+  } while (0)

@@ -1,0 +1,1 @@
+// decode: being written
