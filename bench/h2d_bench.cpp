@@ -14,14 +14,15 @@
 #include "kvtier/gpu/cuda_backend.h"
 #include "kvtier/storage/device_arena.h"
 #include "kvtier/storage/host_arena.h"
+#include "h2d_rig.h"
 #include "suites.h"
 
 namespace kvtier::bench {
 namespace {
 
-constexpr uint64_t kSlotBytes = 32 * 1024;
+constexpr uint64_t kSlotBytes = kH2dSlotBytes;
 constexpr uint32_t kSlots = 2048;
-constexpr uint32_t kBatchBlocks = 1024;  // 32 MiB per batch, the same bytes as the single copy
+constexpr uint32_t kBatchBlocks = kH2dBatchBlocks;
 constexpr uint64_t kBatchBytes = kBatchBlocks * kSlotBytes;
 
 // Random words with no zero bytes: zero pages and zero data can take
@@ -33,14 +34,10 @@ void fill_nonzero(std::byte* p, uint64_t bytes, std::mt19937_64& gen) {
   }
 }
 
-struct H2dRig {
-  std::unique_ptr<storage::HostArena> host;
-  std::unique_ptr<storage::DeviceArena> device;
-  std::vector<BlockCopy> single;   // one contiguous 32 MiB copy
-  std::vector<BlockCopy> scattered;  // 1024 blocks, random host slot -> random device slot
-};
 
-Result<H2dRig> make_rig(ComputeBackend& backend) {
+}  // namespace
+
+Result<H2dRig> make_h2d_rig(ComputeBackend& backend) {
   H2dRig rig;
   KVT_ASSIGN_OR_RETURN(rig.host, storage::HostArena::create(backend, storage::HostArenaOptions{
                                                                          .budget_bytes = kSlots * kSlotBytes,
@@ -62,8 +59,8 @@ Result<H2dRig> make_rig(ComputeBackend& backend) {
 
 // GB/s of one call of copy_to_device over `copies`, timed on the host around
 // the synchronous call; per_copy issues one call per block instead.
-Result<double> measure_gbps(ComputeBackend& backend, std::span<const BlockCopy> copies, bool per_copy,
-                            const SuiteArgs& args) {
+Result<double> h2d_copy_gbps(ComputeBackend& backend, std::span<const BlockCopy> copies, bool per_copy,
+                             const SuiteArgs& args) {
   const auto run = [&] {
     if (!per_copy) return backend.copy_to_device(copies);
     for (size_t i = 0; i < copies.size(); ++i) KVT_RETURN_IF_ERROR(backend.copy_to_device(copies.subspan(i, 1)));
@@ -82,22 +79,25 @@ Result<double> measure_gbps(ComputeBackend& backend, std::span<const BlockCopy> 
   return static_cast<double>(bytes) / 1e9 / t.median_s;
 }
 
+
+namespace {
+
 Status add_results(Report& report, ComputeBackend& backend, const H2dRig& rig, const SuiteArgs& args) {
   using gpu::BatchCopyMethod;
   // The ceiling is one DMA-engine copy of 32 contiguous MiB: what the link
   // gives at its best. cudaMemcpyBatchAsync of one copy is exactly that.
   gpu::set_batch_copy_method(backend, BatchCopyMethod::kMemcpyBatch);
-  KVT_ASSIGN_OR_RETURN(const double single, measure_gbps(backend, rig.single, false, args));
+  KVT_ASSIGN_OR_RETURN(const double single, h2d_copy_gbps(backend, rig.single, false, args));
   report.add("h2d_single_copy_32mib", single, "GB/s");
   gpu::set_batch_copy_method(backend, BatchCopyMethod::kGatherKernel);
-  KVT_ASSIGN_OR_RETURN(const double gather, measure_gbps(backend, rig.scattered, false, args));
+  KVT_ASSIGN_OR_RETURN(const double gather, h2d_copy_gbps(backend, rig.scattered, false, args));
   report.add("h2d_block_batch", gather, "GB/s", "h2d_single_copy_32mib");
   gpu::set_batch_copy_method(backend, BatchCopyMethod::kMemcpyBatch);
-  KVT_ASSIGN_OR_RETURN(const double batch, measure_gbps(backend, rig.scattered, false, args));
+  KVT_ASSIGN_OR_RETURN(const double batch, h2d_copy_gbps(backend, rig.scattered, false, args));
   report.add("h2d_block_batch_memcpybatch", batch, "GB/s", "h2d_single_copy_32mib");
   // One call per block, each a single DMA copy and a wait: the cudaMemcpy
   // loop that batching replaces.
-  KVT_ASSIGN_OR_RETURN(const double per_copy, measure_gbps(backend, rig.scattered, true, args));
+  KVT_ASSIGN_OR_RETURN(const double per_copy, h2d_copy_gbps(backend, rig.scattered, true, args));
   report.add("h2d_block_per_copy", per_copy, "GB/s", "h2d_single_copy_32mib");
   return Status::ok_status();
 }
@@ -107,7 +107,7 @@ Status add_results(Report& report, ComputeBackend& backend, const H2dRig& rig, c
 std::string add_h2d_results(Report& report, const SuiteArgs& args) {
   auto backend = gpu::make_cuda_backend(0);
   if (!backend.ok()) return "no GPU: " + backend.status().message();
-  auto rig = make_rig(**backend);
+  auto rig = make_h2d_rig(**backend);
   if (!rig.ok()) return "h2d skipped: " + rig.status().message();
   const Status st = add_results(report, **backend, *rig, args);
   gpu::set_batch_copy_method(**backend, gpu::BatchCopyMethod::kGatherKernel);

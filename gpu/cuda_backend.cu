@@ -407,18 +407,7 @@ Result<StreamHandle> create_stream() {
 }  // namespace
 
 Result<std::unique_ptr<ComputeBackend>> make_cuda_backend(int device) {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    // No driver or no device: a capability this machine lacks, not a bug.
-    return unavailable("no usable CUDA device: cudaGetDeviceCount failed: " + cuda_error_text(err));
-  }
-  if (device < 0 || device >= count) {
-    return unavailable("CUDA device " + std::to_string(device) + " does not exist (this machine has " +
-                       std::to_string(count) + ")");
-  }
-  KVT_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  KVT_RETURN_IF_ERROR(select_device(device));
   cudaDeviceProp prop{};
   KVT_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
   int same_pointer = 0;

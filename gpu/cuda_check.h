@@ -22,6 +22,23 @@ inline Status cuda_failure(const char* call, cudaError_t err) {
   return internal_error(std::string(call) + " failed: " + cuda_error_text(err));
 }
 
+// Makes `device` current. No driver, no device or a device index past the
+// last is "unavailable" (a capability this machine lacks, not a bug).
+inline Status select_device(int device) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return unavailable("no usable CUDA device: cudaGetDeviceCount failed: " + cuda_error_text(err));
+  }
+  if (device < 0 || device >= count)
+    return unavailable("CUDA device " + std::to_string(device) + " does not exist (this machine has " +
+                       std::to_string(count) + ")");
+  const cudaError_t set = cudaSetDevice(device);
+  if (set != cudaSuccess) return cuda_failure("cudaSetDevice", set);
+  return Status::ok_status();
+}
+
 }  // namespace kvtier::gpu
 
 // Returns a Status naming the call when a CUDA runtime call fails.
