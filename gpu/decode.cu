@@ -43,6 +43,8 @@ struct MergeParams {
 // consecutive floats of every part. Each thread recomputes its row's maximum
 // lse: a handful of broadcast loads, cheaper than a second pass or a barrier.
 __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const MergeParams p) {
+  // Launched right behind decode_kernel, the parts are its results.
+  wait_for_prerequisite_grid();
   const uint32_t i = blockIdx.x * kMergeThreads + threadIdx.x;
   if (i >= p.elements) return;
   const uint32_t row = i / p.head_dim;
@@ -78,20 +80,26 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const MergeParams 
 struct DeviceFacts {
   int device = 0;
   int sm_count = 0;
+  int cc_major = 0;
 };
 
-// The current device and its SM count, queried once per device.
+// The current device's SM count and compute capability, queried once per device.
 Result<DeviceFacts> current_device_facts() {
-  static std::array<std::atomic<int>, kCachedDevices> sm_cache{};
+  static std::array<std::atomic<int>, kCachedDevices> sm_cache{}, cc_cache{};
   DeviceFacts f;
   KVT_CUDA_RETURN_IF_ERROR(cudaGetDevice(&f.device));
   const bool cacheable = f.device >= 0 && f.device < kCachedDevices;
   if (cacheable && sm_cache[f.device].load(std::memory_order_relaxed) > 0) {
     f.sm_count = sm_cache[f.device].load(std::memory_order_relaxed);
+    f.cc_major = cc_cache[f.device].load(std::memory_order_relaxed);
     return f;
   }
   KVT_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, f.device));
-  if (cacheable) sm_cache[f.device].store(f.sm_count, std::memory_order_relaxed);
+  KVT_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&f.cc_major, cudaDevAttrComputeCapabilityMajor, f.device));
+  if (cacheable) {
+    cc_cache[f.device].store(f.cc_major, std::memory_order_relaxed);
+    sm_cache[f.device].store(f.sm_count, std::memory_order_relaxed);
+  }
   return f;
 }
 
@@ -159,9 +167,9 @@ Status check_decode_shape(const DecodeArgs& a) {
 // How the lists are cut into splits (grid.y) and the workspace that needs.
 struct DecodePlan {
   int device = 0;
+  int cc_major = 0;
   uint32_t splits = 1;
   uint32_t blocks_per_split = 1;
-  uint64_t counters_offset = 0;  // bytes into the workspace
   uint64_t workspace_bytes = 0;
 };
 
@@ -190,19 +198,30 @@ Result<DecodePlan> plan_decode(const DecodeArgs& a) {
                          "needs more than 65535 splits of " + std::to_string(blocks_per_split) + " blocks");
   DecodePlan plan;
   plan.device = facts.device;
+  plan.cc_major = facts.cc_major;
   plan.splits = static_cast<uint32_t>(splits);
   plan.blocks_per_split = blocks_per_split;
   const uint64_t rows = uint64_t{a.batch} * a.q_heads;
-  if (plan.splits > 1) {
-    // The splits' partials, then one arrival counter per list (16-byte aligned).
-    plan.counters_offset = (splits * rows * (head_dim + 1) * sizeof(float) + 15) / 16 * 16;
-    plan.workspace_bytes = plan.counters_offset + lists * sizeof(uint32_t);
-  }
+  if (plan.splits > 1) plan.workspace_bytes = splits * rows * (head_dim + 1) * sizeof(float);
   return plan;
 }
 
-Status launch_merge(const MergeParams& p, cudaStream_t stream) {
-  merge_kernel<<<(p.elements + kMergeThreads - 1) / kMergeThreads, kMergeThreads, 0, stream>>>(p);
+// Launches merge_kernel; behind decode_kernel it may start early
+// (programmatic dependent launch, sm_90+) and waits in-kernel for the parts.
+Status launch_merge(const MergeParams& p, bool behind_decode, int cc_major, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((p.elements + kMergeThreads - 1) / kMergeThreads);
+  cfg.blockDim = dim3(kMergeThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  if (behind_decode && cc_major >= 9) {
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, merge_kernel, p);
+  if (err != cudaSuccess) return cuda_failure("launch of merge_kernel", err);
   KVT_CUDA_RETURN_IF_LAUNCH_FAILED("merge_kernel");
   return Status::ok_status();
 }
@@ -229,9 +248,6 @@ DecodeParams decode_params(const DecodeArgs& a, const DecodePlan& plan, void* wo
     p.lse = p.o + plan.splits * rows * a.arena.head_dim;
     p.o_split_stride = rows * a.arena.head_dim;
     p.lse_split_stride = rows;
-    p.counters = reinterpret_cast<uint32_t*>(static_cast<std::byte*>(workspace) + plan.counters_offset);
-    p.final_o = a.o;
-    p.final_lse = a.lse;
   }
   return p;
 }
@@ -256,11 +272,20 @@ Status decode_attention(const DecodeArgs& args, void* workspace, uint64_t worksp
     return invalid_argument("decode_attention: workspace is null or not 16-byte aligned");
   const DecodeParams params = decode_params(args, plan, workspace);
   const uint32_t lists = args.batch * args.kv_heads;
-  if (params.counters != nullptr)
-    KVT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(params.counters, 0, uint64_t{lists} * sizeof(uint32_t), stream));
-  return dispatch_decode(args.arena.head_dim, args.q_heads / args.kv_heads, [&](auto d, auto g) {
+  KVT_RETURN_IF_ERROR(dispatch_decode(args.arena.head_dim, args.q_heads / args.kv_heads, [&](auto d, auto g) {
     return launch_decode_kernel<decltype(d)::value, decltype(g)::value>(params, lists, plan.splits, stream);
-  });
+  }));
+  if (plan.splits == 1) return Status::ok_status();
+  MergeParams m;
+  m.o_parts = params.o;
+  m.lse_parts = params.lse;
+  m.parts = plan.splits;
+  m.rows = args.batch * args.q_heads;
+  m.head_dim = args.arena.head_dim;
+  m.elements = m.rows * m.head_dim;
+  m.o_out = args.o;
+  m.lse_out = args.lse;
+  return launch_merge(m, /*behind_decode=*/true, plan.cc_major, stream);
 }
 
 namespace {
@@ -306,7 +331,7 @@ Status merge_partials(const MergeArgs& args, cudaStream_t stream) {
   m.o_out = args.o_out;
   m.lse_out = args.lse_out;
   m.out_bf16 = reinterpret_cast<__nv_bfloat16*>(args.out_bf16);
-  return launch_merge(m, stream);
+  return launch_merge(m, /*behind_decode=*/false, /*cc_major=*/0, stream);
 }
 
 }  // namespace kvtier::gpu

@@ -13,8 +13,7 @@
 // one token row (16 bytes each); each row group (those lanes) keeps its own
 // online-softmax state for the G heads, and the row groups are merged through
 // shared memory at the end. The split's (o, lse) goes straight to the output
-// when there is one split, else to the workspace, where the list's last
-// split to finish merges them all (merge_splits_if_last).
+// when there is one split, else to the workspace for the merge kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -82,15 +81,26 @@ struct DecodeParams {
   float* lse = nullptr;
   uint64_t o_split_stride = 0;
   uint64_t lse_split_stride = 0;
-  // With several splits: one arrival counter per list (zeroed before the
-  // launch) and the final outputs, which the list's last split to finish
-  // writes by merging every split's partial (merge_splits_if_last).
-  uint32_t* counters = nullptr;
-  float* final_o = nullptr;    // [lists * G][D]
-  float* final_lse = nullptr;  // [lists * G]
 };
 
 // ---- Device helpers -----------------------------------------------------------
+
+// Lets a kernel launched after this one with programmatic stream
+// serialization start its prologue now; it still waits (griddepcontrol.wait)
+// for this grid's results. A no-op before sm_90.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Waits until the grid this one depends on (programmatic launch) has finished
+// and its writes are visible. Returns at once without such a dependency.
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 // 16 bytes global -> shared without passing through registers or L1. With
 // valid == false nothing is read and the 16 bytes are zero-filled, so masked
@@ -310,50 +320,6 @@ __device__ __forceinline__ void merge_row_groups(unsigned char* smem, const RowG
   }
 }
 
-// With several splits, counts this CTA's split of `list` as done and, in the
-// CTA that completes the list, merges the splits' partial states (in the
-// workspace) into the final o and lse: exact log-sum-exp, as merge_states.
-// This replaces a second kernel whose launch and ramp cost more than the
-// merge itself at small batches. The fence-count-fence pattern: each CTA
-// makes its stores visible device-wide before it is counted, and the last
-// one fences again before it reads the others' results (from L2: __ldcg, as
-// this SM's L1 is not coherent with theirs).
-template <int D, int G>
-__device__ __forceinline__ void merge_splits_if_last(const DecodeParams& p, uint32_t list) {
-  if (p.counters == nullptr) return;
-  __shared__ uint32_t arrived;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) arrived = atomicAdd(p.counters + list, 1u);
-  __syncthreads();
-  if (arrived != gridDim.y - 1) return;
-  __threadfence();
-  const uint64_t row0 = uint64_t{list} * G;
-  for (uint32_t i = threadIdx.x; i < G * D; i += kThreads) {
-    const uint64_t row = row0 + i / D;
-    const uint32_t d = i % D;
-    float m = -INFINITY;
-    for (uint32_t s = 0; s < gridDim.y; ++s) m = fmaxf(m, __ldcg(p.lse + s * p.lse_split_stride + row));
-    float o = 0.f, lse = -INFINITY;
-    // Only empty splits: keep the empty state, as (-inf) - (-inf) would be NaN.
-    if (m != -INFINITY) {
-      float w_sum = 0.f, acc = 0.f;
-      for (uint32_t s = 0; s < gridDim.y; ++s) {
-        const float w = expf(__ldcg(p.lse + s * p.lse_split_stride + row) - m);
-        const float o_s = __ldcg(p.o + s * p.o_split_stride + row * D + d);
-        w_sum += w;
-        // An empty split (weight 0) adds nothing, whatever its o holds.
-        acc = w > 0.f ? fmaf(w, o_s, acc) : acc;
-      }
-      // w_sum >= 1: the split holding the maximum has weight exp(0) = 1.
-      o = acc / w_sum;
-      lse = m + logf(w_sum);
-    }
-    p.final_o[row * D + d] = o;
-    if (d == 0) p.final_lse[row] = lse;
-  }
-}
-
 // ---- The kernel ---------------------------------------------------------------
 
 // grid (lists, splits). Device-side contract violations (a list longer than
@@ -366,6 +332,9 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ uint32_t slot_table[kMaxSplitBlocks];
 
+  // The merge kernel that may follow only prepares; it waits for our results.
+  allow_dependent_launch();
+
   const uint32_t list = blockIdx.x;
   const uint32_t split = blockIdx.y;
   float* o = p.o + split * p.o_split_stride + uint64_t{list} * G * D;
@@ -377,7 +346,6 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
   const uint32_t first = split * p.blocks_per_split;
   if (first >= end - begin) {
     write_empty<D, G>(o, lse);
-    merge_splits_if_last<D, G>(p, list);
     return;
   }
   const uint32_t blocks = min(end - begin - first, p.blocks_per_split);
@@ -433,7 +401,6 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
   cp_async_wait<0>();
   __syncthreads();  // every thread is done with the stages before they are reused
   merge_row_groups<D, G>(smem, st, o, lse);
-  merge_splits_if_last<D, G>(p, list);
 }
 
 // ---- Host side ------------------------------------------------------------------
