@@ -1,0 +1,153 @@
+// The planner (DESIGN.md section 3, "plan, then run"): for one layer of one
+// decode step of a batch of sequences, from the policy, where each selected
+// block is, and the device rates, a small task graph saying which device does
+// what and in which order. It is a pure function of its inputs -- no clocks,
+// no I/O, no allocation outside its result -- so that the executor runs its
+// plans on real devices and the simulator runs the same plans on modeled ones.
+//
+// The graph of one layer step:
+//
+//   score (cpu) -> top-k (cpu) -+-> nvme reads -> (late: summary) ...
+//                               +-> uploads (copy engine) -> gpu attend selected -+
+//                               +-> cpu attend host blocks (+ far field) ---------+-> merge
+//   gpu attend sinks + window (needs no selection: starts at once) --------------+
+//   write back a block completed by this step's append (copy d2h, then its home)
+//
+// The choice the cost model makes: each selected block that lives in host
+// memory is either attended by the CPU where it lies or uploaded and attended
+// by the GPU, whichever balances the two paths so that the later one ends
+// first; uploads are limited by the GPU slots free for them. Blocks only on
+// NVMe are read into host staging first; under LatePolicy::kSummary a block
+// whose read cannot land before the rest of the step is done is "late": this
+// step uses its summary (far-field term) and the read goes on, so that a later
+// step attends it exactly.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "kvtier/core/policy.h"
+#include "kvtier/core/shape.h"
+#include "kvtier/core/status.h"
+
+namespace kvtier::scheduler {
+
+// Where a selected block is when the step is planned (from the BlockTable).
+enum class Residency : uint8_t {
+  kGpu,          // a GPU slot holds it
+  kHost,         // pinned host memory holds it (its home, or the NVMe staging cache)
+  kNvme,         // only its NVMe home holds it
+  kNvmeReading,  // only NVMe, and a read into host staging issued earlier is in flight
+};
+
+struct SelectedBlock {
+  uint32_t chunk = 0;
+  Residency where = Residency::kHost;
+};
+
+// One sequence of the batch at this layer's step.
+struct SequenceStep {
+  uint64_t context_tokens = 0;  // tokens attended this step (after appending the new one)
+  // [kv_heads]: the far blocks top-k selected for each KV head. Sinks and the
+  // window are not listed: the store keeps them on the GPU.
+  std::vector<std::vector<SelectedBlock>> selected;
+  // This step's append filled the tail block, which must now be written home.
+  bool tail_block_completed = false;
+  bool tail_home_on_nvme = false;
+};
+
+// Device rates the cost model uses: measured (kvtier calibrate) or modeled
+// (the simulator's machine profile). GB/s are 1e9 bytes per second.
+struct CostRates {
+  double gpu_attend_gbps = 0;  // decode kernel, KV bytes read per second
+  double cpu_attend_gbps = 0;  // host block attention, all CPU workers together
+  double cpu_score_gbps = 0;   // summary scoring, summary bytes read per second
+  double h2d_gbps = 0;         // batched block uploads
+  double d2h_gbps = 0;         // block downloads (write-back of completed blocks)
+  double nvme_read_gbps = 0;   // block reads at the executor's queue depth
+  double nvme_write_gbps = 0;
+  double nvme_latency_us = 0;  // one block read at that depth
+  double launch_us = 0;        // fixed cost of one kernel or copy batch
+};
+
+// Checks that every rate is finite and > 0 (latencies >= 0), naming the field.
+Status validate(const CostRates& rates);
+
+enum class LatePolicy : uint8_t {
+  kWait,     // the step waits for NVMe reads of selected blocks
+  kSummary,  // a block whose read cannot land in time contributes its summary this step
+};
+std::string_view late_policy_name(LatePolicy policy);
+Result<LatePolicy> parse_late_policy(std::string_view text);
+
+struct PlanInputs {
+  ModelShape shape;
+  SparsityPolicy policy;
+  uint32_t layer = 0;
+  std::span<const SequenceStep> batch;
+  CostRates rates;
+  LatePolicy late = LatePolicy::kWait;
+  // GPU slots this layer's uploads may fill without evicting a pinned,
+  // protected or already selected block.
+  uint32_t upload_slots_free = 0;
+};
+
+enum class Lane : uint8_t { kCpu, kGpu, kCopyH2d, kCopyD2h, kNvme };
+std::string_view lane_name(Lane lane);
+
+enum class TaskKind : uint8_t {
+  kScore,        // summary scoring of every far block (cpu)
+  kTopk,         // top-k per KV head (cpu)
+  kGpuAttendHot, // sinks + window on the GPU: needs no selection
+  kNvmeRead,     // selected blocks only on NVMe -> host staging
+  kUpload,       // host blocks -> GPU slots (one batched copy)
+  kGpuAttendSelected,  // selected blocks in GPU slots (resident and uploaded)
+  kCpuAttend,    // selected blocks in host memory, plus the far field of late ones
+  kMerge,        // the partial states, by log-sum-exp (on the GPU)
+  kWriteBack,    // completed tail blocks: GPU -> host, and on to NVMe where that is their home
+};
+std::string_view task_kind_name(TaskKind kind);
+
+struct Task {
+  TaskKind kind = TaskKind::kScore;
+  Lane lane = Lane::kCpu;
+  uint64_t bytes = 0;      // bytes the task reads or moves
+  uint32_t blocks = 0;     // blocks it touches (0 where that means nothing)
+  double cost_us = 0;      // the cost model's estimate
+  std::vector<uint32_t> after;  // indices of tasks that must finish first (all smaller)
+};
+
+// Where the selected blocks of one (sequence, KV head) are attended, by chunk.
+struct HeadPlan {
+  std::vector<uint32_t> gpu;     // already in GPU slots
+  std::vector<uint32_t> upload;  // uploaded this step, then attended on the GPU
+  std::vector<uint32_t> cpu;     // attended by the CPU from host memory (read from NVMe first if in `read`)
+  std::vector<uint32_t> read;    // read from NVMe this step (new reads; in-flight ones are not repeated)
+  std::vector<uint32_t> late;    // not in time: summary used this step, read still landing
+};
+
+struct LayerPlan {
+  std::vector<Task> tasks;        // topologically ordered: every `after` index is smaller
+  std::vector<HeadPlan> heads;    // [sequence * kv_heads + kv_head]
+  double estimated_us = 0;        // makespan of lane_schedule(tasks): the layer step's modeled time
+  uint32_t late_blocks = 0;
+  uint64_t hot_bytes = 0;         // sinks + window bytes the GPU attends
+  uint64_t uploaded_bytes = 0;
+  uint64_t nvme_read_bytes = 0;
+  uint64_t cpu_attend_bytes = 0;
+};
+
+// Plans one layer's step for the whole batch. Errors name the bad input
+// (shape, policy, rates, a selected chunk outside the context or among the
+// sinks and window, a head count that does not match the shape).
+Result<LayerPlan> plan_layer(const PlanInputs& in);
+
+// Earliest finish time of every task when each lane runs its tasks one at a
+// time in order and a task starts once its `after` tasks are done: the
+// schedule the simulator's virtual clock would give with one queue per lane.
+// finish_us[i] for task i; returns the makespan.
+double lane_schedule(std::span<const Task> tasks, std::vector<double>& finish_us);
+
+}  // namespace kvtier::scheduler
