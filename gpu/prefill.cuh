@@ -6,9 +6,11 @@
 // Shape of the work. One CTA takes one KV head and kRowsM = 128 "rows", where a
 // row is a (query, q head of the group) pair: row r is query q0 + r / G, q
 // head kv_head * G + r % G. Packing the group into M means every K/V tile is
-// loaded into shared memory once and used by all G heads. Eight warps own 16
-// rows each (one m16 tile); a warp keeps its Q fragments, its running
-// max/sum and its O accumulator in registers for the whole list.
+// loaded into shared memory once and used by all G heads. Four warps own 32
+// rows each (two m16 tiles), so every K/V fragment a warp reads from shared
+// memory feeds two MMAs; a warp keeps its running max/sum and its O
+// accumulator in registers for the whole list and re-reads its Q fragments
+// from shared memory for each tile (there are not registers for both).
 //
 // The list's blocks are cut into key tiles of kTileN = 64 rows: a block of
 // 64 or more tokens gives ceil(chunk/64) tiles, smaller blocks are packed
@@ -21,11 +23,13 @@
 //
 // Pipeline: cp.async double buffering of K and V tiles (stage s is computed
 // while stage s^1 loads); a __syncthreads after each tile's math keeps the
-// next prefetch from overwriting a stage another warp still reads.
+// next prefetch from overwriting a stage another warp still reads. Two CTAs
+// share an SM, so one CTA's softmax and barriers overlap the other's MMAs.
 // Arithmetic: S = Q.K^T and O += P.V with mma.sync m16n8k16 bf16 -> fp32;
-// softmax in the log2 domain (scale * log2 e folded into the scores); P is
-// rounded to bf16 for the P.V product, as FlashAttention does, and the row
-// sum l adds the same rounded values so that O stays a convex combination.
+// softmax in the log2 domain (scale * log2 e folded into the FMA before each
+// exp2, which runs on ex2.approx); P is rounded to bf16 for the P.V product,
+// as FlashAttention does, and the row sum l adds the same rounded values so
+// that O stays a convex combination.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,11 +43,15 @@
 
 namespace kvtier::gpu::prefill {
 
-// 8 warps (128 rows) rather than 4 halve the K/V traffic from L2 per FLOP:
-// 175 vs 134 TFLOP/s on the bench's Llama-3.1-8B case (H200).
-inline constexpr int kWarps = 8;
+// 128 rows per CTA rather than 64 halve the K/V traffic from L2 per FLOP
+// (175 vs 134 TFLOP/s on the bench's Llama-3.1-8B case, H200). 32 rows per
+// warp rather than 16 halve the shared-memory reads of K and V per FLOP and
+// leave room for two CTAs per SM.
+inline constexpr int kWarps = 4;
+inline constexpr int kWarpRows = 32;        // two m16 tiles per warp
 inline constexpr int kThreads = kWarps * 32;
-inline constexpr int kRowsM = 16 * kWarps;  // (query, q head) rows per CTA
+inline constexpr int kRowsM = kWarpRows * kWarps;  // (query, q head) rows per CTA
+inline constexpr int kCtasPerSm = 2;
 inline constexpr int kTileN = 64;           // keys per tile
 // Key position (relative to q_first_pos) of a padding row: later than any query.
 inline constexpr int32_t kMaskedPos = INT32_MAX;
@@ -80,6 +88,8 @@ constexpr size_t smem_bytes() {
   // Q [kRowsM][D], K and V [2 stages][kTileN][D] bf16, key positions [2][kTileN].
   return size_t{kRowsM} * D * 2 + 2 * 2 * size_t{kTileN} * D * 2 + 2 * kTileN * sizeof(int32_t);
 }
+// An H100/H200 SM has 228 KiB of shared memory and reserves 1 KiB per CTA.
+static_assert(kCtasPerSm * (smem_bytes<128>() + 1024) <= 228 * 1024, "kCtasPerSm CTAs must fit on one SM");
 
 // ---- Device helpers -----------------------------------------------------------
 
@@ -126,6 +136,14 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x on the SFU; softmax arguments are <= ~0, and a result that flushes to
+// zero is as good as the subnormal exp2f would give after rounding P to bf16.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // Rounds (lo, hi) to a bf16 pair (lo in the low half, the lower column) and
@@ -237,121 +255,159 @@ __device__ __forceinline__ void load_q_tile(const Params& p, uint32_t q0, uint32
   }
 }
 
-// State of the two rows a thread's fragments hold: fragment row lane/4
-// (index 0) and lane/4 + 8 (index 1) of the warp's m16 tile.
+// State of the four rows a thread's fragments hold: in m16 tile mi of the
+// warp, fragment row lane/4 (index 0) and lane/4 + 8 (index 1).
 template <int D>
 struct RowState {
-  float o[D / 8][4];  // O accumulator: n-tile j, {row0 col, row0 col+1, row1 col, row1 col+1}
-  float m[2];         // running max of scaled scores (log2 domain)
-  float l[2];         // this thread's share of the running sum
+  float o[2][D / 8][4];  // O accumulator [mi][n-tile j]: {row0 col, row0 col+1, row1 col, row1 col+1}
+  float m[2][2];         // running max of scaled scores (log2 domain)
+  float l[2][2];         // this thread's share of the running sum
 };
 
 // One key tile for one warp: S = Q.K^T, mask, online softmax, O += P.V.
-template <int D, bool kMask>
-__device__ __forceinline__ void attend_tile(RowState<D>& st, const uint32_t (&qf)[D / 16][4], uint32_t k_smem,
-                                            uint32_t v_smem, const int32_t* kpos, const int32_t (&q_rel)[2],
+// The warp's rows start at row q_row0 of the CTA, whose first query is q0
+// (relative to q_first_pos). The causal mask is a warp-uniform branch rather
+// than a second instance of the function, so one copy of the unrolled loop
+// stays in the instruction cache (a template flag measured no faster).
+template <int D, int G>
+__device__ __forceinline__ void attend_tile(RowState<D>& st, uint32_t q_smem, int q_row0, int32_t q0,
+                                            uint32_t k_smem, uint32_t v_smem, const int32_t* kpos, bool mask,
                                             float scale_log2) {
   const int lane = threadIdx.x % 32;
-  float s[kTileN / 8][4];
+  float s[2][kTileN / 8][4];
 #pragma unroll
-  for (int j = 0; j < kTileN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int j = 0; j < kTileN / 8; ++j) s[mi][j][0] = s[mi][j][1] = s[mi][j][2] = s[mi][j][3] = 0.f;
 
-  // S: for n-tiles 2jj, 2jj+1 (keys 16jj..16jj+15) one ldmatrix.x4 gives both
-  // halves of K's k16 slice: matrices (keys +0..7, dims +0..7), (+0..7, +8..15),
-  // (+8..15, +0..7), (+8..15, +8..15) = b0, b1 of n-tile 2jj, then of 2jj+1.
+  // S (unscaled): for n-tiles 2jj, 2jj+1 (keys 16jj..16jj+15) one
+  // ldmatrix.x4 gives both halves of K's k16 slice: matrices (keys +0..7,
+  // dims +0..7), (+0..7, +8..15), (+8..15, +0..7), (+8..15, +8..15) = b0, b1
+  // of n-tile 2jj, then of 2jj+1. Each is used by both m16 tiles.
 #pragma unroll
-  for (int jj = 0; jj < kTileN / 16; ++jj) {
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[2][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
+    for (int mi = 0; mi < 2; ++mi) {
+      const int row = q_row0 + 16 * mi + (lane & 7) + (((lane >> 3) & 1) << 3);
+      ldmatrix_x4(a[mi], q_smem + swizzled<D>(row, 2 * kk + (lane >> 4)));
+    }
+#pragma unroll
+    for (int jj = 0; jj < kTileN / 16; ++jj) {
       uint32_t b[4];
       ldmatrix_x4(b, k_smem + swizzled<D>(16 * jj + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
-      mma_bf16(s[2 * jj], qf[kk], b[0], b[1]);
-      mma_bf16(s[2 * jj + 1], qf[kk], b[2], b[3]);
-    }
-  }
-
-  // Scale, mask and row maxima. Element e of n-tile j is row (e < 2 ? 0 : 1),
-  // key 8j + 2 * (lane % 4) + (e & 1).
-  float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-  for (int j = 0; j < kTileN / 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float x = s[j][e] * scale_log2;
-      if constexpr (kMask) {
-        if (kpos[8 * j + 2 * (lane & 3) + (e & 1)] > q_rel[e >> 1]) x = -INFINITY;
+      for (int mi = 0; mi < 2; ++mi) {
+        mma_bf16(s[mi][2 * jj], a[mi], b[0], b[1]);
+        mma_bf16(s[mi][2 * jj + 1], a[mi], b[2], b[3]);
       }
-      s[j][e] = x;
-      mx[e >> 1] = fmaxf(mx[e >> 1], x);
-    }
-  }
-  float m_use[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    // The 4 threads of a quad hold one row between them.
-    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    const float m_new = fmaxf(st.m[i], mx[i]);
-    // A row that has seen no key yet keeps m = -inf; subtracting 0 instead of
-    // -inf keeps exp2(-inf - m) at 0 rather than NaN.
-    m_use[i] = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(st.m[i] - m_use[i]);
-    st.m[i] = m_new;
-    st.l[i] *= alpha;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      st.o[n][2 * i] *= alpha;
-      st.o[n][2 * i + 1] *= alpha;
     }
   }
 
-  // O += P.V. The C fragments of S n-tiles 2kk, 2kk+1 are exactly the A
-  // fragment of P's k16 slice kk. V is [key][dim] in shared memory, so the B
-  // fragments come from ldmatrix.trans: matrices (keys +0..7, dims +0..7),
-  // (+8..15, +0..7), (+0..7, +8..15), (+8..15, +8..15) = b0, b1 of dim n-tile
-  // 2dd, then of 2dd+1.
+  // Mask and row maxima of the unscaled scores (scale > 0, so the maximum is
+  // the same). Element e of n-tile j is row (e < 2 ? 0 : 1), key
+  // 8j + 2 * (lane % 4) + (e & 1).
+  if (mask) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      // Recomputed rather than kept: the registers are all taken.
+      const int row = q_row0 + 16 * mi + (lane >> 2);
+      const int32_t q_rel[2] = {q0 + row / G, q0 + (row + 8) / G};
+#pragma unroll
+      for (int j = 0; j < kTileN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (kpos[8 * j + 2 * (lane & 3) + (e & 1)] > q_rel[e >> 1]) s[mi][j][e] = -INFINITY;
+    }
+  }
+  float m_use[2][2];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kTileN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[mi][j][e]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      // The 4 threads of a quad hold one row between them.
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float m_new = fmaxf(st.m[mi][i], mx[i] * scale_log2);
+      // A row that has seen no key yet keeps m = -inf; subtracting 0 instead
+      // of -inf keeps exp2(-inf - m) at 0 rather than NaN.
+      m_use[mi][i] = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = fast_exp2(st.m[mi][i] - m_use[mi][i]);
+      st.m[mi][i] = m_new;
+      st.l[mi][i] *= alpha;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        st.o[mi][n][2 * i] *= alpha;
+        st.o[mi][n][2 * i + 1] *= alpha;
+      }
+    }
+  }
+
+  // O += P.V, P = 2^(s * scale - m) in one FMA per score. The C fragments of
+  // S n-tiles 2kk, 2kk+1 are exactly the A fragment of P's k16 slice kk. V is
+  // [key][dim] in shared memory, so the B fragments come from ldmatrix.trans:
+  // matrices (keys +0..7, dims +0..7), (+8..15, +0..7), (+0..7, +8..15),
+  // (+8..15, +8..15) = b0, b1 of dim n-tile 2dd, then of 2dd+1.
 #pragma unroll
   for (int kk = 0; kk < kTileN / 16; ++kk) {
-    uint32_t a[4];
-    a[0] = pack_bf16(exp2f(s[2 * kk][0] - m_use[0]), exp2f(s[2 * kk][1] - m_use[0]), &st.l[0]);
-    a[1] = pack_bf16(exp2f(s[2 * kk][2] - m_use[1]), exp2f(s[2 * kk][3] - m_use[1]), &st.l[1]);
-    a[2] = pack_bf16(exp2f(s[2 * kk + 1][0] - m_use[0]), exp2f(s[2 * kk + 1][1] - m_use[0]), &st.l[0]);
-    a[3] = pack_bf16(exp2f(s[2 * kk + 1][2] - m_use[1]), exp2f(s[2 * kk + 1][3] - m_use[1]), &st.l[1]);
+    uint32_t a[2][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const float(&s0)[4] = s[mi][2 * kk];
+      const float(&s1)[4] = s[mi][2 * kk + 1];
+      const float n0 = -m_use[mi][0], n1 = -m_use[mi][1];
+      const auto prob = [scale_log2](float x, float neg_m) { return fast_exp2(fmaf(x, scale_log2, neg_m)); };
+      a[mi][0] = pack_bf16(prob(s0[0], n0), prob(s0[1], n0), &st.l[mi][0]);
+      a[mi][1] = pack_bf16(prob(s0[2], n1), prob(s0[3], n1), &st.l[mi][1]);
+      a[mi][2] = pack_bf16(prob(s1[0], n0), prob(s1[1], n0), &st.l[mi][0]);
+      a[mi][3] = pack_bf16(prob(s1[2], n1), prob(s1[3], n1), &st.l[mi][1]);
+    }
 #pragma unroll
     for (int dd = 0; dd < D / 16; ++dd) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, v_smem + swizzled<D>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dd + (lane >> 4)));
-      mma_bf16(st.o[2 * dd], a, b[0], b[1]);
-      mma_bf16(st.o[2 * dd + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        mma_bf16(st.o[mi][2 * dd], a[mi], b[0], b[1]);
+        mma_bf16(st.o[mi][2 * dd + 1], a[mi], b[2], b[3]);
+      }
     }
   }
 }
 
-// Normalises and writes the thread's two rows: o / l (fp32 and/or bf16) and
+// Normalises and writes the thread's four rows: o / l (fp32 and/or bf16) and
 // lse = ln(l) + m. A row with l = 0 saw no key: (0, -inf).
 template <int D, int G>
 __device__ __forceinline__ void store_rows(const Params& p, RowState<D>& st, uint32_t q0, uint32_t head0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = st.l[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int row = 16 * warp + (lane >> 2) + 8 * i;
-    const uint32_t qi = q0 + row / G;
-    if (qi >= p.nq) continue;
-    const size_t out_row = size_t{qi} * p.q_heads + head0 + row % G;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const size_t col = size_t{8} * n + 2 * (lane & 3);
-      const float x = st.o[n][2 * i] * inv, y = st.o[n][2 * i + 1] * inv;
-      if (p.o != nullptr) *reinterpret_cast<float2*>(p.o + out_row * D + col) = make_float2(x, y);
-      if (p.out_bf16 != nullptr)
-        *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + out_row * D + col) = __floats2bfloat162_rn(x, y);
+    for (int i = 0; i < 2; ++i) {
+      float l = st.l[mi][i];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int row = kWarpRows * warp + 16 * mi + (lane >> 2) + 8 * i;
+      const uint32_t qi = q0 + row / G;
+      if (qi >= p.nq) continue;
+      const size_t out_row = size_t{qi} * p.q_heads + head0 + row % G;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const size_t col = size_t{8} * n + 2 * (lane & 3);
+        const float x = st.o[mi][n][2 * i] * inv, y = st.o[mi][n][2 * i + 1] * inv;
+        if (p.o != nullptr) *reinterpret_cast<float2*>(p.o + out_row * D + col) = make_float2(x, y);
+        if (p.out_bf16 != nullptr)
+          *reinterpret_cast<__nv_bfloat162*>(p.out_bf16 + out_row * D + col) = __floats2bfloat162_rn(x, y);
+      }
+      if (p.lse != nullptr && (lane & 3) == 0)
+        p.lse[out_row] = l > 0.f ? (st.m[mi][i] + log2f(l)) * 0.69314718055994531f : -INFINITY;
     }
-    if (p.lse != nullptr && (lane & 3) == 0)
-      p.lse[out_row] = l > 0.f ? (st.m[i] + log2f(l)) * 0.69314718055994531f : -INFINITY;
   }
 }
 
@@ -359,9 +415,9 @@ __device__ __forceinline__ void store_rows(const Params& p, RowState<D>& st, uin
 
 // grid (ceil(nq / (kRowsM / G)), kv_heads), kThreads threads, smem_bytes<D>().
 template <int D, int G>
-__global__ void __launch_bounds__(kThreads) prefill_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) prefill_kernel(const Params p) {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
-  static_assert(kRowsM % G == 0 && 16 % G == 0, "a warp's 16 rows hold whole queries");
+  static_assert(kRowsM % G == 0 && 16 % G == 0, "an m16 tile holds whole queries");
   constexpr int kQueries = kRowsM / G;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t q_smem = smem_addr(smem);
@@ -387,23 +443,21 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const Params p) {
   uint32_t t = next_visible_tile(p, list, ntiles, 0, last_q_pos);
   if (t < ntiles) load_kv_tile<D>(p, list, t, k_smem, v_smem, kpos);
   cp_async_commit();
-  cp_async_wait<1>();  // Q landed (the tile may still be in flight)
-  __syncthreads();
-
-  uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], q_smem + swizzled<D>(16 * warp + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * kk + (lane >> 4)));
 
   RowState<D> st;
+  const int q_row0 = kWarpRows * warp;
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.f;
-  st.m[0] = st.m[1] = -INFINITY;
-  st.l[0] = st.l[1] = 0.f;
-  const int32_t q_rel[2] = {static_cast<int32_t>(q0 + (16 * warp + (lane >> 2)) / G),
-                            static_cast<int32_t>(q0 + (16 * warp + (lane >> 2) + 8) / G)};
-  const int32_t warp_q_min = static_cast<int32_t>(q0 + 16 * warp / G);
-  const int32_t warp_q_max = static_cast<int32_t>(q0 + (16 * warp + 15) / G);
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) st.o[mi][n][0] = st.o[mi][n][1] = st.o[mi][n][2] = st.o[mi][n][3] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      st.m[mi][i] = -INFINITY;
+      st.l[mi][i] = 0.f;
+    }
+  }
+  const int32_t warp_q_min = static_cast<int32_t>(q0 + q_row0 / G);
+  const int32_t warp_q_max = static_cast<int32_t>(q0 + (q_row0 + kWarpRows - 1) / G);
 
   int stage = 0;
   while (t < ntiles) {
@@ -413,7 +467,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const Params p) {
                       kpos + (stage ^ 1) * kTileN);
     cp_async_commit();   // possibly empty: keeps "all but the newest group" meaning tile t
     cp_async_wait<1>();
-    __syncthreads();     // every thread's copies of tile t (and its kpos stores) are visible
+    __syncthreads();     // every thread's copies of Q and tile t (and its kpos stores) are visible
 
     const int32_t* kp = kpos + stage * kTileN;
     const int32_t kp_a = kp[lane], kp_b = kp[lane + 32];
@@ -422,12 +476,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const Params p) {
     const bool any_visible = __any_sync(0xffffffffu, kp_a <= warp_q_max || kp_b <= warp_q_max);
     const bool need_mask = __any_sync(0xffffffffu, kp_a > warp_q_min || kp_b > warp_q_min);
     const uint32_t ks = k_smem + stage * kStageBytes, vs = v_smem + stage * kStageBytes;
-    if (any_visible) {
-      if (need_mask)
-        attend_tile<D, true>(st, qf, ks, vs, kp, q_rel, p.scale_log2);
-      else
-        attend_tile<D, false>(st, qf, ks, vs, kp, q_rel, p.scale_log2);
-    }
+    if (any_visible)
+      attend_tile<D, G>(st, q_smem, q_row0, static_cast<int32_t>(q0), ks, vs, kp, need_mask, p.scale_log2);
     __syncthreads();  // stage is read by all warps before the next prefetch overwrites it
     stage ^= 1;
     t = t_next;
@@ -468,6 +518,10 @@ Status launch_prefill(const PrefillArgs& a, cudaStream_t stream) {
   // Above 48 KiB a kernel must opt in to its dynamic shared memory.
   KVT_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(prefill_kernel<D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+  // Left to itself the driver may size shared memory for one CTA per SM; the
+  // kernel relies on kCtasPerSm of them overlapping.
+  KVT_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(prefill_kernel<D, G>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                cudaSharedmemCarveoutMaxShared));
   prefill_kernel<D, G><<<grid, kThreads, kSmem, stream>>>(p);
   KVT_CUDA_RETURN_IF_LAUNCH_FAILED("prefill_kernel<" + std::to_string(D) + ", " + std::to_string(G) + ">");
   return Status::ok_status();
