@@ -1,12 +1,16 @@
 // Host -> GPU block uploads (part of `kvtier bench storage`): how close a
 // batch of scattered 32 KiB blocks comes to one contiguous copy of the same
 // bytes, by method, and what one call per block costs (DESIGN.md section 3).
+// Then the link curve a machine profile needs (kvtier calibrate): single
+// pinned copies of 4 KiB..32 MiB each way, and both directions at once.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "harness.h"
@@ -82,6 +86,92 @@ Result<double> h2d_copy_gbps(ComputeBackend& backend, std::span<const BlockCopy>
 
 namespace {
 
+// The single-copy sizes of the link curve that kvtier calibrate writes into a
+// machine profile; 32 MiB is h2d_single_copy_32mib (and d2h_copy_32mib).
+constexpr uint64_t kCurveBytes[] = {4 << 10, 32 << 10, 256 << 10, 2 << 20};
+
+// "4kib", "2mib": the size in a result name.
+std::string size_name(uint64_t bytes) {
+  return bytes >= (1 << 20) ? std::to_string(bytes >> 20) + "mib" : std::to_string(bytes >> 10) + "kib";
+}
+
+// GB/s of one synchronous pinned copy of `bytes` between the rig's host and
+// device bases, each timed sample a run of calls so that a 4 KiB copy is not
+// lost in the clock's resolution.
+Result<double> single_copy_gbps(ComputeBackend& backend, const H2dRig& rig, uint64_t bytes, bool to_device,
+                                const SuiteArgs& args) {
+  KVT_ASSERT(bytes <= kBatchBytes, "copy of ", bytes, " bytes exceeds the rig's ", kBatchBytes);
+  const BlockCopy copy = to_device ? BlockCopy{rig.host->base(), rig.device->slot_data(0), bytes}
+                                   : BlockCopy{rig.device->slot_data(0), rig.host->base(), bytes};
+  const std::span<const BlockCopy> one(&copy, 1);
+  const auto run = [&] { return to_device ? backend.copy_to_device(one) : backend.copy_to_host(one); };
+  KVT_RETURN_IF_ERROR(run());  // a failure is reported, not timed
+  const uint64_t calls = std::clamp<uint64_t>((8 << 20) / bytes, 1, 64);
+  const Timing t = time_it(
+      [&] {
+        for (uint64_t i = 0; i < calls; ++i) {
+          const Status st = run();
+          KVT_ASSERT(st.ok(), "pinned copy failed after a successful check run: ", st.to_string());
+        }
+      },
+      args.quick ? 2 : 5, args.quick ? 7 : 21);
+  return static_cast<double>(bytes * calls) / 1e9 / t.median_s;
+}
+
+// GB/s of both directions together while a 32 MiB host->device copy stream
+// on `up` and a 32 MiB device->host copy stream on `down` (a second backend,
+// so a second CUDA stream with its own rig) run at once: bytes moved both
+// ways over the wall time of both.
+Result<double> duplex_gbps(ComputeBackend& up, const H2dRig& up_rig, ComputeBackend& down, const H2dRig& down_rig,
+                           const SuiteArgs& args) {
+  const BlockCopy h2d{up_rig.host->base(), up_rig.device->slot_data(0), kBatchBytes};
+  const BlockCopy d2h{down_rig.device->slot_data(0), down_rig.host->base(), kBatchBytes};
+  KVT_RETURN_IF_ERROR(up.copy_to_device(std::span(&h2d, 1)));
+  KVT_RETURN_IF_ERROR(down.copy_to_host(std::span(&d2h, 1)));
+  const int copies = args.quick ? 4 : 16;
+  std::atomic<bool> failed{false};
+  const Timing t = time_it(
+      [&] {
+        std::thread downloads([&] {
+          for (int i = 0; i < copies; ++i)
+            if (!down.copy_to_host(std::span(&d2h, 1)).ok()) failed = true;
+        });
+        for (int i = 0; i < copies; ++i)
+          if (!up.copy_to_device(std::span(&h2d, 1)).ok()) failed = true;
+        downloads.join();
+      },
+      1, args.quick ? 3 : 7);
+  if (failed) return internal_error("a copy failed while both directions ran after successful check runs");
+  return 2.0 * copies * static_cast<double>(kBatchBytes) / 1e9 / t.median_s;
+}
+
+// The link curve (single pinned copies by size, each direction) and the
+// both-directions figure, all DMA copies (cudaMemcpyBatchAsync of one copy).
+Status add_link_curve(Report& report, ComputeBackend& backend, const H2dRig& rig, const SuiteArgs& args) {
+  gpu::set_batch_copy_method(backend, gpu::BatchCopyMethod::kMemcpyBatch);
+  for (const uint64_t bytes : kCurveBytes) {
+    KVT_ASSIGN_OR_RETURN(const double gbps, single_copy_gbps(backend, rig, bytes, true, args));
+    report.add("h2d_copy_" + size_name(bytes), gbps, "GB/s", "h2d_single_copy_32mib");
+  }
+  KVT_ASSIGN_OR_RETURN(const double d2h_32m, single_copy_gbps(backend, rig, kBatchBytes, false, args));
+  report.add("d2h_copy_32mib", d2h_32m, "GB/s", "h2d_single_copy_32mib");
+  for (const uint64_t bytes : kCurveBytes) {
+    KVT_ASSIGN_OR_RETURN(const double gbps, single_copy_gbps(backend, rig, bytes, false, args));
+    report.add("d2h_copy_" + size_name(bytes), gbps, "GB/s", "d2h_copy_32mib");
+  }
+  KVT_ASSIGN_OR_RETURN(auto down, gpu::make_cuda_backend(0));
+  KVT_ASSIGN_OR_RETURN(const H2dRig down_rig, make_h2d_rig(*down));
+  gpu::set_batch_copy_method(*down, gpu::BatchCopyMethod::kMemcpyBatch);
+  KVT_ASSIGN_OR_RETURN(const double duplex, duplex_gbps(backend, rig, *down, down_rig, args));
+  report.add("h2d_d2h_duplex_32mib", duplex, "GB/s", "h2d_single_copy_32mib");
+  report.set_config("link_curve",
+                    "h2d_copy_<size>/d2h_copy_<size>: one synchronous cudaMemcpyBatchAsync of one pinned copy "
+                    "between the arenas' bases, runs of up to 64 calls per sample; h2d_d2h_duplex_32mib: bytes "
+                    "of both directions per second while 32 MiB h2d copies on one stream and 32 MiB d2h copies "
+                    "on a second backend's stream run at once");
+  return Status::ok_status();
+}
+
 Status add_results(Report& report, ComputeBackend& backend, const H2dRig& rig, const SuiteArgs& args) {
   using gpu::BatchCopyMethod;
   // The ceiling is one DMA-engine copy of 32 contiguous MiB: what the link
@@ -99,7 +189,7 @@ Status add_results(Report& report, ComputeBackend& backend, const H2dRig& rig, c
   // loop that batching replaces.
   KVT_ASSIGN_OR_RETURN(const double per_copy, h2d_copy_gbps(backend, rig.scattered, true, args));
   report.add("h2d_block_per_copy", per_copy, "GB/s", "h2d_single_copy_32mib");
-  return Status::ok_status();
+  return add_link_curve(report, backend, rig, args);
 }
 
 }  // namespace

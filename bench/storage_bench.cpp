@@ -3,7 +3,9 @@
 // sequential reads and random block writes, each against a plain pread/pwrite
 // baseline measured in the same run over the same file and the same block
 // list. O_DIRECT keeps the page cache out of every figure (dropping caches
-// would need root). Then the host->GPU upload figures (h2d_bench.cpp).
+// would need root). Then the rest of the grid a machine profile needs (1 MiB
+// reads and 32 KiB / 1 MiB writes at QD 1, 8, 32, 64, for kvtier calibrate),
+// and the host<->GPU copy figures (h2d_bench.cpp).
 #include <fcntl.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
@@ -255,12 +257,13 @@ std::vector<storage::IoRequest> block_requests(const std::vector<uint64_t>& bloc
   return requests;
 }
 
-std::vector<storage::IoRequest> sequential_requests(uint64_t bytes, uint64_t file_bytes, std::byte* region) {
+std::vector<storage::IoRequest> sequential_requests(uint64_t bytes, uint64_t file_bytes, std::byte* region,
+                                                    bool write = false) {
   const uint64_t slots = kRegionBytes / kSeqBytes;
   std::vector<storage::IoRequest> requests;
   for (uint64_t at = 0, i = 0; at < bytes; at += kSeqBytes, ++i)
-    requests.push_back({storage::IoRequest::Op::kRead, at % file_bytes, region + (i % slots) * kSeqBytes,
-                        static_cast<uint32_t>(kSeqBytes), 0});
+    requests.push_back({write ? storage::IoRequest::Op::kWrite : storage::IoRequest::Op::kRead, at % file_bytes,
+                        region + (i % slots) * kSeqBytes, static_cast<uint32_t>(kSeqBytes), 0});
   return requests;
 }
 
@@ -322,8 +325,36 @@ Status measure(const Plan& plan, const std::string& name, const std::string& bas
   return Status::ok_status();
 }
 
+// The rest of the (request size, queue depth) grid that a machine profile's
+// NVMe tables need (kvtier calibrate): 1 MiB sequential reads at the
+// shallower depths, and 32 KiB random and 1 MiB sequential writes at every
+// depth. The figures above already give the other read points and 32 KiB
+// writes at QD32. --quick moves a quarter of the bytes per figure here: these
+// figures only fill in a profile's table, and the QD1 points are slow.
+uint64_t grid_blocks_per_repeat(const Plan& plan, bool quick) { return plan.blocks_per_repeat / (quick ? 4 : 1); }
+
+Status measure_grid(const Plan& plan, Rig& rig, bool quick, std::vector<Figure>* out) {
+  const auto end = rig.blocks.begin() + static_cast<ptrdiff_t>(grid_blocks_per_repeat(plan, quick));
+  const std::vector<uint64_t> blocks(rig.blocks.begin(), end);
+  const uint64_t bytes = blocks.size() * kBlockBytes;
+  std::byte* region = rig.region.get();
+  auto sequential = sequential_requests(bytes, plan.file_bytes, region);
+  for (const uint32_t qd : {1u, 8u})
+    KVT_RETURN_IF_ERROR(measure(plan, "uring_seq_read_1m_qd" + std::to_string(qd), "psync_seq_read_1m", bytes,
+                                [&](FirstError* e) { uring_run(rig.uring.depth(qd), sequential, e); }, out));
+  auto writes = block_requests(blocks, region, /*write=*/true);
+  for (const uint32_t qd : {1u, 8u, 64u})
+    KVT_RETURN_IF_ERROR(measure(plan, "uring_block_write_qd" + std::to_string(qd), "psync_block_write_32threads",
+                                bytes, [&](FirstError* e) { uring_run(rig.uring.depth(qd), writes, e); }, out));
+  auto sequential_writes = sequential_requests(bytes, plan.file_bytes, region, /*write=*/true);
+  for (const uint32_t qd : kQueueDepths)
+    KVT_RETURN_IF_ERROR(measure(plan, "uring_seq_write_1m_qd" + std::to_string(qd), "", bytes,
+                                [&](FirstError* e) { uring_run(rig.uring.depth(qd), sequential_writes, e); }, out));
+  return Status::ok_status();
+}
+
 // Each baseline is measured right before the figures that name it.
-Status measure_all(const Plan& plan, Rig& rig, std::vector<Figure>* out) {
+Status measure_all(const Plan& plan, Rig& rig, bool quick, std::vector<Figure>* out) {
   const uint64_t block_bytes = rig.blocks.size() * kBlockBytes;
   std::byte* region = rig.region.get();
   KVT_RETURN_IF_ERROR(measure(plan, "psync_rand_block_read_32threads", "", block_bytes,
@@ -346,8 +377,9 @@ Status measure_all(const Plan& plan, Rig& rig, std::vector<Figure>* out) {
   KVT_RETURN_IF_ERROR(measure(plan, "psync_block_write_32threads", "", block_bytes,
                               [&](FirstError* e) { psync_blocks(rig.psync_fd, rig.blocks, region, true, e); }, out));
   auto writes = block_requests(rig.blocks, region, /*write=*/true);
-  return measure(plan, "uring_block_write_qd32", "psync_block_write_32threads", block_bytes,
-                 [&](FirstError* e) { uring_run(rig.uring.depth(kSeqQueueDepth), writes, e); }, out);
+  KVT_RETURN_IF_ERROR(measure(plan, "uring_block_write_qd32", "psync_block_write_32threads", block_bytes,
+                              [&](FirstError* e) { uring_run(rig.uring.depth(kSeqQueueDepth), writes, e); }, out));
+  return measure_grid(plan, rig, quick, out);
 }
 
 nlohmann::json make_config(const SuiteArgs& args, const Plan& plan, Rig& rig) {
@@ -391,8 +423,10 @@ int run_storage(const SuiteArgs& args) {
   if (Status s = prepare(args, plan, &guard, &rig); !s.ok())
     return fail(s.to_string() + " (the storage benchmark measures O_DIRECT I/O on --dir " + args.dir + ")");
   std::vector<Figure> figures;
-  if (Status s = measure_all(plan, rig, &figures); !s.ok()) return fail(s.to_string());
+  if (Status s = measure_all(plan, rig, args.quick, &figures); !s.ok()) return fail(s.to_string());
   Report report("storage", make_config(args, plan, rig));
+  // measure_grid's figures (1 MiB reads at QD1/8, every write but 32 KiB at QD32).
+  report.set_config("grid_bytes_per_repeat", grid_blocks_per_repeat(plan, args.quick) * kBlockBytes);
   for (const Figure& f : figures) report.add(f.name, f.gbps, "GB/s", f.baseline);
   report.set_config("h2d", add_h2d_results(report, args));
   report.print(args);

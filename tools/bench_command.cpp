@@ -5,21 +5,20 @@
 
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 #include <ostream>
 
+#include "child_process.h"
 #include "cli.h"
 
 namespace kvtier::cli {
 
 int bench_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
-  std::error_code ec;
-  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
-  if (ec) {
-    err << "kvtier bench: cannot locate this binary through /proc/self/exe: " << ec.message() << "\n";
+  const Result<std::string> program = program_beside_self("kvtier-bench");
+  if (!program.ok()) {
+    err << "kvtier bench: " << program.status().message() << "\n";
     return kExitFailure;
   }
-  const std::string bench = (self.parent_path() / "kvtier-bench").string();
+  const std::string bench = *program;
   std::vector<std::string> argv_strings{bench};
   argv_strings.insert(argv_strings.end(), args.begin(), args.end());
   std::vector<char*> argv;

@@ -9,9 +9,11 @@ constexpr const char* kUsage =
     "usage: kvtier <command> [options]\n"
     "\n"
     "commands:\n"
-    "  info    describe this machine: CPU features, cores and NUMA, RAM, GPUs,\n"
-    "          io_uring and O_DIRECT, library versions (--json, --dir PATH)\n"
-    "  bench   run a benchmark suite and print JSON (kvtier bench --help)\n"
+    "  info       describe this machine: CPU features, cores and NUMA, RAM, GPUs,\n"
+    "             io_uring and O_DIRECT, library versions (--json, --dir PATH)\n"
+    "  bench      run a benchmark suite and print JSON (kvtier bench --help)\n"
+    "  calibrate  measure this machine with the benchmark suites and write its\n"
+    "             machine profile for the simulator (kvtier calibrate --help)\n"
     "\n"
     "kvtier <command> --help shows a command's options.\n";
 
@@ -26,6 +28,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   if (command == "info") return info_command(rest, out, err);
   if (command == "bench") return bench_command(rest, out, err);
+  if (command == "calibrate") return calibrate_command(rest, out, err);
   if (command == "help" || command == "--help" || command == "-h") {
     out << kUsage;
     return kExitOk;
@@ -34,7 +37,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     out << "kvtier " << KVTIER_VERSION << "\n";
     return kExitOk;
   }
-  err << "kvtier: unknown command '" << command << "' (commands: info, bench; see kvtier --help)\n";
+  err << "kvtier: unknown command '" << command << "' (commands: info, bench, calibrate; see kvtier --help)\n";
   return kExitUsage;
 }
 

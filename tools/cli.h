@@ -19,5 +19,6 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
 // Subcommands, each parsing its own options.
 int info_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int bench_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int calibrate_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
 }  // namespace kvtier::cli

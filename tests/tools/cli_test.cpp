@@ -1,48 +1,15 @@
 // The kvtier binary as a user runs it: output formats, exit codes, and
 // one-line errors for bad input.
 #include <doctest/doctest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 
-namespace {
+#include "run_kvtier.h"
 
-struct Run {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-Run run_kvtier(const std::string& args) {
-  const std::string err_path = "/tmp/kvtier_cli_test_stderr_" + std::to_string(::getpid());
-  const std::string cmd = std::string(KVTIER_BIN_DIR) + "/kvtier " + args + " 2>" + err_path;
-  Run r;
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0) r.out.append(buf.data(), n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream err(err_path);
-  std::stringstream ss;
-  ss << err.rdbuf();
-  r.err = ss.str();
-  std::remove(err_path.c_str());
-  return r;
-}
-
-size_t lines(const std::string& s) {
-  size_t n = 0;
-  for (char c : s) n += c == '\n';
-  return n;
-}
-
-}  // namespace
+using kvtier::test::lines;
+using kvtier::test::Run;
+using kvtier::test::run_kvtier;
 
 TEST_CASE("kvtier info --json prints the documented keys") {
   const Run r = run_kvtier("info --json --dir /tmp");
@@ -75,7 +42,12 @@ TEST_CASE("bad usage is one line naming the problem, exit code 2") {
   for (const Case& c : {Case{"info --frobnicate", "--frobnicate"}, Case{"frobnicate", "unknown command 'frobnicate'"},
                         Case{"info --dir /nonexistent/kvtier", "/nonexistent/kvtier"},
                         Case{"info --dir", "--dir"}, Case{"bench nosuchsuite", "unknown suite 'nosuchsuite'"},
-                        Case{"bench memory --threads many", "--threads"}}) {
+                        Case{"bench memory --threads many", "--threads"},
+                        Case{"calibrate --frobnicate", "--frobnicate"},
+                        Case{"calibrate --gpu gtx480", "unknown --gpu preset 'gtx480'"},
+                        Case{"calibrate --gpu rtx4090 --dir /nonexistent/kvtier", "/nonexistent/kvtier"},
+                        Case{"calibrate --gpu rtx4090 --out /nonexistent/kvtier/p.json", "/nonexistent/kvtier/p.json"},
+                        Case{"calibrate --gpu rtx4090 --out /tmp", "cannot write --out '/tmp': is a directory"}}) {
     CAPTURE(c.args);
     const Run r = run_kvtier(c.args);
     CHECK(r.exit_code == 2);
@@ -106,4 +78,15 @@ TEST_CASE("kvtier bench memory --quick --json follows the report schema") {
       }
     CHECK(found);
   }
+}
+
+TEST_CASE("kvtier calibrate without a GPU needs --gpu, before any benchmark runs") {
+  const nlohmann::json info = nlohmann::json::parse(run_kvtier("info --json --dir /tmp").out);
+  if (!info["gpus"].empty()) return;  // on a GPU host this would run the full calibration
+  const Run r = run_kvtier("calibrate --quick --out /tmp/kvtier-cli-test-never-written.json");
+  CHECK(r.exit_code == 2);
+  CHECK(lines(r.err) == 1);
+  CHECK(r.err.find("no GPU") != std::string::npos);
+  CHECK(r.err.find("--gpu PRESET") != std::string::npos);
+  CHECK(r.err.find("running") == std::string::npos);
 }
