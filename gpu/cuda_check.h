@@ -4,7 +4,10 @@
 
 #include <cuda_runtime.h>
 
+#include <initializer_list>
 #include <string>
+#include <string_view>
+#include <utility>
 
 #include "kvtier/core/status.h"
 
@@ -20,6 +23,14 @@ inline std::string cuda_error_text(cudaError_t err) {
 inline Status cuda_failure(const char* call, cudaError_t err) {
   (void)cudaGetLastError();
   return internal_error(std::string(call) + " failed: " + cuda_error_text(err));
+}
+
+// invalid_argument naming the first null pointer among `fields` ("what: k is
+// null; pass a device pointer"), or ok.
+inline Status require_pointers(std::string_view what, std::initializer_list<std::pair<const char*, const void*>> fields) {
+  for (const auto& [name, pointer] : fields)
+    if (pointer == nullptr) return invalid_argument(std::string(what) + ": " + name + " is null; pass a device pointer");
+  return Status::ok_status();
 }
 
 // Makes `device` current. No driver, no device or a device index past the

@@ -24,7 +24,14 @@ std::string gib_text(uint64_t bytes) {
 // The message a user acts on: what was asked, what the device has left.
 Status out_of_device_memory(int device, const std::string& name, uint64_t bytes) {
   size_t free_bytes = 0, total_bytes = 0;
-  KVT_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const cudaError_t info = cudaMemGetInfo(&free_bytes, &total_bytes);
+  if (info != cudaSuccess) {
+    // Still out of memory (the caller degrades on that code), just without the free figure.
+    (void)cudaGetLastError();
+    return out_of_memory("out of GPU memory on cuda:" + std::to_string(device) + " (" + name + "): asked " +
+                         std::to_string(bytes) + " bytes (" + gib_text(bytes) + "); free memory unknown (cudaMemGetInfo: " +
+                         cuda_error_text(info) + "); lower the GPU budget");
+  }
   return out_of_memory("out of GPU memory on cuda:" + std::to_string(device) + " (" + name + "): asked " +
                        std::to_string(bytes) + " bytes (" + gib_text(bytes) + "), " + std::to_string(free_bytes) +
                        " bytes (" + gib_text(free_bytes) + ") free of " + std::to_string(total_bytes) + " (" +

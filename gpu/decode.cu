@@ -268,8 +268,11 @@ Status decode_attention(const DecodeArgs& args, void* workspace, uint64_t worksp
     return invalid_field("decode_attention", "workspace_bytes", workspace_bytes,
                          "is too small: these arguments need " + std::to_string(plan.workspace_bytes) +
                              " (decode_workspace_bytes)");
-  if (plan.workspace_bytes > 0 && (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0))
-    return invalid_argument("decode_attention: workspace is null or not 16-byte aligned");
+  if (plan.workspace_bytes > 0 && workspace == nullptr)
+    return invalid_argument("decode_attention: workspace is null but these arguments need " +
+                            std::to_string(plan.workspace_bytes) + " bytes of it (decode_workspace_bytes)");
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return invalid_argument("decode_attention: workspace is not 16-byte aligned; allocate it with cudaMalloc");
   const DecodeParams params = decode_params(args, plan, workspace);
   const uint32_t lists = args.batch * args.kv_heads;
   KVT_RETURN_IF_ERROR(dispatch_decode(args.arena.head_dim, args.q_heads / args.kv_heads, [&](auto d, auto g) {
@@ -298,8 +301,7 @@ bool overlaps(const void* a, uint64_t a_bytes, const void* b, uint64_t b_bytes) 
 
 Status check_merge_args(const MergeArgs& a) {
   constexpr const char* kWhat = "merge_partials";
-  if (a.o_parts == nullptr || a.lse_parts == nullptr)
-    return invalid_argument("merge_partials: o_parts or lse_parts is null");
+  KVT_RETURN_IF_ERROR(require_pointers(kWhat, {{"o_parts", a.o_parts}, {"lse_parts", a.lse_parts}}));
   if (a.o_out == nullptr && a.lse_out == nullptr && a.out_bf16 == nullptr)
     return invalid_argument("merge_partials: o_out, lse_out and out_bf16 are all null; nothing to write");
   if (a.parts == 0) return invalid_field(kWhat, "parts", a.parts, "must be at least 1");

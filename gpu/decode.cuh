@@ -416,6 +416,14 @@ Result<int> decode_ctas_per_sm(int device) {
     const int known = cache[device].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
+  // Workstation GPUs (sm_86/89/120) let a block opt into 99 KiB, Hopper 227 KiB.
+  int optin_bytes = 0;
+  KVT_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (Cfg::kSmemBytes + sizeof(uint32_t) * kMaxSplitBlocks > static_cast<uint32_t>(optin_bytes))
+    return unavailable("decode_attention: head_dim " + std::to_string(D) + " with GQA group " + std::to_string(G) +
+                       " needs " + std::to_string(Cfg::kSmemBytes) + " bytes of shared memory per block; this GPU "
+                       "allows " + std::to_string(optin_bytes) + " (cudaDevAttrMaxSharedMemoryPerBlockOptin). Groups "
+                       "up to 4 fit every supported GPU; a 3-stage group-8 variant is not built yet");
   KVT_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_kernel<D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(Cfg::kSmemBytes)));
   int ctas = 0;

@@ -78,8 +78,8 @@ Status append_kv(const AppendArgs& args, cudaStream_t stream) {
   KVT_RETURN_IF_ERROR(check_arena(kWhat, args.arena));
   if (args.batch == 0) return invalid_field(kWhat, "batch", 0, "must be at least 1");
   if (args.kv_heads == 0) return invalid_field(kWhat, "kv_heads", 0, "must be at least 1");
-  if (args.k == nullptr || args.v == nullptr || args.slots == nullptr || args.rows == nullptr)
-    return invalid_argument("append_kv: k, v, slots and rows must all be device pointers, one is null");
+  KVT_RETURN_IF_ERROR(
+      require_pointers(kWhat, {{"k", args.k}, {"v", args.v}, {"slots", args.slots}, {"rows", args.rows}}));
   const uint64_t rows = 2ull * args.batch * args.kv_heads;  // K and V rows
   const uint32_t row_bytes = args.arena.head_dim * sizeof(bf16);
   const Arena arena = arena_of(args.arena);
@@ -98,8 +98,7 @@ Status append_kv_range(const AppendRangeArgs& args, cudaStream_t stream) {
   KVT_RETURN_IF_ERROR(check_arena(kWhat, args.arena));
   if (args.kv_heads == 0) return invalid_field(kWhat, "kv_heads", 0, "must be at least 1");
   if (args.tokens == 0) return Status::ok_status();  // nothing to append
-  if (args.k == nullptr || args.v == nullptr || args.slots == nullptr)
-    return invalid_argument("append_kv_range: k, v and slots must all be device pointers, one is null");
+  KVT_RETURN_IF_ERROR(require_pointers(kWhat, {{"k", args.k}, {"v", args.v}, {"slots", args.slots}}));
   const uint64_t chunk = args.arena.chunk_tokens;
   const uint64_t c0 = args.first_token / chunk;
   const uint64_t chunks = (args.first_token + args.tokens - 1) / chunk - c0 + 1;
@@ -120,8 +119,7 @@ namespace {
 
 Status check_summary_args(const SummaryArgs& args) {
   constexpr const char* kWhat = "build_summaries";
-  if (args.slots == nullptr || args.tokens == nullptr)
-    return invalid_argument("build_summaries: slots and tokens must be device pointers, one is null");
+  KVT_RETURN_IF_ERROR(require_pointers(kWhat, {{"slots", args.slots}, {"tokens", args.tokens}}));
   const bool f32_out = args.kmean != nullptr || args.kmin != nullptr || args.kmax != nullptr || args.vmean != nullptr;
   if (f32_out && args.f32_stride < args.arena.head_dim)
     return invalid_field(kWhat, "f32_stride", args.f32_stride, "is below head_dim");
