@@ -14,6 +14,7 @@
 #include <string>
 #include <type_traits>
 
+#include "arena_check.h"
 #include "cuda_check.h"
 #include "decode.cuh"
 #include "kvtier/gpu/kernels.h"
@@ -119,21 +120,16 @@ auto dispatch_decode(uint32_t head_dim, uint32_t group, F&& f)
 }
 
 Status check_decode_pointers(const DecodeArgs& a) {
-  const auto null = [](const char* field) {
-    return invalid_argument(std::string("decode_attention: ") + field + " is null");
-  };
-  if (a.q == nullptr) return null("q");
-  if (a.arena.base == nullptr) return null("arena.base");
-  if (a.list_begin == nullptr) return null("list_begin");
-  if (a.slot_ids == nullptr) return null("slot_ids");
-  if (a.last_tokens == nullptr) return null("last_tokens");
-  if (a.o == nullptr) return null("o");
-  if (a.lse == nullptr) return null("lse");
-  // 16-byte vector loads of q rows and of slot rows.
+  KVT_RETURN_IF_ERROR(require_pointers("decode_attention", {{"q", a.q},
+                                                            {"arena.base", a.arena.base},
+                                                            {"list_begin", a.list_begin},
+                                                            {"slot_ids", a.slot_ids},
+                                                            {"last_tokens", a.last_tokens},
+                                                            {"o", a.o},
+                                                            {"lse", a.lse}}));
+  // 16-byte vector loads of q rows (the arena's alignment is checked with its shape).
   if (reinterpret_cast<uintptr_t>(a.q) % 16 != 0)
-    return invalid_argument("decode_attention: q is not 16-byte aligned");
-  if (reinterpret_cast<uintptr_t>(a.arena.base) % 16 != 0)
-    return invalid_argument("decode_attention: arena.base is not 16-byte aligned");
+    return invalid_argument("decode_attention: q is not 16-byte aligned; allocate it with cudaMalloc");
   return Status::ok_status();
 }
 
@@ -147,15 +143,7 @@ Status check_decode_shape(const DecodeArgs& a) {
   if (group != 1 && group != 2 && group != 4 && group != 8)
     return invalid_field(kWhat, "q_heads / kv_heads", group, "is an unsupported GQA group (supported: 1, 2, 4, 8)");
   const SlotArenaView& ar = a.arena;
-  if (ar.head_dim != 64 && ar.head_dim != 128)
-    return invalid_field(kWhat, "arena.head_dim", ar.head_dim, "is unsupported (supported: 64, 128)");
-  const uint32_t c = ar.chunk_tokens;
-  if (c != 16 && c != 32 && c != 64 && c != 128 && c != 256)
-    return invalid_field(kWhat, "arena.chunk_tokens", c, "is unsupported (supported: 16, 32, 64, 128, 256)");
-  const uint64_t block_bytes = uint64_t{4} * c * ar.head_dim;
-  if (ar.slot_bytes < block_bytes || ar.slot_bytes % 16 != 0)
-    return invalid_field(kWhat, "arena.slot_bytes", ar.slot_bytes,
-                         "must be a multiple of 16 and at least " + std::to_string(block_bytes) + " (K and V of a block)");
+  KVT_RETURN_IF_ERROR(check_arena_view(kWhat, ar));
   const uint64_t lists = uint64_t{a.batch} * a.kv_heads;
   if (lists > uint64_t{std::numeric_limits<int32_t>::max()} ||
       uint64_t{a.batch} * a.q_heads * ar.head_dim > std::numeric_limits<uint32_t>::max())

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "kvtier/gpu/kernels.h"
+#include "arena_check.h"
 #include "cuda_check.h"
 #include "kv_write.cuh"
 
@@ -22,23 +23,7 @@ constexpr uint64_t kMaxCtas = 1u << 16;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-Status check_arena(const char* what, const SlotArenaView& a) {
-  if (a.base == nullptr) return invalid_argument(std::string(what) + ": arena.base is null");
-  if (a.head_dim != 64 && a.head_dim != 128)
-    return invalid_field(what, "arena.head_dim", a.head_dim, "is unsupported (supported: 64, 128)");
-  if (a.chunk_tokens < 16 || a.chunk_tokens > 256)
-    return invalid_field(what, "arena.chunk_tokens", a.chunk_tokens, "is outside 16..256");
-  if (a.slots == 0) return invalid_field(what, "arena.slots", 0, "must be at least 1");
-  const uint64_t block_bytes = 2ull * a.chunk_tokens * a.head_dim * sizeof(bf16);
-  if (a.slot_bytes < block_bytes || a.slot_bytes % 16 != 0) {
-    return invalid_field(what, "arena.slot_bytes", a.slot_bytes,
-                         "must be a multiple of 16 and at least 2 * chunk_tokens * head_dim * 2 = " +
-                             std::to_string(block_bytes));
-  }
-  // The summary kernel reads 16-byte vectors and the append kernel writes them.
-  if (!aligned16(a.base)) return invalid_argument(std::string(what) + ": arena.base is not 16-byte aligned");
-  return Status::ok_status();
-}
+Status check_arena(const char* what, const SlotArenaView& a) { return check_arena_view(what, a); }
 
 Arena arena_of(const SlotArenaView& a) {
   return Arena{reinterpret_cast<unsigned char*>(a.base), a.slot_bytes, a.slots, a.chunk_tokens};

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 
+#include "arena_check.h"
 #include "kvtier/gpu/kernels.h"
 #include "prefill.cuh"
 
@@ -52,18 +53,7 @@ Status check_shape(const PrefillArgs& a) {
   return Status::ok_status();
 }
 
-Status check_arena(const SlotArenaView& v) {
-  if (v.head_dim != 64 && v.head_dim != 128)
-    return invalid_field(kWhat, "arena.head_dim", v.head_dim, "is unsupported (supported: 64, 128)");
-  if (v.chunk_tokens < 16 || v.chunk_tokens > 256)
-    return invalid_field(kWhat, "arena.chunk_tokens", v.chunk_tokens, "is unsupported (supported: 16..256)");
-  const uint64_t block_bytes = uint64_t{2} * v.chunk_tokens * v.head_dim * sizeof(bf16);
-  if (v.slot_bytes < block_bytes || v.slot_bytes % 16 != 0)
-    return invalid_field(kWhat, "arena.slot_bytes", v.slot_bytes,
-                         "must be a multiple of 16 and >= " + std::to_string(block_bytes) + " (K and V of one block)");
-  if (v.slots == 0) return invalid_field(kWhat, "arena.slots", v.slots, "must be >= 1");
-  return Status::ok_status();
-}
+Status check_arena(const SlotArenaView& v) { return check_arena_view(kWhat, v); }
 
 // The one place where head dim and group become template arguments.
 Status dispatch(const PrefillArgs& a, cudaStream_t stream) {
