@@ -14,6 +14,9 @@ constexpr const char* kUsage =
     "  bench      run a benchmark suite and print JSON (kvtier bench --help)\n"
     "  calibrate  measure this machine with the benchmark suites and write its\n"
     "             machine profile for the simulator (kvtier calibrate --help)\n"
+    "  plan       predict fit, placement and speed of a model at a context length\n"
+    "             on a machine, or sweep contexts into a table and SVG plot\n"
+    "             (kvtier plan --help)\n"
     "\n"
     "kvtier <command> --help shows a command's options.\n";
 
@@ -29,6 +32,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   if (command == "info") return info_command(rest, out, err);
   if (command == "bench") return bench_command(rest, out, err);
   if (command == "calibrate") return calibrate_command(rest, out, err);
+  if (command == "plan") return plan_command(rest, out, err);
   if (command == "help" || command == "--help" || command == "-h") {
     out << kUsage;
     return kExitOk;
@@ -37,7 +41,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     out << "kvtier " << KVTIER_VERSION << "\n";
     return kExitOk;
   }
-  err << "kvtier: unknown command '" << command << "' (commands: info, bench, calibrate; see kvtier --help)\n";
+  err << "kvtier: unknown command '" << command << "' (commands: info, bench, calibrate, plan; see kvtier --help)\n";
   return kExitUsage;
 }
 

@@ -20,5 +20,6 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
 int info_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int bench_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int calibrate_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int plan_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
 }  // namespace kvtier::cli

@@ -7,6 +7,7 @@
 
 #include "run_kvtier.h"
 
+using kvtier::test::check_usage_error;
 using kvtier::test::lines;
 using kvtier::test::Run;
 using kvtier::test::run_kvtier;
@@ -48,12 +49,7 @@ TEST_CASE("bad usage is one line naming the problem, exit code 2") {
                         Case{"calibrate --gpu rtx4090 --dir /nonexistent/kvtier", "/nonexistent/kvtier"},
                         Case{"calibrate --gpu rtx4090 --out /nonexistent/kvtier/p.json", "/nonexistent/kvtier/p.json"},
                         Case{"calibrate --gpu rtx4090 --out /tmp", "cannot write --out '/tmp': is a directory"}}) {
-    CAPTURE(c.args);
-    const Run r = run_kvtier(c.args);
-    CHECK(r.exit_code == 2);
-    CHECK(lines(r.err) == 1);
-    CHECK(r.err.find(c.needle) != std::string::npos);
-    CHECK(r.out.empty());
+    check_usage_error(c.args, c.needle);
   }
 }
 

@@ -45,4 +45,14 @@ inline size_t lines(const std::string& s) {
   return n;
 }
 
+// A usage error: exit 2, one line on stderr containing `needle`, nothing on stdout.
+inline void check_usage_error(const std::string& args, const std::string& needle) {
+  CAPTURE(args);
+  const Run r = run_kvtier(args);
+  CHECK(r.exit_code == 2);
+  CHECK(lines(r.err) == 1);
+  CHECK(r.err.find(needle) != std::string::npos);
+  CHECK(r.out.empty());
+}
+
 }  // namespace kvtier::test

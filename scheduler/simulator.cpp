@@ -1,0 +1,603 @@
+// The memory-tier simulator (simulator.h): capacity arithmetic, the modeled
+// selection statistics, one planned layer step timed on the lane schedule,
+// and a per-query-block prefill model. docs/plan.md states the equations.
+#include "kvtier/scheduler/simulator.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "kvtier/core/sizes.h"
+
+namespace kvtier::scheduler {
+namespace {
+
+constexpr const char* kWhat = "simulator";
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string num(double x) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.4g", x);
+  return text;
+}
+
+std::string gib(double bytes) { return num(bytes / kGiB) + " GiB"; }
+
+uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
+
+uint64_t block_bytes_of(const ModelShape& shape, const SparsityPolicy& p) {
+  return 2ull * p.chunk_tokens * shape.head_dim * dtype_bytes(shape.dtype);
+}
+
+// Summary bytes per block and KV head (the planner's scoring rows).
+uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
+  switch (kind) {
+    case SummaryKind::kMeanF32: return uint64_t{shape.head_dim} * 4;
+    case SummaryKind::kMeanBf16: return uint64_t{shape.head_dim} * 2;
+    case SummaryKind::kMinMaxF32: return uint64_t{shape.head_dim} * 12;
+  }
+  return uint64_t{shape.head_dim} * 4;
+}
+
+// Blocks per (sequence, layer, KV head) that stay on the GPU: sinks, the
+// window, and one more because an unaligned window spans one extra block.
+uint64_t hot_chunks(uint64_t chunks, const SparsityPolicy& p) {
+  return std::min(chunks, ceil_div(p.sink_tokens, p.chunk_tokens) + ceil_div(p.window_tokens, p.chunk_tokens) + 1);
+}
+
+// The planner's far range [far_begin, far_end) of a context (planner.cpp ranges_of).
+std::pair<uint32_t, uint32_t> far_range(uint64_t tokens, const SparsityPolicy& p) {
+  const uint64_t chunks = ceil_div(tokens, p.chunk_tokens);
+  const uint64_t sinks = ceil_div(p.sink_tokens, p.chunk_tokens);
+  const uint64_t window_start = tokens > p.window_tokens ? (tokens - p.window_tokens) / p.chunk_tokens : 0;
+  const uint64_t begin = std::min(sinks, chunks);
+  return {static_cast<uint32_t>(begin), static_cast<uint32_t>(std::max(window_start, begin))};
+}
+
+Status check_inputs(const SimInputs& in) {
+  KVT_RETURN_IF_ERROR(validate(in.model.shape));
+  KVT_RETURN_IF_ERROR(validate(in.policy));
+  KVT_RETURN_IF_ERROR(validate(in.machine));
+  if (in.context_tokens == 0) return invalid_field(kWhat, "context_tokens", 0, "must be > 0");
+  if (in.context_tokens > in.constants.max_context_tokens_searched)
+    return invalid_field(kWhat, "context_tokens", in.context_tokens,
+                         "exceeds " + std::to_string(in.constants.max_context_tokens_searched) + " tokens");
+  if (in.batch == 0 || in.batch > 4096) return invalid_field(kWhat, "batch", in.batch, "must be in 1..4096");
+  if (in.model.weights_bytes == 0) return invalid_field(kWhat, "weights_bytes", 0, "must be > 0");
+  if (in.model.parameters == 0) return invalid_field(kWhat, "parameters", 0, "must be > 0");
+  if (in.selection_overlap && !(*in.selection_overlap >= 0.0 && *in.selection_overlap <= 1.0))
+    return invalid_argument(std::string(kWhat) + ": selection_overlap=" + num(*in.selection_overlap) +
+                            " must be in [0, 1]");
+  const uint64_t gpu_mem = in.machine.gpu.memory_bytes;
+  if (in.gpu_budget_bytes && (*in.gpu_budget_bytes == 0 || *in.gpu_budget_bytes + in.model.weights_bytes > gpu_mem))
+    return invalid_field(kWhat, "gpu_budget_bytes", *in.gpu_budget_bytes,
+                         "must be > 0 and leave room for the weights (" + std::to_string(in.model.weights_bytes) +
+                             " bytes) in GPU memory (" + std::to_string(gpu_mem) + " bytes)");
+  if (in.host_budget_bytes && (*in.host_budget_bytes == 0 || *in.host_budget_bytes > in.machine.host.memory_bytes))
+    return invalid_field(kWhat, "host_budget_bytes", *in.host_budget_bytes,
+                         "must be > 0 and at most host memory (" + std::to_string(in.machine.host.memory_bytes) +
+                             " bytes)");
+  return Status::ok_status();
+}
+
+// The default GPU budget for KV; negative when weights and reserve do not fit.
+double default_gpu_budget(const SimInputs& in) {
+  const double mem = static_cast<double>(in.machine.gpu.memory_bytes);
+  const SimConstants& k = in.constants;
+  return mem - static_cast<double>(in.model.weights_bytes) - k.gpu_reserve_bytes_fixed - k.gpu_reserve_fraction * mem;
+}
+
+// Capacity of an already checked input.
+Capacity capacity_of(const SimInputs& in) {
+  const ModelShape& s = in.model.shape;
+  const SparsityPolicy& p = in.policy;
+  Capacity c;
+  c.block_bytes = block_bytes_of(s, p);
+  const uint64_t heads = uint64_t{in.batch} * s.layers * s.kv_heads;  // (sequence, layer, KV head) lists
+  const uint64_t chunks = ceil_div(in.context_tokens, p.chunk_tokens);
+  const uint64_t blocks = heads * chunks;
+  c.kv_bytes = blocks * c.block_bytes;
+  c.summary_bytes = blocks * summary_row_bytes(s, p.summary_kind);
+  Placement& pl = c.placement;
+  const uint64_t hot_blocks = heads * hot_chunks(chunks, p);
+  pl.gpu_hot_bytes = hot_blocks * c.block_bytes;
+  const double gpu_budget = in.gpu_budget_bytes ? static_cast<double>(*in.gpu_budget_bytes) : default_gpu_budget(in);
+  pl.gpu_budget_bytes = gpu_budget > 0 ? static_cast<uint64_t>(gpu_budget) : 0;
+  const double host_mem = static_cast<double>(in.machine.host.memory_bytes);
+  const double host_budget = in.host_budget_bytes ? static_cast<double>(*in.host_budget_bytes)
+                                                  : in.constants.host_budget_fraction * host_mem -
+                                                        static_cast<double>(c.summary_bytes);
+  pl.host_budget_bytes = host_budget > 0 ? static_cast<uint64_t>(host_budget) : 0;
+
+  const uint64_t far_blocks = blocks - hot_blocks;
+  const uint64_t gpu_room = pl.gpu_budget_bytes > pl.gpu_hot_bytes ? pl.gpu_budget_bytes - pl.gpu_hot_bytes : 0;
+  pl.gpu_cache_blocks = gpu_room / c.block_bytes;
+  const uint64_t cached = std::min(pl.gpu_cache_blocks, far_blocks);
+  const uint64_t host_blocks = std::min(far_blocks - cached, pl.host_budget_bytes / c.block_bytes);
+  const uint64_t nvme_blocks = far_blocks - cached - host_blocks;
+  pl.gpu = {(hot_blocks + cached) * c.block_bytes, hot_blocks + cached};
+  pl.host = {host_blocks * c.block_bytes, host_blocks};
+  pl.nvme = {nvme_blocks * c.block_bytes, nvme_blocks};
+  pl.nvme_home_bytes = nvme_blocks == 0 ? 0 : (nvme_blocks + pl.gpu.blocks) * c.block_bytes;
+
+  c.fits = true;
+  if (gpu_budget <= 0 || pl.gpu_hot_bytes > pl.gpu_budget_bytes) {
+    c.fits = false;
+    c.overflow_tier = "gpu";
+    c.overflow_reason = gpu_budget <= 0 ? "the weights (" + gib(static_cast<double>(in.model.weights_bytes)) +
+                                              ") and the reserve leave no GPU memory for KV"
+                                        : "the hot set (sinks + window of every sequence, " +
+                                              gib(static_cast<double>(pl.gpu_hot_bytes)) +
+                                              ") exceeds the GPU budget (" + gib(gpu_budget) + ")";
+  } else if (host_budget <= 0 ||
+             (in.host_budget_bytes && static_cast<double>(c.summary_bytes) + host_budget > host_mem)) {
+    c.fits = false;
+    c.overflow_tier = "host";
+    c.overflow_reason = "the summaries (" + gib(static_cast<double>(c.summary_bytes)) +
+                        ") and the host KV budget do not fit host RAM (" + gib(host_mem) + ")";
+  } else if (pl.nvme_home_bytes > in.machine.nvme.capacity_bytes) {
+    c.fits = false;
+    c.overflow_tier = "nvme";
+    c.overflow_reason = "the NVMe file must hold " + gib(static_cast<double>(pl.nvme_home_bytes)) +
+                        " (blocks beyond host RAM plus the homes of GPU-held blocks); the drive has " +
+                        gib(static_cast<double>(in.machine.nvme.capacity_bytes));
+  }
+  return c;
+}
+
+// Largest context (a multiple of chunk_tokens) that fits, by bisection: fit is
+// monotone in the context, since every tier's demand grows with it and the
+// host budget only shrinks (summaries).
+uint64_t max_context_that_fits(SimInputs in) {
+  const uint64_t chunk = in.policy.chunk_tokens;
+  auto fits = [&](uint64_t chunks) {
+    in.context_tokens = chunks * chunk;
+    return capacity_of(in).fits;
+  };
+  uint64_t lo = 0, hi = in.constants.max_context_tokens_searched / chunk;
+  if (fits(hi)) return hi * chunk;
+  while (hi - lo > 1) {  // fits(lo) (or lo == 0), !fits(hi)
+    const uint64_t mid = lo + (hi - lo) / 2;
+    (fits(mid) ? lo : hi) = mid;
+  }
+  return lo * chunk;
+}
+
+}  // namespace
+
+double gpu_attend_fraction(uint32_t batch) {
+  constexpr std::array<std::pair<double, double>, 3> kMeasured{{{1, 0.252}, {4, 0.669}, {16, 0.907}}};
+  const double x = std::log2(std::max<double>(batch, 1));
+  if (x >= std::log2(kMeasured.back().first)) return kMeasured.back().second;
+  for (size_t i = 1; i < kMeasured.size(); ++i) {
+    const double x0 = std::log2(kMeasured[i - 1].first), x1 = std::log2(kMeasured[i].first);
+    if (x <= x1) return kMeasured[i - 1].second + (x - x0) / (x1 - x0) * (kMeasured[i].second - kMeasured[i - 1].second);
+  }
+  return kMeasured.back().second;
+}
+
+CostRates rates_from_profile(const MachineProfile& m, const ModelShape& shape, const SparsityPolicy& policy,
+                             uint32_t batch, const SimConstants& k) {
+  const uint64_t block = block_bytes_of(shape, policy);
+  CostRates r;
+  r.gpu_attend_gbps = m.gpu.hbm_read_gbps * gpu_attend_fraction(batch);
+  r.cpu_attend_gbps = m.host.attend_gbps;
+  r.cpu_score_gbps = m.host.score_gbps;
+  r.h2d_gbps = k.gather_fraction_of_copy * m.link.gbps_at(LinkDirection::kHostToDevice, k.link_large_copy_bytes);
+  // One layer's completed blocks of the batch go down as one batched copy.
+  r.d2h_gbps = m.link.gbps_at(LinkDirection::kDeviceToHost, block * shape.kv_heads * std::max<uint32_t>(batch, 1));
+  r.nvme_read_gbps = m.nvme.read_gbps_at(block, k.nvme_queue_depth);
+  r.nvme_write_gbps = m.nvme.write_gbps_at(block, k.nvme_queue_depth);
+  r.nvme_latency_us = m.nvme.latency_us;
+  r.launch_us = k.launch_us;
+  return r;
+}
+
+Result<Capacity> capacity(const SimInputs& in) {
+  KVT_RETURN_IF_ERROR(check_inputs(in));
+  return capacity_of(in);
+}
+
+namespace {
+
+// Where the selected blocks are, modeled (simulator.h SelectionModel).
+SelectionModel model_selection(const SimInputs& in, const Capacity& c) {
+  SelectionModel sel;
+  sel.overlap = in.selection_overlap.value_or(kDefaultSelectionOverlap);
+  const auto [begin, end] = far_range(in.context_tokens, in.policy);
+  sel.topk_blocks = std::min<uint32_t>(in.policy.topk_chunks, end - begin);
+  const Placement& pl = c.placement;
+  const uint64_t off_gpu = pl.host.blocks + pl.nvme.blocks;
+  sel.host_homed_far_share = off_gpu == 0 ? 1.0 : static_cast<double>(pl.host.blocks) / static_cast<double>(off_gpu);
+  if (sel.topk_blocks == 0) return sel;
+  const double working_set = static_cast<double>(in.model.shape.layers) * in.model.shape.kv_heads * sel.topk_blocks *
+                             in.batch;
+  sel.gpu_share = std::min(1.0, static_cast<double>(pl.gpu_cache_blocks) / working_set) * sel.overlap;
+  // New selections come from the off-GPU far blocks by their tier sizes;
+  // re-selected blocks off the GPU are in host memory (home or staging cache).
+  sel.nvme_share = (1.0 - sel.overlap) * (1.0 - sel.host_homed_far_share);
+  sel.host_share = std::max(0.0, 1.0 - sel.gpu_share - sel.nvme_share);
+  return sel;
+}
+
+// Count for list i of n when the lists share a fractional mean `per_list`:
+// floor((i+1) x) - floor(i x), so the total over the lists is floor(n x).
+uint32_t spread(double per_list, uint64_t i) {
+  return static_cast<uint32_t>(std::floor(per_list * static_cast<double>(i + 1) + 1e-9) -
+                               std::floor(per_list * static_cast<double>(i) + 1e-9));
+}
+
+std::vector<SequenceStep> modeled_batch(const SimInputs& in, const SelectionModel& sel, bool tail_completed,
+                                        bool tail_to_nvme) {
+  const uint32_t kv = in.model.shape.kv_heads;
+  const uint32_t far_begin = far_range(in.context_tokens, in.policy).first;
+  const double k = sel.topk_blocks;
+  std::vector<SequenceStep> batch(in.batch);
+  for (uint32_t s = 0; s < in.batch; ++s) {
+    SequenceStep& seq = batch[s];
+    seq.context_tokens = in.context_tokens;
+    seq.tail_block_completed = tail_completed;
+    seq.tail_home_on_nvme = tail_to_nvme;
+    seq.selected.resize(kv);
+    for (uint32_t h = 0; h < kv; ++h) {
+      const uint64_t list = uint64_t{s} * kv + h;
+      const uint32_t gpu = std::min<uint32_t>(sel.topk_blocks, spread(k * sel.gpu_share, list));
+      const uint32_t nvme = std::min<uint32_t>(sel.topk_blocks - gpu, spread(k * sel.nvme_share, list));
+      for (uint32_t j = 0; j < sel.topk_blocks; ++j) {
+        const Residency where = j < gpu ? Residency::kGpu : j < gpu + nvme ? Residency::kNvme : Residency::kHost;
+        seq.selected[h].push_back({far_begin + j, where});
+      }
+    }
+  }
+  return batch;
+}
+
+// One layer's plan with the tail block completed or not.
+Result<LayerPlan> plan_one(const SimInputs& in, const SelectionModel& sel, const Capacity& c, const CostRates& rates,
+                           bool tail_completed) {
+  const std::vector<SequenceStep> batch = modeled_batch(in, sel, tail_completed, c.placement.nvme.blocks > 0);
+  uint64_t resident = 0;
+  for (const SequenceStep& s : batch)
+    for (const auto& list : s.selected)
+      for (const SelectedBlock& b : list) resident += b.where == Residency::kGpu;
+  const uint64_t per_layer_slots = c.placement.gpu_cache_blocks / in.model.shape.layers;
+  PlanInputs p;
+  p.shape = in.model.shape;
+  p.policy = in.policy;
+  p.batch = batch;
+  p.rates = rates;
+  p.late = in.late;
+  p.upload_slots_free =
+      static_cast<uint32_t>(std::min<uint64_t>(per_layer_slots > resident ? per_layer_slots - resident : 0, 1u << 30));
+  return plan_layer(p);
+}
+
+// Per-lane busy time, task kinds' bytes: one layer, weighted by `w`.
+struct StepSums {
+  std::array<double, 5> lane_busy_us{};
+  double makespan_us = 0, late_blocks = 0;
+  double gpu_kv = 0, host_ram = 0, h2d = 0, d2h = 0, nvme_read = 0, nvme_write = 0;
+
+  void add(const LayerPlan& plan, double w) {
+    makespan_us += w * plan.estimated_us;
+    late_blocks += w * plan.late_blocks;
+    for (const Task& t : plan.tasks) {
+      lane_busy_us[static_cast<size_t>(t.lane)] += w * t.cost_us;
+      const double b = w * static_cast<double>(t.bytes);
+      switch (t.kind) {
+        case TaskKind::kGpuAttendHot:
+        case TaskKind::kGpuAttendSelected: gpu_kv += b; break;
+        case TaskKind::kScore:
+        case TaskKind::kCpuAttend: host_ram += b; break;
+        case TaskKind::kUpload: h2d += b, host_ram += b; break;
+        case TaskKind::kNvmeRead: nvme_read += b; break;
+        case TaskKind::kWriteBack: (t.lane == Lane::kNvme ? nvme_write : d2h) += b; break;
+        default: break;
+      }
+    }
+  }
+};
+
+constexpr std::array<Lane, 5> kLanes{Lane::kCpu, Lane::kGpu, Lane::kCopyH2d, Lane::kCopyD2h, Lane::kNvme};
+
+LaneUse busiest(const std::vector<LaneUse>& lanes) {
+  return *std::max_element(lanes.begin(), lanes.end(),
+                           [](const LaneUse& a, const LaneUse& b) { return a.busy_us < b.busy_us; });
+}
+
+double utilisation(double busy, double span) { return span > 0 ? std::min(1.0, busy / span) : 0.0; }
+
+Status add_decode(const SimInputs& in, PlanReport& r) {
+  const double chunk = in.policy.chunk_tokens;
+  KVT_ASSIGN_OR_RETURN(const LayerPlan open_tail, plan_one(in, r.selection, r.cap, r.rates, false));
+  KVT_ASSIGN_OR_RETURN(const LayerPlan full_tail, plan_one(in, r.selection, r.cap, r.rates, true));
+  // One step in chunk_tokens completes the tail block: average the two plans.
+  StepSums sums;
+  sums.add(open_tail, 1.0 - 1.0 / chunk);
+  sums.add(full_tail, 1.0 / chunk);
+  const double layers = in.model.shape.layers;
+  r.step_us_attention = layers * sums.makespan_us;
+  r.late_blocks_per_step = layers * sums.late_blocks;
+  for (Lane lane : kLanes) {
+    const double busy = layers * sums.lane_busy_us[static_cast<size_t>(lane)];
+    r.lanes.push_back({std::string(lane_name(lane)), busy, utilisation(busy, r.step_us_attention)});
+  }
+  r.bottleneck = busiest(r.lanes);
+  // Full model: weights stream from HBM while the batch's GEMMs run; the
+  // slower of the two (a roofline) is added to the attention step, because
+  // each layer's projections and attention run one after the other.
+  const MachineProfile& m = in.machine;
+  const double weights_us = static_cast<double>(in.model.weights_bytes) / (m.gpu.hbm_read_gbps * 1e3);
+  const double gemm_us = 2.0 * static_cast<double>(in.model.parameters) * in.batch / (m.gpu.bf16_tflops * 1e6);
+  const double dense_us = std::max(weights_us, gemm_us);
+  r.step_us_full_model = r.step_us_attention + dense_us;
+  r.decode_tokens_per_s_attention = in.batch / (r.step_us_attention * 1e-6);
+  r.decode_tokens_per_s_full_model = in.batch / (r.step_us_full_model * 1e-6);
+  std::vector<LaneUse> full = r.lanes;
+  for (LaneUse& l : full) {
+    if (l.lane == "gpu") l.busy_us += dense_us;
+    l.utilisation = utilisation(l.busy_us, r.step_us_full_model);
+  }
+  r.bottleneck_full_model = busiest(full);
+  Traffic& t = r.traffic;
+  auto whole = [&](double per_layer) { return static_cast<uint64_t>(std::llround(per_layer * layers)); };
+  t.gpu_hbm_kv_bytes = whole(sums.gpu_kv);
+  t.gpu_hbm_weights_bytes = in.model.weights_bytes;
+  t.host_ram_bytes = whole(sums.host_ram);
+  t.pcie_h2d_bytes = whole(sums.h2d);
+  t.pcie_d2h_bytes = whole(sums.d2h);
+  t.nvme_read_bytes = whole(sums.nvme_read);
+  t.nvme_write_bytes = whole(sums.nvme_write);
+  return Status::ok_status();
+}
+
+// Prefill of one sequence, query block by query block; the lanes of a block
+// overlap, so a block takes as long as its busiest lane.
+void add_prefill(const SimInputs& in, PlanReport& r) {
+  const ModelShape& s = in.model.shape;
+  const SparsityPolicy& p = in.policy;
+  const MachineProfile& m = in.machine;
+  const SimConstants& k = in.constants;
+  const double kvpt = static_cast<double>(s.kv_bytes_per_token());
+  const double flops = m.gpu.bf16_tflops * 1e12;
+  const double attend_flops = k.prefill_attention_fraction * flops;
+  const double big_h2d = m.link.gbps_at(LinkDirection::kHostToDevice, k.link_large_copy_bytes) * 1e9;
+  const double big_d2h = m.link.gbps_at(LinkDirection::kDeviceToHost, k.link_large_copy_bytes) * 1e9;
+  const double nvme_write = m.nvme.write_gbps_at(k.nvme_write_request_bytes, k.nvme_queue_depth) * 1e9;
+  const double row = static_cast<double>(summary_row_bytes(s, p.summary_kind));
+  const double lists = static_cast<double>(s.layers) * s.kv_heads;
+  // Tokens of this sequence whose home is host RAM: the first ones written.
+  const double host_tokens = static_cast<double>(r.cap.placement.host.blocks) / (lists * in.batch) * p.chunk_tokens;
+  std::array<double, 5> busy{};  // seconds, by Lane
+  double total = 0;
+  for (uint64_t start = 0; start < in.context_tokens; start += k.prefill_query_block_tokens) {
+    const double q = static_cast<double>(std::min(k.prefill_query_block_tokens, in.context_tokens - start));
+    const double before = static_cast<double>(start);
+    const double window = std::min(before, static_cast<double>(p.window_tokens));
+    const double sinks = std::min(static_cast<double>(p.sink_tokens), std::max(0.0, before - window));
+    const double far_tokens = std::max(0.0, before - window - sinks);
+    const double selected = std::min(far_tokens, static_cast<double>(p.topk_chunks) * p.chunk_tokens);
+    const double pairs = q * (q + 1) / 2 + q * (window + sinks + selected);  // per q head and layer
+    const double far_blocks = far_tokens / p.chunk_tokens;
+    std::array<double, 5> lane{};
+    lane[static_cast<size_t>(Lane::kGpu)] =
+        4.0 * s.head_dim * s.q_heads * pairs * s.layers / attend_flops +
+        2.0 * static_cast<double>(in.model.parameters) * q / flops +
+        2.0 * s.head_dim * s.q_heads * q * far_blocks * s.layers / flops +
+        q * kvpt / (m.gpu.hbm_read_gbps * 1e9);
+    lane[static_cast<size_t>(Lane::kCopyH2d)] = far_blocks * lists * row / big_h2d;
+    lane[static_cast<size_t>(Lane::kCopyD2h)] = q * kvpt / big_d2h;
+    const double to_nvme = std::clamp(before + q - std::max(before, host_tokens), 0.0, q);
+    lane[static_cast<size_t>(Lane::kNvme)] = to_nvme * kvpt / nvme_write;
+    for (size_t i = 0; i < lane.size(); ++i) busy[i] += lane[i];
+    total += *std::max_element(lane.begin(), lane.end());
+  }
+  r.prefill_seconds = total;
+  size_t top = static_cast<size_t>(std::max_element(busy.begin(), busy.end()) - busy.begin());
+  r.prefill_bottleneck = {std::string(lane_name(kLanes[top])), busy[top] * 1e6, utilisation(busy[top], total)};
+}
+
+void add_assumptions(const SimInputs& in, PlanReport& r) {
+  const SimConstants& k = in.constants;
+  const MachineProfile& m = in.machine;
+  const SelectionModel& sel = r.selection;
+  auto& a = r.assumptions;
+  a.push_back("every sequence of the batch has its own context of context_tokens (no shared prefix); kv_bytes = "
+              "batch x layers x kv_heads x ceil(context / chunk_tokens) blocks x block_bytes (" +
+              std::to_string(r.cap.block_bytes) + " B)");
+  a.push_back("summaries: one " + std::string(summary_kind_name(in.policy.summary_kind)) +
+              " row per block and KV head, held in host RAM");
+  a.push_back("weights: " + in.model.name + " bf16, " + gib(static_cast<double>(in.model.weights_bytes)) +
+              ", held in GPU memory");
+  a.push_back(in.gpu_budget_bytes ? "GPU budget for KV given: " + gib(static_cast<double>(*in.gpu_budget_bytes))
+                                  : "GPU budget for KV = GPU memory - weights - reserve (" +
+                                        format_bytes(static_cast<uint64_t>(k.gpu_reserve_bytes_fixed)) + " + " + num(100 * k.gpu_reserve_fraction) +
+                                        "% of GPU memory for activations, workspace and the CUDA context)");
+  a.push_back("hot set on the GPU per (sequence, layer, KV head): ceil(sink/chunk) + ceil(window/chunk) + 1 "
+              "blocks (the +1: an unaligned window spans one more block); the rest of the GPU budget is a block "
+              "cache for far blocks");
+  a.push_back(in.host_budget_bytes ? "host budget for KV blocks given: " +
+                                         gib(static_cast<double>(*in.host_budget_bytes))
+                                   : "host budget for KV blocks = " + num(100 * k.host_budget_fraction) +
+                                         "% of host RAM - summaries");
+  a.push_back("placement counts each block once, at the fastest tier holding it (GPU, then host, then NVMe); the "
+              "NVMe file must also hold the homes of GPU-held blocks once NVMe is used at all (DESIGN.md 2: homes "
+              "are host or NVMe), which nvme_home_bytes includes");
+  a.push_back("selection statistics are MODELED, not measured from a trace: step-to-step top-k overlap o = " +
+              num(sel.overlap) +
+              (in.selection_overlap ? " (given)" : " (default: measured by the synthetic model at query "
+                                                   "correlation 0.9, 64K context)") +
+              "; per step and KV head topk x (1 - o) selected blocks are new");
+  a.push_back("GPU-resident share of the selection = min(1, gpu_cache_blocks / (layers x kv_heads x topk x batch)) "
+              "x o = " + num(sel.gpu_share) +
+              ": the last step's selection is assumed uploaded or kept on the GPU while the cache holds it (the "
+              "planner may instead attend some host blocks on the CPU, so this is optimistic about GPU hits)");
+  a.push_back("new selections fall on host or NVMe in proportion to the off-GPU far blocks (host share " +
+              num(sel.host_homed_far_share) +
+              "); re-selected blocks read from NVMe earlier are in the host staging cache and count as host; NVMe "
+              "share = (1 - o) x (1 - host share) = " + num(sel.nvme_share) +
+              "; no prefetch of NVMe blocks for future steps is modeled (all NVMe reads are issued after top-k)");
+  a.push_back("decode: layers run one after another (each layer's query depends on the previous layer's "
+              "output), all layers alike: one layer is planned by the real planner and its lane-schedule makespan "
+              "is multiplied by layers; the tail block completes one step in chunk_tokens (plans with and without "
+              "write-back averaged 1:" + std::to_string(in.policy.chunk_tokens - 1) + ")");
+  a.push_back("gpu_attend_gbps = hbm_read_gbps x " + num(gpu_attend_fraction(in.batch)) +
+              ": the decode kernel's measured share of the HBM copy rate at this batch (H200: 0.252 at batch 1, "
+              "0.669 at 4, 0.907 at 16, 130 blocks per (sequence, KV head); linear in log2(batch) between, "
+              "clamped), bench/results/2026-11-28-gpu-h200-final.json; hot-set and selected-block kernels are "
+              "costed separately at the same rate");
+  a.push_back("h2d_gbps = " + num(k.gather_fraction_of_copy) + " x the link's single-copy rate at " +
+              format_bytes(k.link_large_copy_bytes) +
+              ": uploads are gathered in one batch (measured gather of 32 KiB blocks: 0.897 of one 32 MiB copy); "
+              "d2h_gbps from the link curve at one layer's completed blocks as one copy; the duplex factor is not "
+              "applied");
+  a.push_back("nvme read/write rates from the drive's table at " + std::to_string(r.cap.block_bytes) +
+              " B requests and queue depth " + std::to_string(k.nvme_queue_depth) + "; latency " +
+              num(m.nvme.latency_us) + " us per read batch");
+  a.push_back("cpu_attend_gbps = host.attend_gbps, cpu_score_gbps = host.score_gbps (all cores)");
+  a.push_back("launch_us = " + num(k.launch_us) + " per kernel or copy batch (merge kernel measured ~5 us)");
+  a.push_back("full model: per step, the weights are read once at hbm_read_gbps while the batch's GEMMs (2 x "
+              "parameters x batch FLOPs) run at bf16_tflops; the slower of the two is added to the attention "
+              "step; KV append, norms, sampling and the host's share of a step are not modeled");
+  a.push_back("prefill (one sequence): query blocks of " + std::to_string(k.prefill_query_block_tokens) +
+              " tokens; per block, GPU: block-sparse attention 4 x head_dim x q_heads x pairs x layers FLOPs "
+              "(pairs per query: own causal + window + sinks + topk x chunk before the block) at " +
+              num(k.prefill_attention_fraction) +
+              " x bf16_tflops (our kernel vs cuBLAS, measured on the H200), model GEMMs 2 x parameters x tokens at "
+              "bf16_tflops, scoring against all far summaries as a GEMM at bf16_tflops, summary build reading the "
+              "block's KV once at hbm_read_gbps; copy_h2d: the far summaries streamed to the GPU per block; "
+              "copy_d2h: the block's KV written home at the 32 MiB copy rate; nvme: its NVMe-homed part (homes "
+              "fill host first, in token order) at " +
+              format_bytes(k.nvme_write_request_bytes) + " requests, QD " +
+              std::to_string(k.nvme_queue_depth) +
+              "; the lanes overlap, so a block takes its busiest lane's time; prefill_seconds sums the blocks as "
+              "the context grows");
+  a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
+              "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
+  a.push_back("no prediction has been validated against a measured run yet (kvtier bench e2e, issue 6)");
+}
+
+void add_warnings(const SimInputs& in, PlanReport& r) {
+  if (in.model.max_positions != 0 && in.context_tokens > in.model.max_positions)
+    r.warnings.push_back(in.model.name + " was trained for " + std::to_string(in.model.max_positions) +
+                         " positions; " + std::to_string(in.context_tokens) +
+                         " tokens need a long-context method (RoPE scaling); the simulator models cost, not quality");
+  if (!r.cap.fits)
+    r.warnings.push_back("does not fit (" + r.cap.overflow_tier + "): " + r.cap.overflow_reason +
+                         "; speeds are those of the same tiers had they room");
+  if (r.late_blocks_per_step > 0)
+    r.warnings.push_back(num(r.late_blocks_per_step) +
+                         " selected blocks per step arrive late and contribute their summary only");
+}
+
+}  // namespace
+
+Result<PlanReport> simulate(const SimInputs& in) {
+  KVT_RETURN_IF_ERROR(check_inputs(in));
+  PlanReport r;
+  r.model = in.model.name;
+  r.machine = in.machine.name;
+  r.context_tokens = in.context_tokens;
+  r.batch = in.batch;
+  r.policy = in.policy;
+  r.late = in.late;
+  r.weights_bytes = in.model.weights_bytes;
+  r.gpu_memory_bytes = in.machine.gpu.memory_bytes;
+  r.cap = capacity_of(in);
+  r.max_context_tokens_that_fits = max_context_that_fits(in);
+  r.rates = rates_from_profile(in.machine, in.model.shape, in.policy, in.batch, in.constants);
+  KVT_RETURN_IF_ERROR(validate(r.rates).with_context("rates from machine '" + in.machine.name + "'"));
+  r.selection = model_selection(in, r.cap);
+  KVT_RETURN_IF_ERROR(add_decode(in, r));
+  add_prefill(in, r);
+  add_assumptions(in, r);
+  add_warnings(in, r);
+  return r;
+}
+
+namespace {
+
+nlohmann::json tier_json(const TierPlacement& t) { return {{"bytes", t.bytes}, {"blocks", t.blocks}}; }
+
+nlohmann::json lane_json(const LaneUse& l) {
+  return {{"lane", l.lane}, {"busy_us", l.busy_us}, {"utilisation", l.utilisation}};
+}
+
+}  // namespace
+
+nlohmann::json to_json(const PlanReport& r) {
+  using nlohmann::json;
+  const Placement& pl = r.cap.placement;
+  json lanes = json::array();
+  for (const LaneUse& l : r.lanes) lanes.push_back(lane_json(l));
+  const SelectionModel& sel = r.selection;
+  const Traffic& t = r.traffic;
+  return {
+      {"model", r.model},
+      {"machine", r.machine},
+      {"context_tokens", r.context_tokens},
+      {"batch", r.batch},
+      {"policy", to_string(r.policy)},
+      {"late", std::string(late_policy_name(r.late))},
+      {"fits", r.cap.fits},
+      {"overflow_tier", r.cap.fits ? json(nullptr) : json(r.cap.overflow_tier)},
+      {"overflow_reason", r.cap.fits ? json(nullptr) : json(r.cap.overflow_reason)},
+      {"max_context_tokens_that_fits", r.max_context_tokens_that_fits},
+      {"kv_bytes", r.cap.kv_bytes},
+      {"summary_bytes", r.cap.summary_bytes},
+      {"block_bytes", r.cap.block_bytes},
+      {"weights_bytes", r.weights_bytes},
+      {"gpu_memory_bytes", r.gpu_memory_bytes},
+      {"placement",
+       {{"gpu", tier_json(pl.gpu)},
+        {"host", tier_json(pl.host)},
+        {"nvme", tier_json(pl.nvme)},
+        {"gpu_budget_bytes", pl.gpu_budget_bytes},
+        {"gpu_hot_bytes", pl.gpu_hot_bytes},
+        {"gpu_cache_blocks", pl.gpu_cache_blocks},
+        {"host_budget_bytes", pl.host_budget_bytes},
+        {"nvme_home_bytes", pl.nvme_home_bytes}}},
+      {"selection",
+       {{"source", "modeled"},
+        {"overlap", sel.overlap},
+        {"topk_blocks", sel.topk_blocks},
+        {"gpu_share", sel.gpu_share},
+        {"host_share", sel.host_share},
+        {"nvme_share", sel.nvme_share},
+        {"host_homed_far_share", sel.host_homed_far_share}}},
+      {"rates",
+       {{"gpu_attend_gbps", r.rates.gpu_attend_gbps},
+        {"cpu_attend_gbps", r.rates.cpu_attend_gbps},
+        {"cpu_score_gbps", r.rates.cpu_score_gbps},
+        {"h2d_gbps", r.rates.h2d_gbps},
+        {"d2h_gbps", r.rates.d2h_gbps},
+        {"nvme_read_gbps", r.rates.nvme_read_gbps},
+        {"nvme_write_gbps", r.rates.nvme_write_gbps},
+        {"nvme_latency_us", r.rates.nvme_latency_us},
+        {"launch_us", r.rates.launch_us}}},
+      {"decode_step_us", {{"attention_tiering", r.step_us_attention}, {"full_model", r.step_us_full_model}}},
+      {"decode_tokens_per_s",
+       {{"attention_tiering", r.decode_tokens_per_s_attention}, {"full_model", r.decode_tokens_per_s_full_model}}},
+      {"late_blocks_per_step", r.late_blocks_per_step},
+      {"prefill_seconds", r.prefill_seconds},
+      {"prefill_bottleneck", {{"lane", r.prefill_bottleneck.lane}, {"utilisation", r.prefill_bottleneck.utilisation}}},
+      {"bottleneck", {{"lane", r.bottleneck.lane}, {"utilisation", r.bottleneck.utilisation}}},
+      {"bottleneck_full_model",
+       {{"lane", r.bottleneck_full_model.lane}, {"utilisation", r.bottleneck_full_model.utilisation}}},
+      {"lanes", lanes},
+      {"traffic_per_step",
+       {{"gpu_hbm_kv_bytes", t.gpu_hbm_kv_bytes},
+        {"gpu_hbm_weights_bytes", t.gpu_hbm_weights_bytes},
+        {"host_ram_bytes", t.host_ram_bytes},
+        {"pcie_h2d_bytes", t.pcie_h2d_bytes},
+        {"pcie_d2h_bytes", t.pcie_d2h_bytes},
+        {"nvme_read_bytes", t.nvme_read_bytes},
+        {"nvme_write_bytes", t.nvme_write_bytes}}},
+      {"assumptions", r.assumptions},
+      {"warnings", r.warnings},
+  };
+}
+
+}  // namespace kvtier::scheduler
