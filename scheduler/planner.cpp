@@ -16,24 +16,6 @@ constexpr const char* kWhat = "plan_layer";
 // Microseconds to move `bytes` at `gbps` (1e9 bytes/s): bytes / (gbps * 1e3).
 double us_for(uint64_t bytes, double gbps) { return static_cast<double>(bytes) / (gbps * 1e3); }
 
-// The chunk ranges of one sequence: sinks [0, far_begin), far [far_begin,
-// far_end), window [far_end, chunks). Tail chunk counted as a whole block.
-struct ChunkRanges {
-  uint32_t chunks = 0;
-  uint32_t far_begin = 0;
-  uint32_t far_end = 0;
-  uint32_t hot() const { return chunks - (far_end - far_begin); }
-};
-
-ChunkRanges ranges_of(uint64_t tokens, const SparsityPolicy& p) {
-  ChunkRanges r;
-  r.chunks = static_cast<uint32_t>((tokens + p.chunk_tokens - 1) / p.chunk_tokens);
-  const uint64_t sink_chunks = (p.sink_tokens + p.chunk_tokens - 1) / p.chunk_tokens;
-  const uint64_t window_start = tokens > p.window_tokens ? (tokens - p.window_tokens) / p.chunk_tokens : 0;
-  r.far_begin = static_cast<uint32_t>(std::min<uint64_t>(sink_chunks, r.chunks));
-  r.far_end = static_cast<uint32_t>(std::max<uint64_t>(window_start, r.far_begin));
-  return r;
-}
 
 // Bytes the scorer reads per far block and KV head.
 uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
@@ -59,7 +41,7 @@ Status check_inputs(const PlanInputs& in) {
     if (seq.selected.size() != in.shape.kv_heads)
       return invalid_argument(who + " lists selections for " + std::to_string(seq.selected.size()) +
                               " KV heads; the shape has " + std::to_string(in.shape.kv_heads));
-    const ChunkRanges r = ranges_of(seq.context_tokens, in.policy);
+    const ChunkRanges r = chunk_ranges(in.policy, seq.context_tokens);
     for (uint32_t h = 0; h < in.shape.kv_heads; ++h) {
       std::vector<uint32_t> chunks;
       for (const SelectedBlock& b : seq.selected[h]) {
@@ -95,7 +77,7 @@ Census take_census(const PlanInputs& in, std::vector<HeadPlan>& heads) {
   heads.assign(in.batch.size() * kv, HeadPlan{});
   for (size_t s = 0; s < in.batch.size(); ++s) {
     const SequenceStep& seq = in.batch[s];
-    const ChunkRanges r = ranges_of(seq.context_tokens, in.policy);
+    const ChunkRanges r = chunk_ranges(in.policy, seq.context_tokens);
     c.hot_blocks += uint64_t{r.hot()} * kv;
     c.far_blocks += uint64_t{r.far_end - r.far_begin} * kv;
     c.completed += seq.tail_block_completed ? kv : 0;

@@ -47,13 +47,10 @@ uint64_t hot_chunks(uint64_t chunks, const SparsityPolicy& p) {
   return std::min(chunks, ceil_div(p.sink_tokens, p.chunk_tokens) + ceil_div(p.window_tokens, p.chunk_tokens) + 1);
 }
 
-// The planner's far range [far_begin, far_end) of a context (planner.cpp ranges_of).
+// The planner's far range [far_begin, far_end) of a context (kvtier::chunk_ranges).
 std::pair<uint32_t, uint32_t> far_range(uint64_t tokens, const SparsityPolicy& p) {
-  const uint64_t chunks = ceil_div(tokens, p.chunk_tokens);
-  const uint64_t sinks = ceil_div(p.sink_tokens, p.chunk_tokens);
-  const uint64_t window_start = tokens > p.window_tokens ? (tokens - p.window_tokens) / p.chunk_tokens : 0;
-  const uint64_t begin = std::min(sinks, chunks);
-  return {static_cast<uint32_t>(begin), static_cast<uint32_t>(std::max(window_start, begin))};
+  const ChunkRanges r = chunk_ranges(p, tokens);
+  return {r.far_begin, r.far_end};
 }
 
 Status check_inputs(const SimInputs& in) {

@@ -62,4 +62,16 @@ std::string to_string(const SparsityPolicy& p) {
   return os.str();
 }
 
+ChunkRanges chunk_ranges(const SparsityPolicy& policy, uint64_t tokens) {
+  KVT_ASSERT(policy.chunk_tokens > 0, "chunk_ranges with chunk_tokens=0");
+  const uint64_t c = policy.chunk_tokens;
+  ChunkRanges r;
+  r.chunks = static_cast<uint32_t>((tokens + c - 1) / c);
+  const uint64_t sink_chunks = (policy.sink_tokens + c - 1) / c;
+  const uint64_t window_start = tokens > policy.window_tokens ? (tokens - policy.window_tokens) / c : 0;
+  r.far_begin = static_cast<uint32_t>(std::min<uint64_t>(sink_chunks, r.chunks));
+  r.far_end = static_cast<uint32_t>(std::max<uint64_t>(window_start, r.far_begin));
+  return r;
+}
+
 }  // namespace kvtier

@@ -66,3 +66,23 @@ TEST_CASE("invalid policies name the field and the rule") {
   CHECK(*parse_far_field("summary") == FarField::kSummary);
   CHECK(error_of(parse_far_field("all").status()) == "far_field 'all' is not one of none, summary");
 }
+
+TEST_CASE("chunk ranges: sinks round up, the window takes in the chunk it starts in, the tail is a chunk") {
+  const SparsityPolicy p;  // 128 sink tokens, 4096 window tokens, 64-token chunks
+  const ChunkRanges m = chunk_ranges(p, uint64_t{1} << 20);
+  CHECK(m.chunks == 16384);
+  CHECK(m.far_begin == 2);
+  CHECK(m.far_end == 16320);
+  CHECK(m.hot() == 66);
+  // 5000 tokens: 79 chunks (the last holds 8 tokens); the window starts at token 904, in chunk 14.
+  const ChunkRanges odd = chunk_ranges(p, 5000);
+  CHECK(odd.chunks == 79);
+  CHECK(odd.far_begin == 2);
+  CHECK(odd.far_end == 14);
+  // Shorter than sinks + window: nothing is far.
+  const ChunkRanges small = chunk_ranges(p, 100);
+  CHECK(small.chunks == 2);
+  CHECK(small.far_begin == 2);
+  CHECK(small.far_end == 2);
+  CHECK(small.hot() == 2);
+}

@@ -43,6 +43,21 @@ inline constexpr uint32_t kChunkTokensMax = 256;
 // Checks a policy; the message names the field, the value and the rule.
 Status validate(const SparsityPolicy& policy);
 
+// The chunk ranges a policy fixes for a context of `tokens` tokens: sinks
+// [0, far_begin), far chunks [far_begin, far_end) (the top-k candidates),
+// window [far_end, chunks). The tail chunk counts as a whole chunk; a window
+// that does not start on a chunk boundary takes in the chunk it starts in.
+// The planner, the simulator and the fidelity measures all use this one rule.
+struct ChunkRanges {
+  uint32_t chunks = 0;
+  uint32_t far_begin = 0;
+  uint32_t far_end = 0;
+  uint32_t hot() const { return chunks - (far_end - far_begin); }  // sinks + window
+};
+
+// The ranges of `policy` (valid: see validate()) at `tokens` tokens.
+ChunkRanges chunk_ranges(const SparsityPolicy& policy, uint64_t tokens);
+
 // "sink_tokens=128 window_tokens=4096 chunk_tokens=64 topk_chunks=64 summary=mean_f32 far_field=none"
 std::string to_string(const SparsityPolicy& policy);
 
