@@ -23,6 +23,8 @@ constexpr Suite kSuites[] = {
     {"cpu", "CPU attention engine: summary scoring, top-k, host block attention, prefill scoring",
      kvtier::bench::run_cpu},
     {"gpu", "GPU kernels: sparse paged decode, block-sparse prefill, gather, append, summaries", kvtier::bench::run_gpu},
+    {"selection", "step-to-step top-k overlap by query correlation, needle recall (synthetic model)",
+     kvtier::bench::run_selection},
 };
 
 void print_usage(std::ostream& os, const po::options_description& options) {
