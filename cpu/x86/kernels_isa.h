@@ -191,6 +191,19 @@ void widen_q(const bf16* q, uint32_t heads, uint32_t dim, float* qf) {
     for (uint32_t d = 0; d < dim; d += S::kLanes) S::store(qf + g * kHeadDimMax + d, S::load(q + g * dim + d));
 }
 
+// Calls f(Group<G>{}, qf, g0) for each pass of at most kGroupMax of q's heads
+// (first head g0), with the pass's q rows widened to fp32 in qf
+// ([G][kHeadDimMax], which f may overwrite).
+template <class S, class F>
+void for_each_widened_pass(const QGroup& q, F&& f) {
+  alignas(64) float qf[kGroupMax * kHeadDimMax];
+  for (uint32_t g0 = 0; g0 < q.heads; g0 += kGroupMax) {
+    const uint32_t heads = min_u32(kGroupMax, q.heads - g0);
+    widen_q<S>(q.q + uint64_t{g0} * q.head_dim, heads, q.head_dim, qf);
+    with_group(heads, [&]<uint32_t G>(Group<G> group) { f(group, qf, g0); });
+  }
+}
+
 // out[g * out_stride + t] = scale * (q_g . row_at(t)) for t < n. R = kLanes / G
 // rows go together so that their R * G dot products reduce in one transposed
 // sum (sum_lanes) instead of one horizontal sum each; lane g * R + r holds
@@ -470,72 +483,57 @@ void build_summary(const bf16* k, const bf16* v, uint32_t n, uint32_t dim, const
 template <class S>
 void score_summaries(const QGroup& q, const SummaryRows& rows, float scale, ScoreRule rule, uint32_t begin,
                      uint32_t end, float* scores) {
-  alignas(64) float qa[kGroupMax * kHeadDimMax];
   alignas(64) float qb[kGroupMax * kHeadDimMax];
   const uint32_t dim = q.head_dim;
-  for (uint32_t g0 = 0; g0 < q.heads; g0 += kGroupMax) {
-    const uint32_t heads = min_u32(kGroupMax, q.heads - g0);
+  for_each_widened_pass<S>(q, [&]<uint32_t G>(Group<G>, float* qa, uint32_t g0) {
     const bool combine = g0 > 0;
-    widen_q<S>(q.q + uint64_t{g0} * dim, heads, dim, qa);
-    with_group(heads, [&]<uint32_t G>(Group<G>) {
-      if (rule == ScoreRule::kMinMaxBound) {
-        for (uint32_t g = 0; g < G; ++g)
-          for (uint32_t d = g * kHeadDimMax; d < g * kHeadDimMax + dim; d += S::kLanes) {
-            S::store(qb + d, S::min(S::load(qa + d), S::zero()));
-            S::store(qa + d, S::max(S::load(qa + d), S::zero()));
-          }
-        const DotMinMax<S> dot{qa, qb, dim};
-        auto row_at = [&](uint32_t b) {
-          return typename DotMinMax<S>::Row{rows.kmin + b * rows.stride_f32, rows.kmax + b * rows.stride_f32};
-        };
-        score_rows<S, G>(dot, row_at, begin, end, scale, combine, scores);
-      } else if (rows.kmean_bf16 != nullptr) {
-        const DotBf16<S> dot{qa, dim};
-        score_rows<S, G>(dot, [&](uint32_t b) { return rows.kmean_bf16 + b * rows.stride_bf16; }, begin, end,
-                         scale, combine, scores);
-      } else {
-        const DotF32<S> dot{qa, dim};
-        score_rows<S, G>(dot, [&](uint32_t b) { return rows.kmean + b * rows.stride_f32; }, begin, end, scale,
-                         combine, scores);
-      }
-    });
-  }
+    if (rule == ScoreRule::kMinMaxBound) {
+      for (uint32_t g = 0; g < G; ++g)
+        for (uint32_t d = g * kHeadDimMax; d < g * kHeadDimMax + dim; d += S::kLanes) {
+          S::store(qb + d, S::min(S::load(qa + d), S::zero()));
+          S::store(qa + d, S::max(S::load(qa + d), S::zero()));
+        }
+      const DotMinMax<S> dot{qa, qb, dim};
+      auto row_at = [&](uint32_t b) {
+        return typename DotMinMax<S>::Row{rows.kmin + b * rows.stride_f32, rows.kmax + b * rows.stride_f32};
+      };
+      score_rows<S, G>(dot, row_at, begin, end, scale, combine, scores);
+    } else if (rows.kmean_bf16 != nullptr) {
+      const DotBf16<S> dot{qa, dim};
+      score_rows<S, G>(dot, [&](uint32_t b) { return rows.kmean_bf16 + b * rows.stride_bf16; }, begin, end,
+                       scale, combine, scores);
+    } else {
+      const DotF32<S> dot{qa, dim};
+      score_rows<S, G>(dot, [&](uint32_t b) { return rows.kmean + b * rows.stride_f32; }, begin, end, scale,
+                       combine, scores);
+    }
+  });
 }
 
 // attend_blocks of one KV head with bf16 keys widened to fp32.
 template <class S>
 void attend_blocks(const QGroup& q, const HostBlock* blocks, uint64_t count, uint32_t chunk_tokens, float scale,
                    float* o, float* lse) {
-  alignas(64) float qf[kGroupMax * kHeadDimMax];
   const uint32_t dim = q.head_dim;
-  for (uint32_t g0 = 0; g0 < q.heads; g0 += kGroupMax) {
-    const uint32_t heads = min_u32(kGroupMax, q.heads - g0);
-    widen_q<S>(q.q + uint64_t{g0} * dim, heads, dim, qf);
-    with_group(heads, [&]<uint32_t G>(Group<G>) {
-      attend_pass<S, G>(DotBf16<S>{qf, dim}, blocks, count, chunk_tokens, scale, o + uint64_t{g0} * dim, lse + g0);
-    });
-  }
+  for_each_widened_pass<S>(q, [&]<uint32_t G>(Group<G>, const float* qf, uint32_t g0) {
+    attend_pass<S, G>(DotBf16<S>{qf, dim}, blocks, count, chunk_tokens, scale, o + uint64_t{g0} * dim, lse + g0);
+  });
 }
 
 // far_field of one KV head with fp32 or widened bf16 mean keys.
 template <class S>
 void far_field(const QGroup& q, const SummaryRows& rows, const uint32_t* blocks, uint64_t count, float scale,
                float* o, float* lse) {
-  alignas(64) float qf[kGroupMax * kHeadDimMax];
   const uint32_t dim = q.head_dim;
-  for (uint32_t g0 = 0; g0 < q.heads; g0 += kGroupMax) {
-    const uint32_t heads = min_u32(kGroupMax, q.heads - g0);
-    widen_q<S>(q.q + uint64_t{g0} * dim, heads, dim, qf);
+  for_each_widened_pass<S>(q, [&]<uint32_t G>(Group<G>, const float* qf, uint32_t g0) {
     float* og = o + uint64_t{g0} * dim;
-    with_group(heads, [&]<uint32_t G>(Group<G>) {
-      if (rows.kmean_bf16 != nullptr)
-        far_field_pass<S, G>(DotBf16<S>{qf, dim}, [&](uint32_t b) { return rows.kmean_bf16 + b * rows.stride_bf16; },
-                             rows, blocks, count, scale, og, lse + g0);
-      else
-        far_field_pass<S, G>(DotF32<S>{qf, dim}, [&](uint32_t b) { return rows.kmean + b * rows.stride_f32; }, rows,
-                             blocks, count, scale, og, lse + g0);
-    });
-  }
+    if (rows.kmean_bf16 != nullptr)
+      far_field_pass<S, G>(DotBf16<S>{qf, dim}, [&](uint32_t b) { return rows.kmean_bf16 + b * rows.stride_bf16; },
+                           rows, blocks, count, scale, og, lse + g0);
+    else
+      far_field_pass<S, G>(DotF32<S>{qf, dim}, [&](uint32_t b) { return rows.kmean + b * rows.stride_f32; }, rows,
+                           blocks, count, scale, og, lse + g0);
+  });
 }
 
 }  // namespace simd
