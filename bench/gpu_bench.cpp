@@ -10,6 +10,11 @@
 
 namespace kvtier::bench {
 
+void run_part(Report& report, const std::string& name, const std::function<Status()>& part) {
+  const Status st = part();
+  if (!st.ok()) report.set_config(name + "_error", st.to_string());
+}
+
 int run_gpu(const SuiteArgs& args) {
   Report report("gpu", {{"quick", args.quick}});
   auto ctx = gpu::CudaContext::create(0);

@@ -222,8 +222,7 @@ Status add_decode(Report& report, gpu::CudaContext& ctx, const SuiteArgs& args) 
 }  // namespace
 
 void add_decode_results(Report& report, gpu::CudaContext& ctx, const SuiteArgs& args) {
-  const Status s = add_decode(report, ctx, args);
-  if (!s.ok()) report.set_config("decode_error", s.to_string());
+  run_part(report, "decode", [&] { return add_decode(report, ctx, args); });
 }
 
 }  // namespace kvtier::bench

@@ -163,12 +163,6 @@ Status add_summary_result(Report& report, gpu::CudaContext& ctx, const SuiteArgs
   return Status::ok_status();
 }
 
-// Runs one part; a failure becomes a config note instead of ending the suite.
-void run_part(Report& report, const std::string& name, const std::function<Status()>& part) {
-  const Status st = part();
-  if (!st.ok()) report.set_config(name + "_error", st.to_string());
-}
-
 }  // namespace
 
 void add_gather_results(Report& report, gpu::CudaContext& ctx, const SuiteArgs& args) {
