@@ -532,6 +532,14 @@ void CpuEngine::build_summaries(std::span<const std::vector<HostBlock>> blocks, 
   });
 }
 
+void CpuEngine::parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
+  if (n == 0) return;
+  impl_->arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<size_t>(0, n, std::max<size_t>(grain, 1)),
+                      [&](const tbb::blocked_range<size_t>& r) { fn(r.begin(), r.end()); });
+  });
+}
+
 // ---------------------------------------------------------------- prefill
 
 namespace {

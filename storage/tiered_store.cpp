@@ -59,7 +59,7 @@ struct TieredStore::Impl {
   std::unique_ptr<BlockFile> file;
   std::unique_ptr<HostArena> home_arena;   // host homes (may be absent)
   std::unique_ptr<HostArena> cache_arena;  // staging copies of nvme homes
-  std::unique_ptr<DeviceArena> gpu_arena;
+  std::shared_ptr<DeviceArena> gpu_arena;
 
   mutable std::mutex mu;
   BlockTable table;
@@ -85,6 +85,11 @@ struct TieredStore::Impl {
   Status copy_to_gpu(const std::vector<uint32_t>& blocks);
   Result<uint32_t> take_cache_slot();
   Result<uint32_t> take_gpu_slot();
+  void free_gpu_slot(uint32_t slot) {
+    gpu_arena->free(slot);
+    --gpu_held;
+  }
+  uint32_t gpu_held = 0;  // arena slots this store holds (its quota's use)
   std::byte* host_copy(const BlockEntry& e) const;
   void release_host_pins(const std::vector<uint32_t>& blocks);
 
@@ -123,6 +128,20 @@ Status check_config(const StoreConfig& c, const BlockFile& file, uint32_t chunks
                             std::to_string(chunks_per_head) + " chunks per head");
   const BlockGeometry g(c.shape, c.policy.chunk_tokens);
   const uint64_t need = protected_blocks_needed(c, chunks_per_head) * g.slot_bytes();
+  if (c.gpu_arena != nullptr) {
+    if (c.gpu_arena->slot_bytes() != g.slot_bytes())
+      return invalid_argument("tiered store: the shared gpu arena has slots of " +
+                              format_bytes(c.gpu_arena->slot_bytes()) + ", this context's blocks need " +
+                              format_bytes(g.slot_bytes()));
+    const uint64_t free_bytes =
+        uint64_t{c.gpu_slot_quota > 0 ? c.gpu_slot_quota : c.gpu_arena->free_count()} * g.slot_bytes();
+    if (free_bytes < need)
+      return invalid_argument("tiered store: the shared gpu arena has " + format_bytes(free_bytes) +
+                              (c.gpu_slot_quota > 0 ? " for each context" : " free") + ", and this context's sink and window blocks, which stay on the gpu, need " +
+                              std::to_string(protected_blocks_needed(c, chunks_per_head)) + " blocks = " +
+                              format_bytes(need) + "; raise --gpu-bytes or run fewer sequences together");
+    return Status::ok_status();
+  }
   if (c.budgets.gpu_bytes < need)
     return invalid_argument("tiered store: gpu_bytes=" + format_bytes(c.budgets.gpu_bytes) +
                             " cannot hold the sink and window blocks, which stay on the gpu: " +
@@ -164,7 +183,13 @@ Result<std::unique_ptr<TieredStore>> TieredStore::create(ComputeBackend& backend
     host.budget_bytes = home_bytes;
     KVT_ASSIGN_OR_RETURN(impl->home_arena, HostArena::create(backend, host));
   }
-  KVT_ASSIGN_OR_RETURN(impl->gpu_arena, DeviceArena::create(backend, config.budgets.gpu_bytes, g.slot_bytes()));
+  if (config.gpu_arena != nullptr) {
+    impl->gpu_arena = config.gpu_arena;
+  } else {
+    KVT_ASSIGN_OR_RETURN(std::unique_ptr<DeviceArena> own,
+                         DeviceArena::create(backend, config.budgets.gpu_bytes, g.slot_bytes()));
+    impl->gpu_arena = std::move(own);
+  }
   impl->file->device().register_buffers(impl->cache_arena->base(), impl->cache_arena->bytes());
   Impl* raw = impl.get();
   impl->mover = std::thread([raw] { raw->mover_loop(); });
@@ -196,6 +221,11 @@ TieredStore::~TieredStore() {
   }
   impl_->queue_cv.notify_all();
   impl_->mover.join();
+  // A shared arena outlives this store: give its slots back.
+  if (impl_->config.gpu_arena != nullptr) {
+    for (uint32_t b = 0; b < impl_->table.size(); ++b)
+      if (impl_->table[b].gpu_slot != kNoSlot) impl_->gpu_arena->free(impl_->table[b].gpu_slot);
+  }
 }
 
 // ---------------------------------------------------------------- mover
@@ -241,7 +271,12 @@ Result<uint32_t> TieredStore::Impl::take_cache_slot() {
 }
 
 Result<uint32_t> TieredStore::Impl::take_gpu_slot() {
-  if (auto slot = gpu_arena->allocate()) return *slot;
+  if (config.gpu_slot_quota == 0 || gpu_held < config.gpu_slot_quota) {
+    if (auto slot = gpu_arena->allocate()) {
+      ++gpu_held;
+      return *slot;
+    }
+  }
   const std::optional<uint32_t> victim = table.gpu_policy().victim();
   if (!victim)
     return no_space("gpu tier full: all " + std::to_string(gpu_arena->capacity()) +
@@ -336,7 +371,7 @@ Status TieredStore::Impl::copy_to_gpu(const std::vector<uint32_t>& blocks) {
       Result<uint32_t> slot = take_gpu_slot();
       if (!slot.ok()) {
         for (size_t i = 0; i < copies.size(); ++i) {
-          gpu_arena->free(table[blocks[i]].gpu_slot);
+          free_gpu_slot(table[blocks[i]].gpu_slot);
           table[blocks[i]].gpu_slot = kNoSlot;
         }
         return slot.status();
@@ -351,7 +386,7 @@ Status TieredStore::Impl::copy_to_gpu(const std::vector<uint32_t>& blocks) {
     if (st.ok()) {
       table.gpu_cached(b);
     } else {
-      gpu_arena->free(table[b].gpu_slot);
+      free_gpu_slot(table[b].gpu_slot);
       table[b].gpu_slot = kNoSlot;
     }
   }
@@ -387,6 +422,18 @@ Status TieredStore::wait(Ticket ticket) {
   s.done_cv.wait(lock, [&] { return s.done.count(ticket.id) != 0; });
   Status st = std::move(s.done.at(ticket.id));
   s.done.erase(ticket.id);
+  return st;
+}
+
+std::optional<Status> TieredStore::try_wait(Ticket ticket) {
+  Impl& s = *impl_;
+  std::lock_guard lock(s.mu);
+  if (ticket.id == 0 || ticket.id >= s.next_ticket)
+    return invalid_argument("ticket " + std::to_string(ticket.id) + " was never issued");
+  auto it = s.done.find(ticket.id);
+  if (it == s.done.end()) return std::nullopt;
+  Status st = std::move(it->second);
+  s.done.erase(it);
   return st;
 }
 
@@ -427,7 +474,7 @@ Status TieredStore::Impl::drop_copies(uint32_t b, BlockEntry& e) {
   if (gpu_in_flight || host_in_flight)
     return unavailable(name(b) + " is being moved; wait for its ticket before rewriting it");
   if (e.gpu_ready) {
-    gpu_arena->free(e.gpu_slot);
+    free_gpu_slot(e.gpu_slot);
     table.gpu_dropped(b);
   }
   if (e.host_cache_ready) {
@@ -451,7 +498,7 @@ Status TieredStore::Impl::begin_write(uint32_t b, BlockEntry& e) {
   return Status::ok_status();
 }
 
-Status TieredStore::write_home(std::span<const BlockWrite> writes) {
+Status TieredStore::write_home(std::span<const BlockWrite> writes, bool cache_on_gpu) {
   Impl& s = *impl_;
   const uint64_t payload = s.geometry.block_bytes(), slot = s.geometry.slot_bytes();
   std::vector<std::pair<size_t, std::byte*>> host;  // (index in writes, home slot)
@@ -505,7 +552,36 @@ Status TieredStore::write_home(std::span<const BlockWrite> writes) {
     if (nvme_st.ok()) e.checksum = s.file->checksum(writes[i].block);
   }
   if (nvme_st.ok()) s.stats.nvme_writes += nvme.size();
-  return st.ok() ? nvme_st : st;
+  if (!st.ok()) return st;
+  KVT_RETURN_IF_ERROR(nvme_st);
+  if (!cache_on_gpu) return Status::ok_status();
+  // The gpu copies come from the caller's data, which is what went home.
+  std::vector<BlockCopy> copies;
+  std::vector<uint32_t> cached;
+  for (const BlockWrite& w : writes) {
+    BlockEntry& e = s.table[w.block];
+    if (e.gpu_slot != kNoSlot) continue;  // listed twice
+    Result<uint32_t> slot = s.take_gpu_slot();
+    if (!slot.ok()) break;  // "while space allows": the rest stay uncached
+    e.gpu_slot = *slot;
+    cached.push_back(w.block);
+    copies.push_back(BlockCopy{w.data, s.gpu_arena->slot_data(*slot), payload});
+  }
+  // Copies run under the lock: nothing may take these half-filled slots.
+  const Status copy_st = s.backend.copy_to_device(copies);
+  for (uint32_t b : cached) {
+    if (copy_st.ok()) {
+      s.table.gpu_cached(b);
+    } else {
+      s.free_gpu_slot(s.table[b].gpu_slot);
+      s.table[b].gpu_slot = kNoSlot;
+    }
+  }
+  if (copy_st.ok() && !cached.empty()) {
+    s.stats.h2d_blocks += cached.size();
+    ++s.stats.h2d_batches;
+  }
+  return copy_st.with_context("caching " + std::to_string(cached.size()) + " written blocks on the gpu tier");
 }
 
 // ---------------------------------------------------------------- protection
@@ -588,6 +664,21 @@ uint32_t TieredStore::chunks_per_head() const { return impl_->chunks_per_head; }
 uint64_t TieredStore::block_bytes() const { return impl_->geometry.block_bytes(); }
 BlockFile& TieredStore::file() { return *impl_->file; }
 ComputeBackend& TieredStore::backend() { return impl_->backend; }
+DeviceArena& TieredStore::gpu_arena() { return *impl_->gpu_arena; }
+
+uint32_t TieredStore::gpu_evictable() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->table.gpu_policy().size();
+}
+
+uint32_t TieredStore::gpu_room() const {
+  std::lock_guard lock(impl_->mu);
+  const uint32_t evictable = impl_->table.gpu_policy().size();
+  const uint32_t quota = impl_->config.gpu_slot_quota;
+  const uint32_t fresh = quota > 0 ? std::min(quota - std::min(quota, impl_->gpu_held), impl_->gpu_arena->free_count())
+                                   : impl_->gpu_arena->free_count();
+  return fresh + evictable;
+}
 
 StoreStats TieredStore::stats() const {
   std::lock_guard lock(impl_->mu);

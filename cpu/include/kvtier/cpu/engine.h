@@ -4,7 +4,9 @@
 // OpenMP pool is sized so that the two pools never oversubscribe the cores.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -47,6 +49,10 @@ class CpuEngine {
                  PartialState& out);
   // build_summary for every (h, b) of a layer whose blocks are given per head.
   void build_summaries(std::span<const std::vector<HostBlock>> blocks, uint32_t chunk_tokens, SummaryTable& table);
+
+  // Runs fn(begin, end) over sub-ranges of [0, n), each at least `grain` long
+  // where n allows, on the engine's bound threads; returns when all are done.
+  void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn);
 
   // Prefill scoring: scores [queries][blocks] = q [queries][head_dim] x kmean [blocks][head_dim]^T
   // (one head), bf16 inputs, fp32 output. Through a oneDNN matmul, or the hand-written kernel.

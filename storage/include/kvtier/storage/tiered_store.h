@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -21,6 +22,7 @@
 #include "kvtier/core/status.h"
 #include "kvtier/storage/block_file.h"
 #include "kvtier/storage/block_table.h"
+#include "kvtier/storage/device_arena.h"
 
 namespace kvtier::storage {
 
@@ -37,6 +39,15 @@ struct StoreConfig {
   TierBudgets budgets;
   int numa_node = -1;               // host arenas' NUMA node (-1: no binding)
   uint32_t read_batch_blocks = 256; // nvme reads handed to the file at once
+  // A gpu slot arena shared with other contexts (a batch of sequences whose
+  // blocks one kernel reads through one base pointer). When set, gpu_bytes is
+  // not allocated again: the sinks and window must fit the shared arena's free
+  // slots. Each store evicts only its own copies.
+  std::shared_ptr<DeviceArena> gpu_arena;
+  // Most slots of the (shared) arena this context may hold; beyond it the
+  // store evicts its own copies. 0: no limit. Contexts sharing an arena get
+  // quotas that sum to at most its capacity, so none starves another.
+  uint32_t gpu_slot_quota = 0;
 };
 
 struct StoreStats {
@@ -100,10 +111,13 @@ class TieredStore {
     uint32_t block;
     const std::byte* data;
   };
-  Status write_home(std::span<const BlockWrite> writes);
-  Status write_home(uint32_t block, const std::byte* data) {
+  // With cache_on_gpu, blocks written home also get a gpu copy while gpu
+  // slots last (evicting unpinned, unprotected copies), as prefill wants for
+  // the blocks it has just completed (DESIGN.md section 4).
+  Status write_home(std::span<const BlockWrite> writes, bool cache_on_gpu = false);
+  Status write_home(uint32_t block, const std::byte* data, bool cache_on_gpu = false) {
     const BlockWrite w{block, data};
-    return write_home(std::span<const BlockWrite>(&w, 1));
+    return write_home(std::span<const BlockWrite>(&w, 1), cache_on_gpu);
   }
   // Starts making `blocks` resident in `tier` (kHost or kGpu). Blocks already
   // there are touched. Blocks up to the call are bounded: a full request queue
@@ -111,6 +125,9 @@ class TieredStore {
   Ticket prefetch(std::span<const uint32_t> blocks, Tier tier);
   // Waits for a ticket; the Status says what failed (naming block and file).
   Status wait(Ticket ticket);
+  // The ticket's Status if it has finished (the ticket is then spent), or
+  // nothing while it is still running. Never blocks on I/O.
+  std::optional<Status> try_wait(Ticket ticket);
   // Pins a block resident in `tier`; an error if it is not resident there.
   Result<BlockPin> pin(uint32_t block, Tier tier);
 
@@ -131,9 +148,15 @@ class TieredStore {
   uint32_t chunks_per_head() const;
   uint64_t block_bytes() const;   // payload bytes (K + V)
   StoreStats stats() const;
+  // GPU copies of this context that could be evicted now (unpinned, unprotected).
+  uint32_t gpu_evictable() const;
+  // GPU slots this context could fill now: free within its quota plus evictable.
+  uint32_t gpu_room() const;
   std::string describe() const;   // tiers, slots, how memory is pinned, how I/O runs
   BlockFile& file();
   ComputeBackend& backend();
+  // The gpu tier's slot arena (shared or the store's own).
+  DeviceArena& gpu_arena();
 
   struct Impl;
 

@@ -1,0 +1,67 @@
+// The main job on the synthetic attention-only model (issue 6): prefill a
+// context of `context_tokens` through a Session (or several, for a batch),
+// then decode, all layers every step, with the KV over GPU, host RAM and
+// NVMe; measure speed, overlap, selection statistics and fidelity. `kvtier
+// demo` and `kvtier bench e2e` are thin front ends over run_synthetic().
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "kvtier/core/status.h"
+#include "kvtier/runtime/session.h"
+
+namespace kvtier::runtime {
+
+struct SyntheticRunConfig {
+  EngineOptions engine;              // shape, policy, budgets, nvme_dir, device, late policy, trace
+  uint64_t context_tokens = 0;       // prefilled tokens per sequence
+  uint32_t batch = 1;                // sequences decoding together (each its own context and seed)
+  uint32_t decode_steps = 16;        // timed steps (all layers each), after warmup_steps
+  uint32_t warmup_steps = 2;
+  uint32_t prefill_block = 4096;     // query block of prefill
+  double query_correlation = 0.9;    // rho of the synthetic model's decode queries
+  uint32_t hidden = 64;              // latent dimensions of the synthetic model
+  uint64_t seed = 1;
+  // Dense fp64 check of sampled (step, layer) pairs: every verify_every-th
+  // decode step, one layer (rotating). 0: none.
+  uint32_t verify_every = 0;
+  // Needle sweep after decoding: needles at depths 0-100% (needle_depths of
+  // them), each checked for being selected by every KV head. 0: none.
+  uint32_t needle_depths = 0;
+  // Also run one decode step with topk covering every far chunk and report
+  // its relative error against dense (must be rounding level).
+  bool full_budget_check = false;
+  // Called during prefill with (tokens done, tokens total) per sequence.
+  std::function<void(uint64_t, uint64_t)> progress;
+};
+
+struct SyntheticRunReport {
+  std::string backend;               // "cuda:0 (NVIDIA H200)" or "cpu"
+  scheduler::Placement placement;    // of sequence 0 after prefill
+  double prefill_seconds = 0;        // time inside Session::prefill (all sequences, all layers)
+  double prefill_wall_seconds = 0;   // the same plus generating the synthetic q, k, v
+  double prefill_tokens_per_s = 0;   // context tokens (all layers) per second, summed over the batch
+  double decode_steps_per_s = 0;     // steps (all layers) per second, median over steps
+  double decode_tokens_per_s = 0;    // decode_steps_per_s * batch
+  double overlap_fraction = 0;       // share of timed decode wall time with >= 2 lanes busy (trace)
+  double selection_overlap = 0;      // share of the selected set kept from the previous step
+  double late_blocks_per_step = 0;   // per layer step, summed over the batch
+  double mass_recall_p10 = 0, mass_recall_mean = 0;  // over verified (step, layer) q heads
+  double rel_error_p50 = 0, rel_error_max = 0;       // over verified (step, layer)
+  uint32_t verified = 0;
+  double needle_recall = -1;         // -1: not measured
+  double rel_error_full_budget = -1; // -1: not measured; worst over layers
+  uint64_t full_budget_context = 0;  // context of that check (at most 32K tokens)
+  scheduler::ExecutorStats stats;    // decode steps only (warm-up excluded)
+  std::vector<double> step_seconds;  // every timed step
+  nlohmann::json to_json() const;
+};
+
+Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& config);
+
+}  // namespace kvtier::runtime

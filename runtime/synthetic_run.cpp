@@ -1,0 +1,319 @@
+#include "kvtier/runtime/synthetic_run.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <future>
+#include <thread>
+
+#include "kvtier/core/block.h"
+#include "kvtier/cpu/fidelity.h"
+#include "kvtier/runtime/synthetic_model.h"
+
+namespace kvtier::runtime {
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const double pos = p * double(v.size() - 1);
+  const size_t i = static_cast<size_t>(pos);
+  const double f = pos - double(i);
+  return i + 1 < v.size() ? v[i] * (1 - f) + v[i + 1] * f : v[i];
+}
+
+// K and V of tokens [first, first + n) of a layer, generated on all cores.
+void parallel_kv(const SyntheticModel& m, uint32_t layer, uint64_t first, uint32_t n, std::vector<bf16>& k,
+                 std::vector<bf16>& v, std::vector<bf16>* q) {
+  const ModelShape& s = m.shape();
+  const size_t kvrow = size_t{s.kv_heads} * s.head_dim, qrow = size_t{s.q_heads} * s.head_dim;
+  k.resize(n * kvrow);
+  v.resize(n * kvrow);
+  if (q != nullptr) q->resize(n * qrow);
+  const uint32_t workers = std::max(1u, std::min(std::thread::hardware_concurrency(), (n + 255) / 256));
+  std::vector<std::future<void>> jobs;
+  for (uint32_t w = 0; w < workers; ++w) {
+    const uint32_t b = static_cast<uint32_t>(uint64_t{n} * w / workers), e = static_cast<uint32_t>(uint64_t{n} * (w + 1) / workers);
+    if (b == e) continue;
+    jobs.push_back(std::async(std::launch::async, [&, b, e] {
+      m.kv(layer, first + b, e - b, std::span<bf16>(k).subspan(b * kvrow, (e - b) * kvrow),
+           std::span<bf16>(v).subspan(b * kvrow, (e - b) * kvrow));
+      if (q != nullptr) m.prefill_query(layer, first + b, e - b, std::span<bf16>(*q).subspan(b * qrow, (e - b) * qrow));
+    }));
+  }
+  for (auto& j : jobs) j.get();
+}
+
+struct Sequence {
+  std::unique_ptr<SyntheticModel> model;
+  std::unique_ptr<Session> session;
+};
+
+Status prefill_all(Engine& engine, std::vector<Sequence>& seqs, const SyntheticRunConfig& c, double& attention_s) {
+  const ModelShape& s = engine.options().shape;
+  std::vector<bf16> q, k, v;
+  const uint64_t total = c.context_tokens * seqs.size();
+  uint64_t done = 0;
+  attention_s = 0;
+  for (Sequence& x : seqs) {
+    for (uint64_t t = 0; t < c.context_tokens; t += c.prefill_block) {
+      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(c.prefill_block, c.context_tokens - t));
+      for (uint32_t l = 0; l < s.layers; ++l) {
+        parallel_kv(*x.model, l, t, n, k, v, &q);
+        const double t0 = now_s();
+        KVT_RETURN_IF_ERROR(x.session->prefill(l, t, n, q, k, v).with_context(
+            "prefill of layer " + std::to_string(l) + " at token " + std::to_string(t)));
+        attention_s += now_s() - t0;
+      }
+      done += n;
+      if (c.progress) c.progress(done, total);
+    }
+  }
+  return Status::ok_status();
+}
+
+// One decode step (all layers) of every sequence at decode step `step`.
+// Returns the seconds spent inside the engine; fills outs[b][layer] when asked.
+Result<double> decode_step(Engine& engine, std::vector<Sequence>& seqs, uint64_t step,
+                           std::vector<std::vector<bf16>>* q_keep, std::vector<std::vector<float>>* out_keep,
+                           uint32_t keep_layer) {
+  const ModelShape& s = engine.options().shape;
+  const size_t qrow = size_t{s.q_heads} * s.head_dim, kvrow = size_t{s.kv_heads} * s.head_dim;
+  const size_t B = seqs.size();
+  std::vector<std::vector<bf16>> q(B, std::vector<bf16>(qrow)), k(B, std::vector<bf16>(kvrow)), v(B, std::vector<bf16>(kvrow));
+  std::vector<std::vector<float>> out(B, std::vector<float>(qrow));
+  double inside = 0;
+  for (uint32_t l = 0; l < s.layers; ++l) {
+    std::vector<DecodeRequest> reqs;
+    for (size_t b = 0; b < B; ++b) {
+      const uint64_t pos = seqs[b].session->tokens(l);
+      seqs[b].model->decode_query(l, step, q[b]);
+      seqs[b].model->kv(l, pos, 1, k[b], v[b]);
+      reqs.push_back({seqs[b].session.get(), q[b], k[b], v[b], out[b]});
+    }
+    const double t0 = now_s();
+    KVT_RETURN_IF_ERROR(engine.decode_layer(l, reqs).with_context("decode step " + std::to_string(step) + ", layer " +
+                                                                  std::to_string(l)));
+    inside += now_s() - t0;
+    if (q_keep != nullptr && l == keep_layer) {
+      *q_keep = q;
+      *out_keep = out;
+    }
+  }
+  return inside;
+}
+
+Result<std::vector<Sequence>> make_sequences(Engine& engine, const SyntheticRunConfig& c, uint32_t batch,
+                                             uint64_t max_tokens, const std::vector<Needle>& needles,
+                                             const std::string& prefix) {
+  std::vector<Sequence> seqs;
+  for (uint32_t b = 0; b < batch; ++b) {
+    SyntheticModelOptions mo;
+    mo.shape = engine.options().shape;
+    mo.context_tokens = c.context_tokens;
+    mo.seed = c.seed + b;
+    mo.hidden = c.hidden;
+    mo.query_correlation = c.query_correlation;
+    if (b == 0) mo.needles = needles;
+    KVT_ASSIGN_OR_RETURN(SyntheticModel m, SyntheticModel::create(mo));
+    Sequence x;
+    x.model = std::make_unique<SyntheticModel>(std::move(m));
+    KVT_ASSIGN_OR_RETURN(x.session, engine.create_session(max_tokens, prefix + std::to_string(b)));
+    seqs.push_back(std::move(x));
+  }
+  return seqs;
+}
+
+}  // namespace
+
+Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
+  if (c.context_tokens == 0) return invalid_argument("run: context_tokens=0; give a context of at least one token");
+  if (c.batch == 0) return invalid_argument("run: batch=0; at least one sequence");
+  if (c.prefill_block == 0) return invalid_argument("run: prefill_block=0");
+  if (c.decode_steps == 0) return invalid_argument("run: decode_steps=0; at least one decode step");
+  // The trace gives overlap_fraction; without one from the caller, keep our own.
+  scheduler::TraceRecorder own_trace;
+  EngineOptions eo = c.engine;
+  if (eo.trace == nullptr) eo.trace = &own_trace;
+  eo.max_sessions = std::max(eo.max_sessions, c.batch);
+  scheduler::TraceRecorder* trace = eo.trace;
+  KVT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::create(eo));
+  const ModelShape& s = engine->options().shape;
+  const SparsityPolicy& policy = engine->options().policy;
+  SyntheticRunReport rep;
+  rep.backend = engine->describe();
+
+  // Needles: one per depth, each asked for at its own decode step after the timed ones.
+  const uint64_t first_needle_step = uint64_t{c.warmup_steps} + c.decode_steps;
+  std::vector<Needle> needles;
+  if (c.needle_depths > 0 && c.context_tokens >= 2 * uint64_t{policy.chunk_tokens}) {
+    const std::vector<double> depths = cpu::depths(c.needle_depths);
+    for (uint32_t i = 0; i < c.needle_depths; ++i) {
+      Needle n;
+      n.tokens = policy.chunk_tokens;
+      // Block-aligned, so that the planted block is exactly one chunk.
+      const uint64_t chunks = c.context_tokens / policy.chunk_tokens;
+      n.first_token = std::min<uint64_t>(chunks - 1, static_cast<uint64_t>(std::llround(depths[i] * double(chunks - 1)))) *
+                      policy.chunk_tokens;
+      n.query_step = first_needle_step + i;
+      needles.push_back(n);
+    }
+  }
+  const uint64_t steps_total = first_needle_step + needles.size();
+  const uint64_t max_tokens = c.context_tokens + steps_total + 1;
+  KVT_ASSIGN_OR_RETURN(std::vector<Sequence> seqs, make_sequences(*engine, c, c.batch, max_tokens, needles, "seq"));
+
+  // Prefill.
+  engine->reset_stats();
+  const double p0 = now_s();
+  double attention_s = 0;
+  KVT_RETURN_IF_ERROR(prefill_all(*engine, seqs, c, attention_s));
+  rep.prefill_seconds = attention_s;
+  rep.prefill_tokens_per_s = double(c.context_tokens) * double(c.batch) / std::max(attention_s, 1e-9);
+  rep.prefill_wall_seconds = now_s() - p0;
+  rep.placement = seqs[0].session->placement();
+
+  // Decode: warm-up, then timed steps; sampled verification outside the timing.
+  for (uint32_t i = 0; i < c.warmup_steps; ++i) KVT_RETURN_IF_ERROR(decode_step(*engine, seqs, i, nullptr, nullptr, 0).status());
+  engine->reset_stats();
+  const double trace_from = trace->now_us();
+  std::vector<double> rel, recall;
+  for (uint32_t i = 0; i < c.decode_steps; ++i) {
+    const uint64_t step = c.warmup_steps + i;
+    const bool verify = c.verify_every > 0 && i % c.verify_every == 0;
+    const uint32_t vlayer = verify ? (i / c.verify_every) % s.layers : 0;
+    std::vector<std::vector<bf16>> qk;
+    std::vector<std::vector<float>> ok;
+    KVT_ASSIGN_OR_RETURN(const double secs, decode_step(*engine, seqs, step, verify ? &qk : nullptr, verify ? &ok : nullptr, vlayer));
+    rep.step_seconds.push_back(secs);
+    if (verify) {
+      const scheduler::ExecutorStats keep = engine->stats();
+      KVT_ASSIGN_OR_RETURN(cpu::FidelityReport f, seqs[0].session->verify_last_step(vlayer, qk[0], ok[0]));
+      rel.push_back(f.rel_error);
+      recall.insert(recall.end(), f.mass_recall.begin(), f.mass_recall.end());
+      ++rep.verified;
+      (void)keep;
+    }
+  }
+  rep.stats = engine->stats();
+  const double median = percentile(rep.step_seconds, 0.5);
+  rep.decode_steps_per_s = 1.0 / std::max(median, 1e-12);
+  rep.decode_tokens_per_s = rep.decode_steps_per_s * c.batch;
+  rep.selection_overlap =
+      rep.stats.selection_compared > 0 ? double(rep.stats.kept_from_previous) / double(rep.stats.selection_compared) : 0;
+  rep.late_blocks_per_step = double(rep.stats.late_blocks) / c.decode_steps;
+  if (!rel.empty()) {
+    rep.rel_error_p50 = percentile(rel, 0.5);
+    rep.rel_error_max = *std::max_element(rel.begin(), rel.end());
+    rep.mass_recall_p10 = percentile(recall, 0.1);
+    double sum = 0;
+    for (double r : recall) sum += r;
+    rep.mass_recall_mean = sum / double(recall.size());
+  }
+  {
+    std::vector<std::vector<scheduler::TraceInterval>> lanes;
+    for (const char* name : {"GPU compute", "GPU stand-in (CPU)", "copy engine (h2d uploads)", "CPU workers",
+                             "io_uring (NVMe reads)"}) {
+      std::vector<scheduler::TraceInterval> in;
+      for (const auto& iv : trace->busy(trace->lane(name)))
+        if (iv.start_us >= trace_from) in.push_back(iv);
+      if (!in.empty()) lanes.push_back(std::move(in));
+    }
+    rep.overlap_fraction = scheduler::overlap_fraction(lanes);
+  }
+
+  // Needles: one decode step per needle; recalled when the needle's chunk was
+  // attended exactly (selected, or in the sinks or window) by a KV head.
+  if (!needles.empty()) {
+    const std::vector<NeedlePlacement> where = seqs[0].model->needle_placements(policy.chunk_tokens);
+    uint64_t hit = 0, trials = 0;
+    for (size_t i = 0; i < needles.size(); ++i) {
+      KVT_RETURN_IF_ERROR(decode_step(*engine, seqs, first_needle_step + i, nullptr, nullptr, 0).status());
+      for (uint32_t l = 0; l < s.layers; ++l) {
+        const cpu::AttendedSet& att = seqs[0].session->kv().last_attended(l);
+        for (uint32_t h = 0; h < s.kv_heads; ++h) {
+          ++trials;
+          hit += std::binary_search(att.chunks[h].begin(), att.chunks[h].end(), where[i].block) ? 1 : 0;
+        }
+      }
+    }
+    rep.needle_recall = double(hit) / double(trials);
+  }
+  seqs.clear();
+
+  // Full budget: top-k covering every far chunk must equal dense to rounding.
+  if (c.full_budget_check) {
+    SyntheticRunConfig fc = c;
+    fc.context_tokens = std::min<uint64_t>(c.context_tokens, 32768);
+    fc.engine.policy.topk_chunks = static_cast<uint32_t>((fc.context_tokens + policy.chunk_tokens) / policy.chunk_tokens);
+    fc.engine.trace = nullptr;
+    KVT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> full, Engine::create(fc.engine));
+    KVT_ASSIGN_OR_RETURN(std::vector<Sequence> fs, make_sequences(*full, fc, 1, fc.context_tokens + s.layers + 2, {}, "full"));
+    double unused = 0;
+    fc.progress = nullptr;
+    KVT_RETURN_IF_ERROR(prefill_all(*full, fs, fc, unused));
+    double worst = 0;
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      std::vector<std::vector<bf16>> qk;
+      std::vector<std::vector<float>> ok;
+      KVT_RETURN_IF_ERROR(decode_step(*full, fs, 0, &qk, &ok, l).status());
+      // decode_step advanced every layer; verify layer l of the last step only once per layer.
+      KVT_ASSIGN_OR_RETURN(cpu::FidelityReport f, fs[0].session->verify_last_step(l, qk[0], ok[0]));
+      worst = std::max(worst, f.rel_error);
+    }
+    rep.rel_error_full_budget = worst;
+    rep.full_budget_context = fc.context_tokens;
+  }
+  return rep;
+}
+
+nlohmann::json SyntheticRunReport::to_json() const {
+  nlohmann::json j;
+  j["backend"] = backend;
+  j["placement"] = {{"host_home_bytes", placement.host_home_bytes},
+                    {"nvme_home_bytes", placement.nvme_home_bytes},
+                    {"gpu_cached_bytes", placement.gpu_cached_bytes},
+                    {"summary_bytes", placement.summary_bytes}};
+  j["prefill_seconds"] = prefill_seconds;
+  j["prefill_wall_seconds"] = prefill_wall_seconds;
+  j["prefill_tokens_per_s"] = prefill_tokens_per_s;
+  j["decode_steps_per_s"] = decode_steps_per_s;
+  j["decode_tokens_per_s"] = decode_tokens_per_s;
+  j["overlap_fraction"] = overlap_fraction;
+  j["selection_overlap"] = selection_overlap;
+  j["late_blocks_per_step"] = late_blocks_per_step;
+  j["mass_recall_p10"] = mass_recall_p10;
+  j["mass_recall_mean"] = mass_recall_mean;
+  j["rel_error_p50"] = rel_error_p50;
+  j["rel_error_max"] = rel_error_max;
+  j["verified"] = verified;
+  j["needle_recall"] = needle_recall;
+  j["rel_error_full_budget"] = rel_error_full_budget;
+  j["full_budget_context"] = full_budget_context;
+  j["step_seconds"] = step_seconds;
+  const auto& st = stats;
+  j["stats"] = {{"layer_steps", st.layer_steps},
+                {"selected_blocks", st.selected_blocks},
+                {"gpu_resident_blocks", st.gpu_resident_blocks},
+                {"uploaded_blocks", st.uploaded_blocks},
+                {"cpu_blocks", st.cpu_blocks},
+                {"nvme_read_blocks", st.nvme_read_blocks},
+                {"late_blocks", st.late_blocks},
+                {"write_backs", st.write_backs},
+                {"score_us", st.score_us},
+                {"gpu_wait_us", st.gpu_wait_us},
+                {"cpu_attend_us", st.cpu_attend_us},
+                {"upload_wait_us", st.upload_wait_us},
+                {"read_wait_us", st.read_wait_us},
+                {"merge_us", st.merge_us},
+                {"decode_us", st.decode_us}};
+  return j;
+}
+
+}  // namespace kvtier::runtime

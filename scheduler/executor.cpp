@@ -1,0 +1,470 @@
+// The executor: sequences, prefill and verification. Decode is in
+// executor_decode.cpp; the file format of saved sequences in executor_save.cpp.
+#include "kvtier/scheduler/executor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+
+#include "executor_internal.h"
+#include "kvtier/core/sizes.h"
+#include "kvtier/cpu/reference.h"
+#include "kvtier/gpu/cuda_context.h"
+#include "kvtier/gpu/kernels.h"
+#include "kvtier/storage/block_file.h"
+
+namespace kvtier::scheduler {
+
+using detail::wall_us;
+using storage::Tier;
+
+namespace {
+// Blocks per request when fetching many: the staging cache holds at least 64.
+constexpr size_t kFetchBatch = 32;
+}  // namespace
+
+SequenceKv::~SequenceKv() {
+  if (live_ != nullptr) --*live_;
+  hot_pins_.clear();  // pins before the store
+  if (arena_ != nullptr)
+    for (uint32_t s : tail_slots_) arena_->free(s);
+  // Reads still in flight finish on the store's mover before it stops.
+  if (store_ != nullptr)
+    for (const auto& p : pending_tickets_) (void)store_->wait(p);
+}
+
+Placement SequenceKv::placement() const {
+  Placement p;
+  const uint64_t slot = store_->geometry().slot_bytes();
+  const uint32_t n = store_->block_count();
+  for (uint32_t b = 0; b < n; ++b) {
+    if (!store_->resident(b, Tier::kHost) && !store_->resident(b, Tier::kNvme)) continue;
+    if (store_->resident(b, Tier::kGpu)) p.gpu_cached_bytes += slot;
+    if (store_->home_of(b) == Tier::kHost)
+      p.host_home_bytes += slot;
+    else
+      p.nvme_home_bytes += slot;
+  }
+  p.gpu_cached_bytes += uint64_t(tail_slots_.size()) * slot;
+  for (const auto& t : summaries_) p.summary_bytes += t.scoring_bytes() * 2;  // mean keys (or bounds) + mean values
+  return p;
+}
+
+Executor::Executor(const ExecutorOptions& options, ComputeBackend& backend, cpu::CpuEngine& cpu,
+                   gpu::CudaContext* cuda, std::shared_ptr<storage::DeviceArena> arena)
+    : options_(options), backend_(backend), cpu_(cpu), cuda_(cuda), arena_(std::move(arena)) {}
+
+Executor::~Executor() = default;
+
+Result<std::unique_ptr<Executor>> Executor::create(const ExecutorOptions& options, ComputeBackend& backend,
+                                                   cpu::CpuEngine& cpu, gpu::CudaContext* cuda,
+                                                   std::shared_ptr<storage::DeviceArena> arena) {
+  KVT_RETURN_IF_ERROR(validate(options.shape));
+  KVT_RETURN_IF_ERROR(validate(options.policy));
+  KVT_RETURN_IF_ERROR(validate(options.rates));
+  KVT_ASSERT(arena != nullptr, "the executor needs the gpu slot arena");
+  const BlockGeometry g(options.shape, options.policy.chunk_tokens);
+  if (arena->slot_bytes() != g.slot_bytes())
+    return invalid_argument("executor: arena slots of " + format_bytes(arena->slot_bytes()) + " for blocks of " +
+                            format_bytes(g.slot_bytes()));
+  if (options.max_sequences == 0) return invalid_argument("executor: max_sequences=0; at least one sequence");
+  const uint64_t tails = uint64_t{options.shape.layers} * options.shape.kv_heads;
+  if (arena->capacity() <= tails * options.max_sequences)
+    return invalid_argument("gpu tier: " + std::to_string(arena->capacity()) + " slots cannot hold the tail blocks of " +
+                            std::to_string(options.max_sequences) + " sequences (" + std::to_string(tails) +
+                            " each) and anything else; raise --gpu-bytes or lower the batch");
+  const uint32_t quota = static_cast<uint32_t>((arena->capacity() - tails * options.max_sequences) / options.max_sequences);
+  std::unique_ptr<Executor> e(new Executor(options, backend, cpu, cuda, std::move(arena)));
+  e->quota_ = quota;
+  e->gpu_ = std::make_unique<Gpu>(backend);
+  if (cuda != nullptr) KVT_RETURN_IF_ERROR(e->gpu_->init(*cuda));
+  if (options.trace != nullptr) {
+    e->lane_gpu_ = options.trace->lane(cuda != nullptr ? "GPU compute" : "GPU stand-in (CPU)");
+    e->lane_copy_ = options.trace->lane("copy engine (h2d uploads)");
+    e->lane_cpu_ = options.trace->lane("CPU workers");
+    e->lane_nvme_ = options.trace->lane("io_uring (NVMe reads)");
+  }
+  return e;
+}
+
+std::string Executor::describe() const {
+  std::ostringstream os;
+  os << "executor: " << (cuda_ != nullptr ? "CUDA kernels on " + cuda_->name() : std::string("CPU stand-in for the GPU"))
+     << "; arena " << arena_->capacity() << " slots of " << format_bytes(arena_->slot_bytes())
+     << "; late blocks: " << late_policy_name(options_.late) << "; " << cpu_.describe();
+  return os.str();
+}
+
+uint32_t Executor::slot_of(const std::byte* p) const {
+  const std::byte* base = arena_->slot_data(0);
+  KVT_ASSERT(p >= base, "pointer below the gpu arena");
+  const uint64_t off = static_cast<uint64_t>(p - base);
+  KVT_ASSERT(off % arena_->slot_bytes() == 0, "pointer not at a slot start");
+  return static_cast<uint32_t>(off / arena_->slot_bytes());
+}
+
+// ---------------------------------------------------------------- sequences
+
+Status Executor::init_sequence(SequenceKv& seq, uint64_t max_tokens) {
+  seq.live_ = live_;
+  ++*live_;
+  const ModelShape& s = options_.shape;
+  const SparsityPolicy& p = options_.policy;
+  seq.arena_ = arena_;
+  seq.kv_heads_ = s.kv_heads;
+  seq.chunks_per_head_ = seq.store_->chunks_per_head();
+  seq.max_tokens_ = max_tokens;
+  seq.tail_elems_ = size_t{p.chunk_tokens} * s.head_dim * 2;
+  seq.layer_tokens_.assign(s.layers, 0);
+  seq.summaries_.clear();
+  seq.summaries_.reserve(s.layers);
+  for (uint32_t l = 0; l < s.layers; ++l)
+    seq.summaries_.emplace_back(s.kv_heads, seq.chunks_per_head_, s.head_dim, p.summary_kind);
+  seq.tail_.assign(size_t{s.layers} * s.kv_heads * seq.tail_elems_, bf16{});
+  const uint32_t tails = s.layers * s.kv_heads;
+  for (uint32_t i = 0; i < tails; ++i) {
+    std::optional<uint32_t> slot = arena_->allocate();
+    if (!slot)
+      return no_space("gpu tier: no free slot for the tail blocks of a new sequence (" + std::to_string(tails) +
+                      " needed, " + std::to_string(arena_->capacity()) +
+                      " slots in all); raise --gpu-bytes or run fewer sequences together");
+    seq.tail_slots_.push_back(*slot);
+  }
+  seq.hot_pins_.clear();
+  seq.hot_pins_.resize(tails);
+  seq.last_selection_.assign(s.layers, std::vector<std::vector<uint32_t>>(s.kv_heads));
+  seq.last_attended_.assign(s.layers, cpu::AttendedSet{});
+  return Status::ok_status();
+}
+
+Result<storage::StoreConfig> Executor::store_config(uint64_t max_tokens, uint64_t host_bytes, int numa_node) const {
+  if (live_->load() >= options_.max_sequences)
+    return invalid_argument("session: " + std::to_string(live_->load()) + " sequences are open, the engine was made for " +
+                            std::to_string(options_.max_sequences) + " (max_sessions); close one or raise max_sessions");
+  storage::StoreConfig config;
+  config.shape = options_.shape;
+  config.policy = options_.policy;
+  config.max_tokens = max_tokens;
+  config.budgets.host_bytes = host_bytes;
+  config.numa_node = numa_node;
+  config.gpu_arena = arena_;
+  config.gpu_slot_quota = quota_;
+  return config;
+}
+
+Result<std::unique_ptr<SequenceKv>> Executor::create_sequence(uint64_t max_tokens, uint64_t host_bytes,
+                                                              const std::filesystem::path& path, int numa_node) {
+  const ModelShape& s = options_.shape;
+  const BlockGeometry g(s, options_.policy.chunk_tokens);
+  if (max_tokens == 0) return invalid_argument("session: max_tokens=0; a context needs at least one token");
+  KVT_ASSIGN_OR_RETURN(const storage::StoreConfig config, store_config(max_tokens, host_bytes, numa_node));
+  const storage::FileGeometry fg{s, options_.policy.chunk_tokens, g.chunks_for(max_tokens)};
+  KVT_ASSIGN_OR_RETURN(std::unique_ptr<storage::BlockFile> file,
+                       storage::BlockFile::create(path.string(), fg, storage::UringOptions{}));
+  std::unique_ptr<SequenceKv> seq(new SequenceKv());
+  Result<std::unique_ptr<storage::TieredStore>> store = storage::TieredStore::create(backend_, config, std::move(file));
+  if (!store.ok()) {
+    std::error_code ec;
+    std::filesystem::remove(path, ec);  // nothing left behind
+    return store.status();
+  }
+  seq->store_ = std::move(store).value();
+  Status st = init_sequence(*seq, max_tokens);
+  if (!st.ok()) {
+    seq.reset();
+    std::error_code ec;
+    std::filesystem::remove(path, ec);
+    return st;
+  }
+  return seq;
+}
+
+// ---------------------------------------------------------------- prefill
+
+namespace {
+
+// The mean query of a query block, per q head: what the block's far chunks are scored against.
+std::vector<bf16> mean_query(std::span<const bf16> q, uint32_t n, uint32_t row) {
+  std::vector<double> acc(row, 0.0);
+  for (uint32_t i = 0; i < n; ++i)
+    for (uint32_t j = 0; j < row; ++j) acc[j] += to_float(q[size_t{i} * row + j]);
+  std::vector<bf16> out(row);
+  for (uint32_t j = 0; j < row; ++j) out[j] = bf16::from_float(static_cast<float>(acc[j] / n));
+  return out;
+}
+
+// acc = merge(acc, part) row by row: rows of head_dim outputs with one lse each.
+void merge_rows(std::vector<float>& acc_o, std::vector<float>& acc_lse, const std::vector<float>& o,
+                const std::vector<float>& lse, uint32_t head_dim) {
+  for (size_t r = 0; r < acc_lse.size(); ++r) {
+    const float a = acc_lse[r], b = lse[r];
+    const float m = std::max(a, b);
+    if (m == -std::numeric_limits<float>::infinity()) continue;  // both empty
+    const float wa = std::exp(a - m), wb = std::exp(b - m), sum = wa + wb;
+    float* ao = &acc_o[r * head_dim];
+    const float* bo = &o[r * head_dim];
+    for (uint32_t x = 0; x < head_dim; ++x) ao[x] = (wa * ao[x] + wb * bo[x]) / sum;
+    acc_lse[r] = m + std::log(sum);
+  }
+}
+
+cpu::ScoreRule rule_of(SummaryKind kind) {
+  return kind == SummaryKind::kMinMaxF32 ? cpu::ScoreRule::kMinMaxBound : cpu::ScoreRule::kMaxDot;
+}
+
+}  // namespace
+
+Status Executor::write_completed(SequenceKv& seq, uint32_t layer, uint32_t chunk) {
+  const uint32_t kvh = options_.shape.kv_heads;
+  std::vector<storage::TieredStore::BlockWrite> writes;
+  for (uint32_t h = 0; h < kvh; ++h)
+    writes.push_back({seq.flat(layer, h, chunk), reinterpret_cast<const std::byte*>(seq.tail(layer, h))});
+  KVT_RETURN_IF_ERROR(seq.store_->write_home(writes, /*cache_on_gpu=*/true));
+  for (uint32_t h = 0; h < kvh; ++h)
+    cpu::build_summary(cpu_.isa(), cpu::HostBlock{seq.tail(layer, h), options_.policy.chunk_tokens},
+                       options_.policy.chunk_tokens, seq.summaries_[layer], h, chunk);
+  ++stats_.write_backs;
+  return Status::ok_status();
+}
+
+// Pins of the GPU copies of the given chunks of (layer, h) for every h; missing
+// copies are fetched first (one request). out[h] lists the pins in `chunks` order.
+Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
+                            std::vector<std::vector<storage::BlockPin>>& out) {
+  const uint32_t kvh = options_.shape.kv_heads;
+  std::vector<uint32_t> missing;
+  for (uint32_t h = 0; h < kvh; ++h)
+    for (uint32_t c : chunks[h])
+      if (!seq.store_->resident(seq.flat(layer, h, c), Tier::kGpu)) missing.push_back(seq.flat(layer, h, c));
+  for (int attempt = 0;; ++attempt) {
+    // In requests of at most kFetchBatch blocks: blocks homed on NVMe pass
+    // through the host staging cache, which must hold a whole request.
+    const double t0 = wall_us();
+    for (size_t i = 0; i < missing.size(); i += kFetchBatch) {
+      const std::span<const uint32_t> part =
+          std::span<const uint32_t>(missing).subspan(i, std::min(kFetchBatch, missing.size() - i));
+      KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(part, Tier::kGpu)));
+    }
+    stats_.upload_wait_us += wall_us() - t0;
+    out.clear();
+    out.resize(kvh);
+    missing.clear();
+    for (uint32_t h = 0; h < kvh; ++h) {
+      for (uint32_t c : chunks[h]) {
+        Result<storage::BlockPin> pin = seq.store_->pin(seq.flat(layer, h, c), Tier::kGpu);
+        if (pin.ok()) {
+          out[h].push_back(std::move(pin).value());
+        } else {
+          missing.push_back(seq.flat(layer, h, c));  // evicted meanwhile by this request's own uploads
+        }
+      }
+    }
+    if (missing.empty()) return Status::ok_status();
+    if (attempt == 2)
+      return no_space("gpu tier: " + std::to_string(missing.size()) +
+                      " blocks of one step do not stay resident together; raise --gpu-bytes");
+  }
+}
+
+Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, uint32_t n, std::span<const bf16> q,
+                         std::span<const bf16> k, std::span<const bf16> v, std::span<float> out) {
+  const ModelShape& s = options_.shape;
+  const SparsityPolicy& p = options_.policy;
+  const uint32_t C = p.chunk_tokens, d = s.head_dim, kvh = s.kv_heads, qh = s.q_heads;
+  if (layer >= s.layers)
+    return invalid_argument("prefill: layer " + std::to_string(layer) + " of a model with " + std::to_string(s.layers));
+  if (first_token != seq.layer_tokens_[layer])
+    return invalid_argument("prefill: layer " + std::to_string(layer) + " holds " +
+                            std::to_string(seq.layer_tokens_[layer]) + " tokens; the next block must start there, not at " +
+                            std::to_string(first_token));
+  if (n == 0) return invalid_argument("prefill: an empty query block");
+  if (first_token + n > seq.max_tokens_)
+    return out_of_range("prefill: tokens " + std::to_string(first_token) + "+" + std::to_string(n) +
+                        " exceed the session's max_tokens=" + std::to_string(seq.max_tokens_));
+  const size_t qrow = size_t{qh} * d, kvrow = size_t{kvh} * d;
+  if (q.size() != n * qrow || k.size() != n * kvrow || v.size() != n * kvrow || (!out.empty() && out.size() != n * qrow))
+    return invalid_argument("prefill: q/k/v/out hold " + std::to_string(q.size()) + "/" + std::to_string(k.size()) +
+                            "/" + std::to_string(v.size()) + "/" + std::to_string(out.size()) + " elements; " +
+                            std::to_string(n) + " tokens need " + std::to_string(n * qrow) + "/" +
+                            std::to_string(n * kvrow) + "/" + std::to_string(n * kvrow) + "/" + std::to_string(n * qrow));
+  const double t_start = wall_us();
+  TraceRecorder* tr = options_.trace;
+
+  // 1. Append into the tail blocks; each chunk the block completes goes home.
+  {
+    TraceScope scope(tr, lane_cpu_, "prefill append + write home + summaries");
+    uint64_t pos = first_token;
+    const uint64_t end = first_token + n;
+    while (pos < end) {
+      const uint32_t chunk = static_cast<uint32_t>(pos / C);
+      const uint64_t chunk_end = std::min<uint64_t>(end, (uint64_t{chunk} + 1) * C);
+      for (uint32_t h = 0; h < kvh; ++h) {
+        bf16* t = seq.tail(layer, h);
+        for (uint64_t x = pos; x < chunk_end; ++x) {
+          const size_t src = (x - first_token) * kvrow + size_t{h} * d;
+          std::memcpy(t + (x % C) * d, k.data() + src, d * sizeof(bf16));
+          std::memcpy(t + size_t{C} * d + (x % C) * d, v.data() + src, d * sizeof(bf16));
+        }
+      }
+      if (chunk_end % C == 0) KVT_RETURN_IF_ERROR(write_completed(seq, layer, chunk));
+      pos = chunk_end;
+    }
+    seq.layer_tokens_[layer] = end;
+  }
+  const uint64_t tokens = first_token + n;
+  if (layer + 1 == s.layers) seq.store_->set_sequence_tokens(tokens);
+  const bool tail_partial = tokens % C != 0;
+  const uint32_t last_chunk = static_cast<uint32_t>((tokens - 1) / C);
+
+  // 2. The chunks the block attends: sinks, the window back from its first
+  // query to its last, and the top-k far chunks for the block's mean query.
+  const ChunkRanges before = chunk_ranges(p, first_token == 0 ? 1 : first_token);
+  const uint32_t sink_end = std::min(before.far_begin, last_chunk + 1);
+  const uint32_t window_begin =
+      std::max<uint32_t>(sink_end, first_token > p.window_tokens ? static_cast<uint32_t>((first_token - p.window_tokens) / C) : 0);
+  std::vector<std::vector<uint32_t>> selected(kvh);
+  if (window_begin > sink_end && p.topk_chunks > 0) {
+    TraceScope scope(tr, lane_cpu_, "prefill scoring + top-k");
+    const std::vector<bf16> qmean = mean_query(q, n, static_cast<uint32_t>(qrow));
+    const cpu::SummaryTable& table = seq.summaries_[layer];
+    std::vector<float> scores(size_t{kvh} * table.blocks());
+    cpu_.score(Bf16View<2>(qmean, {qh, d}), table, static_cast<float>(1.0 / std::sqrt(double(d))), rule_of(p.summary_kind),
+               MutF32View<2>(scores, {kvh, table.blocks()}));
+    cpu_.select(F32View<2>(scores, {kvh, table.blocks()}), p.topk_chunks, sink_end, window_begin, selected);
+  }
+  std::vector<std::vector<uint32_t>> full(kvh);  // full chunks attended, per head
+  for (uint32_t h = 0; h < kvh; ++h) {
+    for (uint32_t c = 0; c < sink_end; ++c) full[h].push_back(c);
+    full[h].insert(full[h].end(), selected[h].begin(), selected[h].end());
+    const uint32_t full_end = tail_partial ? last_chunk : last_chunk + 1;
+    for (uint32_t c = window_begin; c < full_end; ++c)
+      if (c >= sink_end) full[h].push_back(c);
+  }
+  // 3. Attention, in passes of as many blocks as the GPU tier has room for
+  // (one pass when it is not starved); the passes' partial states merge
+  // exactly, so any split of the attended blocks gives the same result.
+  const float scale = static_cast<float>(1.0 / std::sqrt(double(d)));
+  const uint32_t room = seq.store_->gpu_room();
+  if (room <= kvh)
+    return no_space("prefill: the gpu tier has room for " + std::to_string(room) +
+                    " blocks of this context beyond its pinned sinks, windows and tails; raise --gpu-bytes");
+  const size_t per_pass = room - kvh;  // a margin for this block's completed chunks
+  size_t total = 0;
+  for (const auto& l : full) total += l.size();
+  const size_t passes = std::max<size_t>(1, (total + per_pass - 1) / per_pass);
+  const bool keep = !out.empty() || passes > 1;
+  std::vector<float> acc_o, acc_lse, o_pass, lse_pass;
+  if (keep) {
+    acc_o.assign(size_t{n} * qrow, 0.f);
+    acc_lse.assign(size_t{n} * qh, -std::numeric_limits<float>::infinity());
+    o_pass.resize(acc_o.size());
+    lse_pass.resize(acc_lse.size());
+  }
+  size_t cursor_h = 0, cursor_j = 0;
+  for (size_t pass = 0; pass < passes; ++pass) {
+    std::vector<std::vector<uint32_t>> part(kvh);
+    size_t taken = 0;
+    while (cursor_h < kvh && taken < per_pass) {
+      if (cursor_j >= full[cursor_h].size()) {
+        ++cursor_h;
+        cursor_j = 0;
+        continue;
+      }
+      part[cursor_h].push_back(full[cursor_h][cursor_j++]);
+      ++taken;
+    }
+    const bool with_tail = pass == 0 && tail_partial;
+    std::vector<std::vector<storage::BlockPin>> pins;
+    KVT_RETURN_IF_ERROR(pin_on_gpu(seq, layer, part, pins));
+    float* o_dst = keep ? o_pass.data() : nullptr;
+    float* lse_dst = keep ? lse_pass.data() : nullptr;
+    if (cuda_ != nullptr) {
+      KVT_RETURN_IF_ERROR(gpu_->prefill(*this, seq, layer, first_token, n, q, part, pins, with_tail, last_chunk, scale,
+                                        o_dst, lse_dst));
+    } else {
+      TraceScope scope(tr, lane_gpu_, "prefill attention (CPU stand-in)");
+      // Each query: the full chunks before its own, its own chunk up to itself.
+      cpu_.parallel_for(n, 16, [&](size_t begin, size_t end) {
+        cpu::PartialState ps = cpu::PartialState::empty(qh, d);
+        std::vector<std::vector<cpu::HostBlock>> lists(kvh);
+        for (size_t i = begin; i < end; ++i) {
+          const uint64_t pos = first_token + i;
+          const uint32_t own = static_cast<uint32_t>(pos / C);
+          for (uint32_t h = 0; h < kvh; ++h) {
+            lists[h].clear();
+            for (size_t j = 0; j < part[h].size(); ++j) {
+              const uint32_t c = part[h][j];
+              if (c > own) continue;
+              const uint32_t valid = c == own ? static_cast<uint32_t>(pos % C) + 1 : C;
+              lists[h].push_back({reinterpret_cast<const bf16*>(pins[h][j].data()), valid});
+            }
+            if (with_tail && own == last_chunk)
+              lists[h].push_back({seq.tail(layer, h), static_cast<uint32_t>(pos % C) + 1});
+          }
+          cpu::attend_blocks(cpu_.isa(), Bf16View<2>(q.subspan(i * qrow, qrow), {qh, d}), lists, C, scale, ps);
+          if (o_dst != nullptr) {
+            std::copy(ps.o.begin(), ps.o.end(), o_dst + i * qrow);
+            std::copy(ps.lse.begin(), ps.lse.end(), lse_dst + i * qh);
+          }
+        }
+      });
+    }
+    if (keep) merge_rows(acc_o, acc_lse, o_pass, lse_pass, d);
+  }
+  if (!out.empty()) std::copy(acc_o.begin(), acc_o.end(), out.begin());
+  stats_.prefill_us += wall_us() - t_start;
+  stats_.prefill_tokens += n;
+  return Status::ok_status();
+}
+
+// ---------------------------------------------------------------- verification
+
+Result<cpu::FidelityReport> Executor::verify(SequenceKv& seq, uint32_t layer, std::span<const bf16> q,
+                                             std::span<const float> out) {
+  const ModelShape& s = options_.shape;
+  const uint32_t C = options_.policy.chunk_tokens, d = s.head_dim, kvh = s.kv_heads;
+  if (layer >= s.layers) return invalid_argument("verify: layer " + std::to_string(layer) + " is out of range");
+  const uint64_t tokens = seq.layer_tokens_[layer];
+  if (tokens == 0) return invalid_argument("verify: the layer holds no tokens");
+  if (seq.last_attended_[layer].chunks.empty())
+    return invalid_argument("verify: layer " + std::to_string(layer) + " has not decoded a step yet");
+  if (q.size() != size_t{s.q_heads} * d || out.size() != size_t{s.q_heads} * d)
+    return invalid_argument("verify: q and out must hold q_heads x head_dim elements");
+  // Every token of the layer, read back through the tiers: full blocks from
+  // their homes (host or NVMe, checksummed), the tail from the host copy.
+  std::vector<bf16> kd(size_t{kvh} * tokens * d), vd(kd.size());
+  const uint32_t chunks = static_cast<uint32_t>((tokens + C - 1) / C);
+  const uint32_t full_chunks = static_cast<uint32_t>(tokens / C);
+  const uint32_t batch = 32;
+  for (uint32_t h = 0; h < kvh; ++h) {
+    for (uint32_t c0 = 0; c0 < full_chunks; c0 += batch) {
+      const uint32_t c1 = std::min(full_chunks, c0 + batch);
+      std::vector<uint32_t> blocks;
+      for (uint32_t c = c0; c < c1; ++c) blocks.push_back(seq.flat(layer, h, c));
+      KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(blocks, Tier::kHost)));
+      for (uint32_t c = c0; c < c1; ++c) {
+        KVT_ASSIGN_OR_RETURN(storage::BlockPin pin, seq.store_->pin(seq.flat(layer, h, c), Tier::kHost));
+        const bf16* src = reinterpret_cast<const bf16*>(pin.data());
+        std::memcpy(&kd[(size_t{h} * tokens + uint64_t{c} * C) * d], src, size_t{C} * d * sizeof(bf16));
+        std::memcpy(&vd[(size_t{h} * tokens + uint64_t{c} * C) * d], src + size_t{C} * d, size_t{C} * d * sizeof(bf16));
+      }
+    }
+    if (full_chunks < chunks) {
+      const uint32_t rows = static_cast<uint32_t>(tokens - uint64_t{full_chunks} * C);
+      const bf16* t = seq.tail(layer, h);
+      std::memcpy(&kd[(size_t{h} * tokens + uint64_t{full_chunks} * C) * d], t, size_t{rows} * d * sizeof(bf16));
+      std::memcpy(&vd[(size_t{h} * tokens + uint64_t{full_chunks} * C) * d], t + size_t{C} * d,
+                  size_t{rows} * d * sizeof(bf16));
+    }
+  }
+  const cpu::ref::LayerKv kv{Bf16View<3>(kd, {kvh, tokens, d}), Bf16View<3>(vd, {kvh, tokens, d})};
+  cpu::PartialState sparse = cpu::PartialState::empty(s.q_heads, d);
+  std::copy(out.begin(), out.end(), sparse.o.begin());
+  std::fill(sparse.lse.begin(), sparse.lse.end(), 0.f);
+  return cpu::measure_fidelity(Bf16View<2>(q, {s.q_heads, d}), kv, seq.last_attended_[layer], C, sparse,
+                               1.0 / std::sqrt(double(d)));
+}
+
+}  // namespace kvtier::scheduler

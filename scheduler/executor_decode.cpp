@@ -1,0 +1,577 @@
+// One decode step of one layer for a batch of sequences (executor.h's diagram).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <unordered_set>
+
+#include "executor_internal.h"
+
+namespace kvtier::scheduler {
+
+using detail::wall_us;
+using storage::Tier;
+
+// Keeps the pins of the hot set (sinks + window full chunks) of (layer, every
+// head) in step with `tokens`: pins chunks that joined, drops those that left.
+Status Executor::refresh_hot_pins(SequenceKv& seq, uint32_t layer, uint64_t tokens) {
+  const uint32_t kvh = options_.shape.kv_heads;
+  const ChunkRanges r = chunk_ranges(options_.policy, tokens);
+  const uint32_t tail_chunk = r.chunks - 1;
+  std::vector<uint32_t> want;
+  for (uint32_t c = 0; c < std::min(r.far_begin, tail_chunk); ++c) want.push_back(c);
+  for (uint32_t c = std::max(r.far_end, r.far_begin); c < tail_chunk; ++c) want.push_back(c);
+  std::vector<std::vector<uint32_t>> missing(kvh);
+  bool any = false;
+  for (uint32_t h = 0; h < kvh; ++h) {
+    auto& pins = seq.hot_pins_[layer * kvh + h];
+    for (auto it = pins.begin(); it != pins.end();)
+      it = std::binary_search(want.begin(), want.end(), it->first) ? std::next(it) : pins.erase(it);
+    for (uint32_t c : want)
+      if (pins.count(c) == 0) {
+        missing[h].push_back(c);
+        any = true;
+      }
+  }
+  if (!any) return Status::ok_status();
+  std::vector<std::vector<storage::BlockPin>> got;
+  KVT_RETURN_IF_ERROR(pin_on_gpu(seq, layer, missing, got));
+  for (uint32_t h = 0; h < kvh; ++h)
+    for (size_t j = 0; j < missing[h].size(); ++j) seq.hot_pins_[layer * kvh + h].emplace(missing[h][j], std::move(got[h][j]));
+  return Status::ok_status();
+}
+
+namespace {
+
+cpu::ScoreRule rule_for(SummaryKind kind) {
+  return kind == SummaryKind::kMinMaxF32 ? cpu::ScoreRule::kMinMaxBound : cpu::ScoreRule::kMaxDot;
+}
+
+}  // namespace
+
+// One sequence's working state through a step.
+struct SeqStep {
+  uint64_t tokens = 0;  // after the append
+  ChunkRanges ranges;
+  bool completed = false;  // the append filled the tail block
+  std::vector<std::vector<uint32_t>> selected;  // [kv_heads]
+  std::vector<storage::BlockPin> gpu_pins;      // selected blocks attended from GPU slots
+  std::vector<std::vector<uint32_t>> gpu_sel;   // [kv_heads] slots of those
+  std::vector<std::vector<const bf16*>> gpu_sel_ptr;  // same, as pointers (CPU stand-in)
+  std::vector<uint32_t> upload;                 // flat block ids
+  std::vector<std::vector<uint32_t>> upload_chunks;  // [kv_heads]
+  std::vector<std::vector<uint32_t>> cpu_chunks;     // [kv_heads]
+  std::vector<std::vector<uint32_t>> late_chunks;    // [kv_heads]
+  std::vector<uint32_t> reads;                  // flat ids of new NVMe reads attended this step
+  std::vector<uint32_t> late_reads;             // flat ids of new NVMe reads that land for later steps
+  std::vector<std::vector<uint32_t>> rounds;    // `reads` in staging-sized rounds
+  std::vector<storage::Ticket> tickets;         // [round], once issued
+  std::vector<double> issued_us;                // [round] trace time of issue
+  size_t issued = 0;
+  size_t waited = 0;                            // rounds whose tickets are spent
+  storage::Ticket upload_ticket;
+  bool has_upload = false;
+  double upload_issued_us = 0;
+  cpu::PartialState hot, sel, host, far;
+  std::map<uint32_t, storage::BlockPin> host_pins;  // flat id -> host copy the CPU attends
+};
+
+namespace {
+
+
+// Reads per round: the staging cache holds at least 64 blocks, and two
+// rounds are in flight at once.
+constexpr size_t kReadRound = 16;
+
+}  // namespace
+
+void Executor::issue_round(SequenceKv& seq, SeqStep& x) {
+  const std::vector<uint32_t>& round = x.rounds[x.issued++];
+  const storage::Ticket t = seq.store_->prefetch(round, Tier::kHost);
+  x.tickets.push_back(t);
+  x.issued_us.push_back(options_.trace != nullptr ? options_.trace->now_us() : 0);
+  for (uint32_t f : round) seq.reading_[f] = t;
+}
+
+// A pin of a block's host copy. The staging cache is shared by this step's
+// reads in flight, so a copy that landed may be evicted before it is pinned:
+// then it is read again (a few times at most; a failed read is the error).
+Result<storage::BlockPin> Executor::pin_host(SequenceKv& seq, uint32_t f) {
+  for (int attempt = 0;; ++attempt) {
+    Result<storage::BlockPin> pin = seq.store_->pin(f, Tier::kHost);
+    if (pin.ok() || pin.status().code() != StatusCode::kUnavailable || attempt == 3) return pin;
+    const uint32_t one[1] = {f};
+    KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(one, Tier::kHost)));
+    ++stats_.reread_blocks;
+  }
+}
+
+Status Executor::wait_read(SequenceKv& seq, storage::Ticket t) {
+  const Status st = seq.store_->wait(t);
+  for (auto r = seq.reading_.begin(); r != seq.reading_.end();)
+    r = r->second.id == t.id ? seq.reading_.erase(r) : std::next(r);
+  seq.pending_tickets_.erase(std::remove_if(seq.pending_tickets_.begin(), seq.pending_tickets_.end(),
+                                            [&](const storage::Ticket& q) { return q.id == t.id; }),
+                             seq.pending_tickets_.end());
+  return st;
+}
+
+// A step that fails part-way: nothing it started may outlive it unwaited, and
+// no output is produced. The sequence stays usable: the layer's token count did
+// not advance, so a retry of the step writes the same token to the same row.
+Status Executor::abandon(SequenceKv& seq, SeqStep& x, Status why) {
+  if (cuda_ != nullptr) (void)gpu_->finish();
+  if (x.has_upload) (void)seq.store_->wait(x.upload_ticket);
+  x.has_upload = false;
+  for (size_t r = x.waited; r < x.tickets.size(); ++r) (void)wait_read(seq, x.tickets[r]);
+  x.tickets.clear();
+  x.host_pins.clear();
+  x.gpu_pins.clear();
+  return why;
+}
+
+Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
+  const ModelShape& s = options_.shape;
+  const SparsityPolicy& p = options_.policy;
+  const uint32_t C = p.chunk_tokens, d = s.head_dim, kvh = s.kv_heads, qh = s.q_heads;
+  const uint32_t B = static_cast<uint32_t>(batch.size());
+  if (layer >= s.layers) return invalid_argument("decode: layer " + std::to_string(layer) + " of a model with " + std::to_string(s.layers));
+  if (B == 0) return invalid_argument("decode: an empty batch");
+  const size_t qrow = size_t{qh} * d, kvrow = size_t{kvh} * d;
+  std::unordered_set<const SequenceKv*> seen;
+  for (uint32_t b = 0; b < B; ++b) {
+    const DecodeItem& it = batch[b];
+    if (it.seq == nullptr) return invalid_argument("decode: batch entry " + std::to_string(b) + " has no sequence");
+    if (!seen.insert(it.seq).second) return invalid_argument("decode: a sequence appears twice in one batch");
+    if (it.q.size() != qrow || it.k.size() != kvrow || it.v.size() != kvrow || it.out.size() != qrow)
+      return invalid_argument("decode: batch entry " + std::to_string(b) + ": q/k/v/out hold " +
+                              std::to_string(it.q.size()) + "/" + std::to_string(it.k.size()) + "/" +
+                              std::to_string(it.v.size()) + "/" + std::to_string(it.out.size()) + " elements, need " +
+                              std::to_string(qrow) + "/" + std::to_string(kvrow) + "/" + std::to_string(kvrow) + "/" +
+                              std::to_string(qrow));
+    if (it.seq->layer_tokens_[layer] >= it.seq->max_tokens_)
+      return out_of_range("decode: the sequence is full (max_tokens=" + std::to_string(it.seq->max_tokens_) +
+                          "); create the session with a larger max_tokens");
+    if (it.seq->layer_tokens_[layer] == 0) return invalid_argument("decode: prefill at least one token first");
+  }
+  const double t_step = wall_us();
+  TraceRecorder* tr = options_.trace;
+  const double trace_origin = tr != nullptr ? tr->now_us() : 0.0;
+  const float scale = static_cast<float>(1.0 / std::sqrt(double(d)));
+  const gpu::SlotArenaView arena{arena_->slot_data(0), arena_->slot_bytes(), arena_->capacity(), C, d};
+  std::vector<SeqStep> st(B);
+
+  // 1. Append k, v to each tail (host copy now; device copy by the kernel).
+  std::vector<uint32_t> append_slots, append_rows;
+  for (uint32_t b = 0; b < B; ++b) {
+    SequenceKv& seq = *batch[b].seq;
+    const uint64_t pos = seq.layer_tokens_[layer];
+    const uint32_t row = static_cast<uint32_t>(pos % C);
+    for (uint32_t h = 0; h < kvh; ++h) {
+      bf16* t = seq.tail(layer, h);
+      std::memcpy(t + size_t{row} * d, batch[b].k.data() + size_t{h} * d, d * sizeof(bf16));
+      std::memcpy(t + size_t{C} * d + size_t{row} * d, batch[b].v.data() + size_t{h} * d, d * sizeof(bf16));
+      append_slots.push_back(seq.tail_slots_[layer * kvh + h]);
+    }
+    append_rows.push_back(row);
+    st[b].tokens = pos + 1;
+    st[b].ranges = chunk_ranges(p, st[b].tokens);
+    st[b].completed = st[b].tokens % C == 0;
+    KVT_RETURN_IF_ERROR(refresh_hot_pins(seq, layer, st[b].tokens));
+  }
+
+  // 2. GPU: the hot set needs no selection, so it starts now.
+  auto hot_lists = [&]() {
+    SlotLists l;
+    for (uint32_t b = 0; b < B; ++b) {
+      SequenceKv& seq = *batch[b].seq;
+      for (uint32_t h = 0; h < kvh; ++h) {
+        for (const auto& [chunk, pin] : seq.hot_pins_[layer * kvh + h]) l.slots.push_back(slot_of(pin.data()));
+        l.slots.push_back(seq.tail_slots_[layer * kvh + h]);
+        l.close_list(static_cast<uint32_t>((st[b].tokens - 1) % C) + 1);
+      }
+    }
+    return l;
+  };
+  if (cuda_ != nullptr) {
+    KVT_RETURN_IF_ERROR(gpu_->begin_step(batch, qh, kvh, d, append_slots, append_rows));
+    gpu::AppendArgs ap;
+    ap.k = detail::at<const bf16>(gpu_->dev_in.data(), gpu_->in_off_k);
+    ap.v = detail::at<const bf16>(gpu_->dev_in.data(), gpu_->in_off_v);
+    ap.batch = B;
+    ap.kv_heads = kvh;
+    ap.arena = arena;
+    ap.slots = detail::at<const uint32_t>(gpu_->dev_in.data(), gpu_->in_off_slots);
+    ap.rows = detail::at<const uint32_t>(gpu_->dev_in.data(), gpu_->in_off_rows);
+    KVT_RETURN_IF_ERROR(gpu::append_kv(ap, cuda_->compute_stream()));
+    KVT_RETURN_IF_ERROR(gpu_->attend(0, hot_lists(), B, qh, kvh, arena, scale));
+  }
+
+  // 3. CPU: scoring and top-k per sequence; where the selected blocks are.
+  {
+    TraceScope scope(tr, lane_cpu_, "score + top-k");
+    const double t0 = wall_us();
+    for (uint32_t b = 0; b < B; ++b) {
+      SequenceKv& seq = *batch[b].seq;
+      SeqStep& x = st[b];
+      x.selected.assign(kvh, {});
+      if (x.ranges.far_end > x.ranges.far_begin && p.topk_chunks > 0) {
+        const cpu::SummaryTable& table = seq.summaries_[layer];
+        scores_.resize(size_t{kvh} * table.blocks());
+        cpu_.score(Bf16View<2>(batch[b].q, {qh, d}), table, scale, rule_for(p.summary_kind),
+                   MutF32View<2>(scores_, {kvh, table.blocks()}));
+        cpu_.select(F32View<2>(scores_, {kvh, table.blocks()}), p.topk_chunks, x.ranges.far_begin, x.ranges.far_end,
+                    x.selected);
+      }
+    }
+    stats_.score_us += wall_us() - t0;
+  }
+  std::vector<SequenceStep> plan_in(B);
+  uint32_t upload_room = UINT32_MAX;
+  for (uint32_t b = 0; b < B; ++b) {
+    SequenceKv& seq = *batch[b].seq;
+    // Reads that have landed since the last step.
+    for (auto it = seq.pending_tickets_.begin(); it != seq.pending_tickets_.end();) {
+      std::optional<Status> done = seq.store_->try_wait(*it);
+      if (!done) {
+        ++it;
+        continue;
+      }
+      for (auto r = seq.reading_.begin(); r != seq.reading_.end();)
+        r = r->second.id == it->id ? seq.reading_.erase(r) : std::next(r);
+      it = seq.pending_tickets_.erase(it);  // a failed read is retried when selected again
+    }
+    upload_room = std::min(upload_room, seq.store_->gpu_room());
+    plan_in[b].context_tokens = st[b].tokens;
+    plan_in[b].tail_block_completed = st[b].completed;
+    plan_in[b].selected.assign(kvh, {});
+    for (uint32_t h = 0; h < kvh; ++h) {
+      const auto& prev = seq.last_selection_[layer][h];
+      for (uint32_t c : st[b].selected[h]) {
+        const uint32_t f = seq.flat(layer, h, c);
+        Residency where = Residency::kNvme;
+        if (seq.store_->resident(f, Tier::kGpu))
+          where = Residency::kGpu;
+        else if (seq.store_->resident(f, Tier::kHost))
+          where = Residency::kHost;
+        else if (seq.reading_.count(f) != 0)
+          where = Residency::kNvmeReading;
+        plan_in[b].selected[h].push_back({c, where});
+        if (!prev.empty()) {
+          ++stats_.selection_compared;
+          if (std::find(prev.begin(), prev.end(), c) != prev.end()) ++stats_.kept_from_previous;
+        }
+      }
+      stats_.selected_blocks += st[b].selected[h].size();
+    }
+  }
+  PlanInputs pin_in;
+  pin_in.shape = s;
+  pin_in.policy = p;
+  pin_in.layer = layer;
+  pin_in.batch = plan_in;
+  pin_in.rates = options_.rates;
+  pin_in.late = options_.late;
+  // Room for uploads: free slots plus evictable copies, less a margin for the
+  // blocks this step completes.
+  // (The planner's room is for the batch; each sequence has its own quota,
+  // so the smallest room of any sequence is what every one can surely use.)
+  pin_in.upload_slots_free = upload_room > kvh ? upload_room - kvh : 0;
+  KVT_ASSIGN_OR_RETURN(LayerPlan plan, plan_layer(pin_in));
+  stats_.late_blocks += plan.late_blocks;
+
+  // 4. Issue the copy engine's uploads and the NVMe reads (store movers).
+  for (uint32_t b = 0; b < B; ++b) {
+    SequenceKv& seq = *batch[b].seq;
+    SeqStep& x = st[b];
+    x.gpu_sel.assign(kvh, {});
+    x.gpu_sel_ptr.assign(kvh, {});
+    x.upload_chunks.assign(kvh, {});
+    x.cpu_chunks.assign(kvh, {});
+    x.late_chunks.assign(kvh, {});
+    for (uint32_t h = 0; h < kvh; ++h) {
+      const HeadPlan& hp = plan.heads[size_t{b} * kvh + h];
+      for (uint32_t c : hp.gpu) {
+        Result<storage::BlockPin> pin = seq.store_->pin(seq.flat(layer, h, c), Tier::kGpu);
+        if (pin.ok()) {
+          x.gpu_sel[h].push_back(slot_of(pin->data()));
+          x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin->data()));
+          x.gpu_pins.push_back(std::move(pin).value());
+        } else {
+          x.upload_chunks[h].push_back(c);  // evicted since the plan looked: upload it again
+        }
+      }
+      x.upload_chunks[h].insert(x.upload_chunks[h].end(), hp.upload.begin(), hp.upload.end());
+      x.cpu_chunks[h] = hp.cpu;
+      x.late_chunks[h] = hp.late;
+      for (uint32_t c : x.upload_chunks[h]) x.upload.push_back(seq.flat(layer, h, c));
+      for (uint32_t c : hp.read)
+        (std::find(hp.late.begin(), hp.late.end(), c) != hp.late.end() ? x.late_reads : x.reads)
+            .push_back(seq.flat(layer, h, c));
+      stats_.gpu_resident_blocks += hp.gpu.size();
+      stats_.cpu_blocks += hp.cpu.size();
+    }
+    // Host copies the CPU will read are pinned now, before this step's reads
+    // can evict them from the staging cache.
+    for (uint32_t h = 0; h < kvh; ++h)
+      for (uint32_t c : x.cpu_chunks[h]) {
+        const uint32_t f = seq.flat(layer, h, c);
+        if (seq.reading_.count(f) != 0 ||
+            std::find(x.reads.begin(), x.reads.end(), f) != x.reads.end())
+          continue;
+        Result<storage::BlockPin> pin = seq.store_->pin(f, Tier::kHost);
+        if (pin.ok()) {
+          x.host_pins.emplace(f, std::move(pin).value());
+        } else {
+          x.reads.push_back(f);  // dropped from staging since the plan looked: read it again
+        }
+      }
+    stats_.uploaded_blocks += x.upload.size();
+    stats_.nvme_read_blocks += x.reads.size() + x.late_reads.size();
+    if (!x.upload.empty()) {
+      x.upload_issued_us = tr != nullptr ? tr->now_us() : 0;
+      x.upload_ticket = seq.store_->prefetch(x.upload, Tier::kGpu);
+      x.has_upload = true;
+    }
+    // Reads the CPU waits for, in rounds the staging cache can hold; two
+    // rounds are in flight at a time, the rest follow as rounds are attended.
+    for (size_t i = 0; i < x.reads.size(); i += kReadRound)
+      x.rounds.emplace_back(x.reads.begin() + static_cast<ptrdiff_t>(i),
+                            x.reads.begin() + static_cast<ptrdiff_t>(std::min(x.reads.size(), i + kReadRound)));
+    while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
+    if (!x.late_reads.empty()) {  // after the reads this step waits for
+      const storage::Ticket t = seq.store_->prefetch(x.late_reads, Tier::kHost);
+      seq.pending_tickets_.push_back(t);
+      for (uint32_t f : x.late_reads) seq.reading_[f] = t;
+    }
+  }
+
+  // 5. CPU: exact attention over host-resident selected blocks, then the far
+  // field (late blocks, and every unselected far block under far_field=summary).
+  for (uint32_t b = 0; b < B; ++b) {
+    SequenceKv& seq = *batch[b].seq;
+    SeqStep& x = st[b];
+    // Reads from earlier steps that this step attends: wait for them.
+    std::vector<storage::Ticket> to_wait;
+    for (uint32_t h = 0; h < kvh; ++h)
+      for (uint32_t c : x.cpu_chunks[h]) {
+        const uint32_t f = seq.flat(layer, h, c);
+        auto r = seq.reading_.find(f);
+        if (r == seq.reading_.end() || x.host_pins.count(f) != 0 ||
+            std::find(x.reads.begin(), x.reads.end(), f) != x.reads.end())
+          continue;
+        if (std::none_of(to_wait.begin(), to_wait.end(), [&](const storage::Ticket& t) { return t.id == r->second.id; }))
+          to_wait.push_back(r->second);
+      }
+    for (const storage::Ticket& t : to_wait) {
+      const double tt0 = tr != nullptr ? tr->now_us() : 0;
+      const Status rs = wait_read(seq, t);
+      if (tr != nullptr) tr->complete(lane_nvme_, "earlier nvme read (wait)", tt0, tr->now_us() - tt0);
+      if (!rs.ok()) return abandon(seq, x, rs.with_context("decode step of layer " + std::to_string(layer) +
+                                                           ": reading selected blocks"));
+    }
+    TraceScope scope(tr, lane_cpu_, "cpu attention (host blocks + far field)");
+    const double t0 = wall_us();
+    // Everything host-resident now (pinned at planning, or read by earlier steps).
+    std::vector<std::vector<cpu::HostBlock>> lists(kvh);
+    for (uint32_t h = 0; h < kvh; ++h)
+      for (uint32_t c : x.cpu_chunks[h]) {
+        const uint32_t f = seq.flat(layer, h, c);
+        if (std::find(x.reads.begin(), x.reads.end(), f) != x.reads.end()) continue;  // in a round below
+        auto have = x.host_pins.find(f);
+        if (have == x.host_pins.end()) {
+          Result<storage::BlockPin> pin = pin_host(seq, f);
+          if (!pin.ok()) return abandon(seq, x, pin.status().with_context("decode step of layer " + std::to_string(layer)));
+          have = x.host_pins.emplace(f, std::move(pin).value()).first;
+        }
+        lists[h].push_back({reinterpret_cast<const bf16*>(have->second.data()), C});
+      }
+    x.host = cpu::PartialState::empty(qh, d);
+    cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), lists, C, scale, x.host);
+    x.host_pins.clear();
+    // This step's reads, round by round as they land.
+    for (size_t r = 0; r < x.rounds.size(); ++r) {
+      const double w0 = wall_us();
+      const Status rs = wait_read(seq, x.tickets[r]);
+      x.waited = r + 1;
+      stats_.read_wait_us += wall_us() - w0;
+      if (tr != nullptr)
+        tr->complete(lane_nvme_, "nvme read round (issue to landed)", x.issued_us[r], tr->now_us() - x.issued_us[r],
+                     {{"blocks", x.rounds[r].size()}});
+      if (!rs.ok()) return abandon(seq, x, rs.with_context("decode step of layer " + std::to_string(layer) +
+                                                           ": reading selected blocks"));
+      while (x.issued < x.rounds.size() && x.issued < r + 3) issue_round(seq, x);
+      std::vector<std::vector<cpu::HostBlock>> round_lists(kvh);
+      std::vector<storage::BlockPin> round_pins;
+      for (uint32_t f : x.rounds[r]) {
+        Result<storage::BlockPin> pin = pin_host(seq, f);
+        if (!pin.ok()) return abandon(seq, x, pin.status().with_context("decode step of layer " + std::to_string(layer)));
+        const uint32_t h = (f / seq.chunks_per_head_) % kvh;
+        round_lists[h].push_back({reinterpret_cast<const bf16*>(pin->data()), C});
+        round_pins.push_back(std::move(pin).value());
+      }
+      cpu::PartialState part = cpu::PartialState::empty(qh, d);
+      cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), round_lists, C, scale, part);
+      const cpu::PartialState two[2] = {std::move(x.host), std::move(part)};
+      x.host = cpu::merge_states(std::span<const cpu::PartialState>(two, 2));
+    }
+    // Far field.
+    std::vector<std::vector<uint32_t>> far(kvh);
+    bool any_far = false;
+    for (uint32_t h = 0; h < kvh; ++h) {
+      far[h] = x.late_chunks[h];
+      if (p.far_field == FarField::kSummary) {
+        std::vector<uint32_t> sel = x.selected[h];
+        std::sort(sel.begin(), sel.end());
+        for (uint32_t c = x.ranges.far_begin; c < x.ranges.far_end; ++c)
+          if (!std::binary_search(sel.begin(), sel.end(), c)) far[h].push_back(c);
+      }
+      any_far = any_far || !far[h].empty();
+    }
+    x.far = cpu::PartialState::empty(qh, d);
+    if (any_far) cpu_.far_field(Bf16View<2>(batch[b].q, {qh, d}), seq.summaries_[layer], far, scale, x.far);
+    stats_.cpu_attend_us += wall_us() - t0;
+    // What this step attended (for verify()).
+    cpu::AttendedSet& att = seq.last_attended_[layer];
+    att.chunks.assign(kvh, {});
+    att.far_field.assign(kvh, {});
+    for (uint32_t h = 0; h < kvh; ++h) {
+      std::vector<uint32_t>& a = att.chunks[h];
+      for (const auto& [chunk, pin] : seq.hot_pins_[layer * kvh + h]) a.push_back(chunk);
+      a.push_back(x.ranges.chunks - 1);
+      std::vector<uint32_t> exact = x.selected[h];
+      std::sort(x.late_chunks[h].begin(), x.late_chunks[h].end());
+      for (uint32_t c : exact)
+        if (!std::binary_search(x.late_chunks[h].begin(), x.late_chunks[h].end(), c)) a.push_back(c);
+      std::sort(a.begin(), a.end());
+      att.far_field[h] = far[h];
+      std::sort(att.far_field[h].begin(), att.far_field[h].end());
+    }
+  }
+
+  // 6. Uploaded blocks: wait for the copy engine, then the second GPU kernel.
+  for (uint32_t b = 0; b < B; ++b) {
+    SequenceKv& seq = *batch[b].seq;
+    SeqStep& x = st[b];
+    if (!x.has_upload) continue;
+    const double t0 = wall_us();
+    const Status us = seq.store_->wait(x.upload_ticket);
+    stats_.upload_wait_us += wall_us() - t0;
+    if (tr != nullptr)
+      tr->complete(lane_copy_, "upload (issue to landed)", x.upload_issued_us, tr->now_us() - x.upload_issued_us,
+                   {{"blocks", x.upload.size()}});
+    if (!us.ok()) {
+      if (cuda_ != nullptr) (void)gpu_->finish();
+      return us.with_context("decode step of layer " + std::to_string(layer) + ": uploading selected blocks");
+    }
+    for (uint32_t h = 0; h < kvh; ++h)
+      for (uint32_t c : x.upload_chunks[h]) {
+        Result<storage::BlockPin> pin = seq.store_->pin(seq.flat(layer, h, c), Tier::kGpu);
+        if (!pin.ok()) {
+          if (cuda_ != nullptr) (void)gpu_->finish();
+          return pin.status().with_context("decode step of layer " + std::to_string(layer) +
+                                           ": an uploaded block was evicted before use; raise --gpu-bytes");
+        }
+        x.gpu_sel[h].push_back(slot_of(pin->data()));
+        x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin->data()));
+        x.gpu_pins.push_back(std::move(pin).value());
+      }
+  }
+  bool any_sel = false;
+  for (const SeqStep& x : st)
+    for (const auto& l : x.gpu_sel) any_sel = any_sel || !l.empty();
+  if (cuda_ != nullptr) {
+    if (any_sel) {
+      SlotLists l;
+      for (uint32_t b = 0; b < B; ++b)
+        for (uint32_t h = 0; h < kvh; ++h) {
+          l.slots.insert(l.slots.end(), st[b].gpu_sel[h].begin(), st[b].gpu_sel[h].end());
+          l.close_list(C);
+        }
+      KVT_RETURN_IF_ERROR(gpu_->attend(1, l, B, qh, kvh, arena, scale));
+    }
+    const double t0 = wall_us();
+    KVT_RETURN_IF_ERROR(gpu_->finish());
+    stats_.gpu_wait_us += wall_us() - t0;
+    for (uint32_t b = 0; b < B; ++b) {
+      for (int part = 0; part < 2; ++part) {
+        cpu::PartialState& ps = part == 0 ? st[b].hot : st[b].sel;
+        ps = cpu::PartialState::empty(qh, d);
+        if (part == 1 && !any_sel) continue;
+        std::copy_n(gpu_->o(part) + size_t{b} * qrow, qrow, ps.o.begin());
+        std::copy_n(gpu_->lse(part) + size_t{b} * qh, qh, ps.lse.begin());
+      }
+    }
+    if (tr != nullptr) {
+      for (int part = 0; part < 2; ++part) {
+        Result<std::pair<float, float>> span = gpu_->part_span_ms(part);
+        if (span.ok() && span->second > span->first)
+          tr->complete(lane_gpu_, part == 0 ? "decode kernel: sinks + window" : "decode kernel: selected blocks",
+                       trace_origin + 1e3 * span->first, 1e3 * (span->second - span->first), {{"batch", B}});
+      }
+    }
+  } else {
+    // CPU stand-in: the same two partials from the stand-in slots.
+    TraceScope scope(tr, lane_gpu_, "hot + selected attention (CPU stand-in)");
+    const double t0 = wall_us();
+    for (uint32_t b = 0; b < B; ++b) {
+      SequenceKv& seq = *batch[b].seq;
+      std::vector<std::vector<cpu::HostBlock>> hot(kvh), sel(kvh);
+      const uint32_t tail_rows = static_cast<uint32_t>((st[b].tokens - 1) % C) + 1;
+      for (uint32_t h = 0; h < kvh; ++h) {
+        for (const auto& [chunk, pin] : seq.hot_pins_[layer * kvh + h])
+          hot[h].push_back({reinterpret_cast<const bf16*>(pin.data()), C});
+        hot[h].push_back({seq.tail(layer, h), tail_rows});
+        for (const bf16* ptr : st[b].gpu_sel_ptr[h]) sel[h].push_back({ptr, C});
+      }
+      st[b].hot = cpu::PartialState::empty(qh, d);
+      st[b].sel = cpu::PartialState::empty(qh, d);
+      cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), hot, C, scale, st[b].hot);
+      if (any_sel) cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), sel, C, scale, st[b].sel);
+    }
+    stats_.gpu_wait_us += wall_us() - t0;
+  }
+
+  // 7. Merge, write-back, bookkeeping.
+  {
+    TraceScope scope(tr, lane_cpu_, "merge + write-back");
+    const double t0 = wall_us();
+    for (uint32_t b = 0; b < B; ++b) {
+      SequenceKv& seq = *batch[b].seq;
+      SeqStep& x = st[b];
+      const cpu::PartialState parts[4] = {std::move(x.hot), std::move(x.sel), std::move(x.host), std::move(x.far)};
+      const cpu::PartialState merged = cpu::merge_states(std::span<const cpu::PartialState>(parts, 4));
+      std::copy(merged.o.begin(), merged.o.end(), batch[b].out.begin());
+      x.gpu_pins.clear();
+      seq.layer_tokens_[layer] = x.tokens;
+      if (x.completed) KVT_RETURN_IF_ERROR(write_completed(seq, layer, static_cast<uint32_t>((x.tokens - 1) / C)));
+      if (layer + 1 == s.layers) {
+        seq.store_->set_sequence_tokens(x.tokens);
+        seq.store_->set_step(x.tokens);
+      }
+      seq.last_selection_[layer] = std::move(x.selected);
+      // Prefetch ahead: the next layer's previous selection into host staging,
+      // where this step's reads have not already put it.
+      const uint32_t next = layer + 1 == s.layers ? 0 : layer + 1;
+      std::vector<uint32_t> ahead;
+      for (uint32_t h = 0; h < kvh; ++h)
+        for (uint32_t c : seq.last_selection_[next][h]) {
+          const uint32_t f = seq.flat(next, h, c);
+          if (seq.reading_.count(f) == 0 && !seq.store_->resident(f, Tier::kHost) &&
+              !seq.store_->resident(f, Tier::kGpu))
+            ahead.push_back(f);
+        }
+      if (!ahead.empty()) {
+        const storage::Ticket t = seq.store_->prefetch(ahead, Tier::kHost);
+        seq.pending_tickets_.push_back(t);
+        for (uint32_t f : ahead) seq.reading_[f] = t;
+      }
+    }
+    stats_.merge_us += wall_us() - t0;
+  }
+  ++stats_.layer_steps;
+  stats_.decode_us += wall_us() - t_step;
+  return Status::ok_status();
+}
+
+}  // namespace kvtier::scheduler

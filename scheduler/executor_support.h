@@ -1,0 +1,82 @@
+// Private helpers of the executor: pinned, growable host buffers for the
+// GPU's per-step uploads and downloads, and a packer that lays out small
+// arrays in one buffer so that a step needs one copy per direction.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <span>
+
+#include "kvtier/core/assert.h"
+#include "kvtier/core/compute_backend.h"
+#include "kvtier/core/status.h"
+
+namespace kvtier::scheduler::detail {
+
+inline double wall_us() {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Host memory page-locked through the backend (so async copies really are).
+class PinnedBuffer {
+ public:
+  explicit PinnedBuffer(ComputeBackend& backend) : backend_(backend) {}
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() { release(); }
+
+  // At least `bytes` bytes; contents are not kept when it grows.
+  Status reserve(uint64_t bytes) {
+    if (bytes <= bytes_) return Status::ok_status();
+    release();
+    const uint64_t rounded = (bytes + 4095) / 4096 * 4096;
+    data_ = static_cast<std::byte*>(std::aligned_alloc(4096, rounded));
+    if (data_ == nullptr) return out_of_memory("cannot allocate " + std::to_string(rounded) + " bytes of host buffer");
+    bytes_ = rounded;
+    pinned_ = backend_.pin_host(data_, bytes_).ok();  // unpinned still works, only slower
+    return Status::ok_status();
+  }
+  std::byte* data() const { return data_; }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  void release() {
+    if (data_ == nullptr) return;
+    if (pinned_) backend_.unpin_host(data_, bytes_);
+    std::free(data_);
+    data_ = nullptr;
+    bytes_ = 0;
+    pinned_ = false;
+  }
+  ComputeBackend& backend_;
+  std::byte* data_ = nullptr;
+  uint64_t bytes_ = 0;
+  bool pinned_ = false;
+};
+
+// Lays arrays out back to back (256-byte aligned) and remembers offsets.
+class Packer {
+ public:
+  void clear() { bytes_ = 0; }
+  // Reserves room for n elements of T; returns the offset.
+  template <class T>
+  uint64_t add(size_t n) {
+    const uint64_t off = (bytes_ + 255) / 256 * 256;
+    bytes_ = off + n * sizeof(T);
+    return off;
+  }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  uint64_t bytes_ = 0;
+};
+
+template <class T>
+T* at(std::byte* base, uint64_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+}  // namespace kvtier::scheduler::detail

@@ -1,0 +1,209 @@
+// The executor (DESIGN.md sections 3 and 4): runs the planner's layer plans on
+// real devices. For every decode step of a layer and a batch of sequences:
+//
+//   append k, v to each tail block (GPU kernel, and the host copy)
+//   GPU: hot-set kernel (sinks + window + tail + selected blocks already in
+//        GPU slots) -- launched as soon as the selection is known
+//   CPU: summary scoring and top-k per KV head (oneTBB), then plan_layer()
+//   copy engine: uploads the plan chose (TieredStore mover), then a second
+//        kernel over them
+//   io_uring: NVMe reads of selected blocks into host staging (mover thread);
+//        under LatePolicy::kSummary a late block contributes its summary
+//   CPU: exact attention over host-resident selected blocks + far field
+//   merge of all partial states by log-sum-exp
+//   write-back of a block the append completed (home, and a GPU copy)
+//
+// GPU work is asynchronous on the CUDA context's compute stream; copies and
+// NVMe reads run on each store's mover thread; CPU attention runs on the CPU
+// engine's bound threads meanwhile. On the CPU backend the "GPU" half runs
+// on the CPU engine over the host stand-in of the GPU slots.
+//
+// SequenceKv is one sequence's KV state: its TieredStore, the summaries per
+// layer (host RAM), the tail block per (layer, KV head) and where the reads
+// it started stand.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kvtier/core/bf16.h"
+#include "kvtier/core/compute_backend.h"
+#include "kvtier/core/policy.h"
+#include "kvtier/core/shape.h"
+#include "kvtier/core/status.h"
+#include "kvtier/cpu/engine.h"
+#include "kvtier/cpu/fidelity.h"
+#include "kvtier/cpu/kernels.h"
+#include "kvtier/scheduler/planner.h"
+#include "kvtier/scheduler/trace.h"
+#include "kvtier/storage/device_arena.h"
+#include "kvtier/storage/tiered_store.h"
+
+namespace kvtier::gpu {
+class CudaContext;
+}
+
+namespace kvtier::scheduler {
+
+// Bytes of a context per tier.
+struct Placement {
+  uint64_t host_home_bytes = 0;   // blocks whose durable copy is in pinned host RAM
+  uint64_t nvme_home_bytes = 0;   // blocks whose durable copy is only in the NVMe file
+  uint64_t gpu_cached_bytes = 0;  // blocks with a copy in GPU slots (incl. tails)
+  uint64_t summary_bytes = 0;     // summaries (host RAM)
+};
+
+// Counters over decode steps (one layer of one batch = one layer step).
+struct ExecutorStats {
+  uint64_t layer_steps = 0;
+  uint64_t selected_blocks = 0;   // selected far blocks, summed over sequences and KV heads
+  uint64_t gpu_resident_blocks = 0, uploaded_blocks = 0, cpu_blocks = 0, nvme_read_blocks = 0;
+  uint64_t late_blocks = 0;       // contributed by summary (LatePolicy::kSummary)
+  uint64_t kept_from_previous = 0;  // selected blocks that the previous step of the layer selected too
+  uint64_t selection_compared = 0;  // selected blocks that had a previous step to compare with
+  uint64_t write_backs = 0;
+  uint64_t reread_blocks = 0;     // host copies evicted between landing and use, read again
+  double score_us = 0, gpu_wait_us = 0, cpu_attend_us = 0, upload_wait_us = 0, read_wait_us = 0, merge_us = 0;
+  double decode_us = 0;           // wall time inside decode_layer
+  double prefill_us = 0;
+  uint64_t prefill_tokens = 0;    // tokens x layers prefilled
+};
+
+struct ExecutorOptions {
+  ModelShape shape;
+  SparsityPolicy policy;
+  CostRates rates;
+  LatePolicy late = LatePolicy::kWait;
+  TraceRecorder* trace = nullptr;  // not owned
+  // Sequences open at once. The GPU arena is split evenly between them (each
+  // gets its tails plus an equal quota of slots for its cached blocks).
+  uint32_t max_sequences = 1;
+};
+
+class Executor;
+struct SeqStep;  // executor_decode.cpp
+
+class SequenceKv {
+ public:
+  ~SequenceKv();
+  uint64_t tokens(uint32_t layer) const { return layer_tokens_[layer]; }
+  uint64_t max_tokens() const { return max_tokens_; }
+  storage::TieredStore& store() { return *store_; }
+  const storage::TieredStore& store() const { return *store_; }
+  const cpu::SummaryTable& summaries(uint32_t layer) const { return summaries_[layer]; }
+  const std::vector<std::vector<uint32_t>>& last_selection(uint32_t layer) const { return last_selection_[layer]; }
+  // The attended set of the last decode step of `layer` (for fidelity checks).
+  const cpu::AttendedSet& last_attended(uint32_t layer) const { return last_attended_[layer]; }
+  Placement placement() const;
+
+ private:
+  friend class Executor;
+  SequenceKv() = default;
+
+  uint32_t flat(uint32_t layer, uint32_t h, uint32_t chunk) const {
+    return (layer * kv_heads_ + h) * chunks_per_head_ + chunk;
+  }
+  bf16* tail(uint32_t layer, uint32_t h) { return tail_.data() + (size_t{layer} * kv_heads_ + h) * tail_elems_; }
+  const bf16* tail(uint32_t layer, uint32_t h) const {
+    return tail_.data() + (size_t{layer} * kv_heads_ + h) * tail_elems_;
+  }
+
+  std::unique_ptr<storage::TieredStore> store_;
+  std::shared_ptr<storage::DeviceArena> arena_;
+  uint32_t kv_heads_ = 0, chunks_per_head_ = 0;
+  uint64_t max_tokens_ = 0;
+  size_t tail_elems_ = 0;                      // chunk_tokens * head_dim * 2 (K then V)
+  std::vector<uint64_t> layer_tokens_;         // [layers]
+  std::vector<cpu::SummaryTable> summaries_;   // [layers]
+  std::vector<bf16, AlignedAllocator<bf16>> tail_;  // [layers][kv_heads] blocks (host copy)
+  std::vector<uint32_t> tail_slots_;           // [layers * kv_heads] arena slots of the GPU tail copies
+  // Hot-set pins per (layer, KV head): chunk -> pin of its GPU copy.
+  std::vector<std::map<uint32_t, storage::BlockPin>> hot_pins_;
+  std::vector<std::vector<std::vector<uint32_t>>> last_selection_;  // [layers][kv_heads]
+  std::vector<cpu::AttendedSet> last_attended_;                      // [layers]
+  // NVMe reads in flight: block -> ticket (a late block's read, still landing).
+  std::unordered_map<uint32_t, storage::Ticket> reading_;
+  std::vector<storage::Ticket> pending_tickets_;
+  std::shared_ptr<std::atomic<uint32_t>> live_;  // the executor's count of open sequences
+};
+
+// One sequence's inputs to a decode step of one layer.
+struct DecodeItem {
+  SequenceKv* seq = nullptr;
+  std::span<const bf16> q;  // [q_heads][head_dim]
+  std::span<const bf16> k;  // [kv_heads][head_dim]
+  std::span<const bf16> v;
+  std::span<float> out;     // [q_heads][head_dim]
+};
+
+class Executor {
+ public:
+  // cuda may be null: the CPU backend's stand-in is then the gpu tier and
+  // the "GPU" half runs on the CPU engine.
+  static Result<std::unique_ptr<Executor>> create(const ExecutorOptions& options, ComputeBackend& backend,
+                                                  cpu::CpuEngine& cpu, gpu::CudaContext* cuda,
+                                                  std::shared_ptr<storage::DeviceArena> arena);
+  ~Executor();
+
+  // A new context in a new file `path` (created), or one reopened from its
+  // saved file and sidecar. host_bytes: homes plus staging for this context.
+  Result<std::unique_ptr<SequenceKv>> create_sequence(uint64_t max_tokens, uint64_t host_bytes,
+                                                      const std::filesystem::path& path, int numa_node);
+  Result<std::unique_ptr<SequenceKv>> open_sequence(uint64_t host_bytes, const std::filesystem::path& path,
+                                                    int numa_node);
+  // Writes every block home to the file, and the summaries, tails and token
+  // counts to `path`.meta (checksummed).
+  Status save_sequence(SequenceKv& seq, const std::filesystem::path& path);
+
+  Status prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, uint32_t n, std::span<const bf16> q,
+                 std::span<const bf16> k, std::span<const bf16> v, std::span<float> out);
+  Status decode(uint32_t layer, std::span<const DecodeItem> batch);
+
+  // Dense fp64 attention of q over every token of `layer`, read back from all
+  // tiers, against `out`, with the attended set of the last step.
+  Result<cpu::FidelityReport> verify(SequenceKv& seq, uint32_t layer, std::span<const bf16> q,
+                                     std::span<const float> out);
+
+  const ExecutorOptions& options() const { return options_; }
+  ExecutorStats stats() const { return stats_; }
+  void reset_stats() { stats_ = ExecutorStats{}; }
+  std::string describe() const;
+
+  struct Gpu;  // CUDA-side buffers
+
+ private:
+  Executor(const ExecutorOptions& options, ComputeBackend& backend, cpu::CpuEngine& cpu, gpu::CudaContext* cuda,
+           std::shared_ptr<storage::DeviceArena> arena);
+  Status init_sequence(SequenceKv& seq, uint64_t max_tokens);
+  Result<storage::StoreConfig> store_config(uint64_t max_tokens, uint64_t host_bytes, int numa_node) const;
+  Status write_completed(SequenceKv& seq, uint32_t layer, uint32_t chunk);
+  Status refresh_hot_pins(SequenceKv& seq, uint32_t layer, uint64_t tokens);
+  Status pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
+                    std::vector<std::vector<storage::BlockPin>>& out);
+  uint32_t slot_of(const std::byte* p) const;
+
+  ExecutorOptions options_;
+  ComputeBackend& backend_;
+  cpu::CpuEngine& cpu_;
+  gpu::CudaContext* cuda_;
+  std::shared_ptr<storage::DeviceArena> arena_;
+  std::unique_ptr<Gpu> gpu_;
+  ExecutorStats stats_;
+  std::vector<float> scores_;  // [kv_heads][blocks] of the sequence being scored
+  uint32_t quota_ = 0;         // gpu slots per sequence for cached blocks
+  std::shared_ptr<std::atomic<uint32_t>> live_ = std::make_shared<std::atomic<uint32_t>>(0);
+  void issue_round(SequenceKv& seq, SeqStep& x);
+  Status wait_read(SequenceKv& seq, storage::Ticket t);
+  Result<storage::BlockPin> pin_host(SequenceKv& seq, uint32_t flat_block);
+  Status abandon(SequenceKv& seq, SeqStep& x, Status why);
+  TraceLane lane_gpu_ = 0, lane_cpu_ = 0, lane_copy_ = 0, lane_nvme_ = 0;
+};
+
+}  // namespace kvtier::scheduler
