@@ -25,6 +25,9 @@ constexpr Suite kSuites[] = {
     {"gpu", "GPU kernels: sparse paged decode, block-sparse prefill, gather, append, summaries", kvtier::bench::run_gpu},
     {"selection", "step-to-step top-k overlap by query correlation, needle recall (synthetic model)",
      kvtier::bench::run_selection},
+    {"e2e", "the whole system on the synthetic model: decode steps/s against dense offload, batch 8, prefill, "
+            "overlap, fidelity (minutes; --quick: small shape at 256K tokens)",
+     kvtier::bench::run_e2e},
 };
 
 void print_usage(std::ostream& os, const po::options_description& options) {
@@ -40,7 +43,8 @@ int main(int argc, char** argv) {
   options.add_options()("help,h", "show this help")("json", po::bool_switch(), "print one JSON object (default: table)")(
       "quick", po::bool_switch(), "smaller sizes, fewer repeats: under a minute on 2 cores")(
       "threads", po::value<unsigned>()->default_value(0), "worker threads (0: all hardware threads)")(
-      "dir", po::value<std::string>()->default_value("."), "directory for disk benchmark files (storage)")(
+      "dir", po::value<std::string>()->default_value("."),
+      "directory for disk benchmark files (storage) and the NVMe tier (e2e)")(
       "suite", po::value<std::string>(), "suite to run");
   po::positional_options_description positional;
   positional.add("suite", 1);

@@ -58,6 +58,9 @@ Status check_options(const EngineOptions& o) {
   KVT_RETURN_IF_ERROR(validate(o.policy));
   if (o.gpu_bytes == 0) return invalid_argument("engine: gpu_bytes=0; give the gpu tier a budget (--gpu-bytes)");
   if (o.host_bytes == 0) return invalid_argument("engine: host_bytes=0; give the host tier a budget (--host-bytes)");
+  if (o.host_cache_bytes > o.host_bytes)
+    return invalid_argument("engine: host_cache_bytes=" + format_bytes(o.host_cache_bytes) + " exceeds host_bytes=" +
+                            format_bytes(o.host_bytes) + "; the staging cache is part of the host budget");
   if (o.nvme_dir.empty()) return invalid_argument("engine: no nvme directory; give one with --dir");
   std::error_code ec;
   if (!std::filesystem::is_directory(o.nvme_dir, ec))
@@ -119,6 +122,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   impl->rates_source = options.rates ? "given" : "built-in estimates (kvtier calibrate measures real ones)";
   xo.late = options.late;
   xo.max_sequences = options.max_sessions;
+  xo.host_cache_bytes = options.host_cache_bytes;
   xo.trace = options.trace;
   KVT_ASSIGN_OR_RETURN(impl->executor,
                        scheduler::Executor::create(xo, *impl->backend, *impl->cpu, impl->cuda.get(), impl->arena));

@@ -55,23 +55,48 @@ struct Sequence {
   std::unique_ptr<Session> session;
 };
 
+// Prefill of every sequence, block by block and layer by layer. The synthetic
+// q, k, v of the next (block, layer) are generated on other threads while the
+// engine prefills the current one, so generation hides behind kvtier's work
+// (attention_s counts only the time inside Session::prefill).
 Status prefill_all(Engine& engine, std::vector<Sequence>& seqs, const SyntheticRunConfig& c, double& attention_s) {
   const ModelShape& s = engine.options().shape;
-  std::vector<bf16> q, k, v;
+  struct Work {
+    size_t seq;
+    uint64_t first;
+    uint32_t n, layer;
+  };
+  std::vector<Work> work;
+  for (size_t b = 0; b < seqs.size(); ++b)
+    for (uint64_t t = 0; t < c.context_tokens; t += c.prefill_block)
+      for (uint32_t l = 0; l < s.layers; ++l)
+        work.push_back({b, t, static_cast<uint32_t>(std::min<uint64_t>(c.prefill_block, c.context_tokens - t)), l});
+  struct Buffers {
+    std::vector<bf16> q, k, v;
+  };
+  Buffers bufs[2];
+  auto generate = [&](size_t i) {
+    const Work& w = work[i];
+    Buffers& b = bufs[i % 2];
+    parallel_kv(*seqs[w.seq].model, w.layer, w.first, w.n, b.k, b.v, &b.q);
+  };
   const uint64_t total = c.context_tokens * seqs.size();
   uint64_t done = 0;
   attention_s = 0;
-  for (Sequence& x : seqs) {
-    for (uint64_t t = 0; t < c.context_tokens; t += c.prefill_block) {
-      const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(c.prefill_block, c.context_tokens - t));
-      for (uint32_t l = 0; l < s.layers; ++l) {
-        parallel_kv(*x.model, l, t, n, k, v, &q);
-        const double t0 = now_s();
-        KVT_RETURN_IF_ERROR(x.session->prefill(l, t, n, q, k, v).with_context(
-            "prefill of layer " + std::to_string(l) + " at token " + std::to_string(t)));
-        attention_s += now_s() - t0;
-      }
-      done += n;
+  if (!work.empty()) generate(0);
+  for (size_t i = 0; i < work.size(); ++i) {
+    std::future<void> next;
+    if (i + 1 < work.size()) next = std::async(std::launch::async, generate, i + 1);
+    const Work& w = work[i];
+    Buffers& b = bufs[i % 2];
+    const double t0 = now_s();
+    const Status st = seqs[w.seq].session->prefill(w.layer, w.first, w.n, b.q, b.k, b.v);
+    attention_s += now_s() - t0;
+    if (next.valid()) next.get();  // before returning: the task uses bufs
+    KVT_RETURN_IF_ERROR(st.with_context("prefill of layer " + std::to_string(w.layer) + " at token " +
+                                        std::to_string(w.first)));
+    if (w.layer + 1 == s.layers) {
+      done += w.n;
       if (c.progress) c.progress(done, total);
     }
   }
@@ -144,8 +169,9 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
   eo.max_sessions = std::max(eo.max_sessions, c.batch);
   scheduler::TraceRecorder* trace = eo.trace;
   KVT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::create(eo));
-  const ModelShape& s = engine->options().shape;
-  const SparsityPolicy& policy = engine->options().policy;
+  // Copies: the engine goes away before the full-budget check.
+  const ModelShape s = engine->options().shape;
+  const SparsityPolicy policy = engine->options().policy;
   SyntheticRunReport rep;
   rep.backend = engine->describe();
 
@@ -165,7 +191,8 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
       needles.push_back(n);
     }
   }
-  const uint64_t steps_total = first_needle_step + needles.size();
+  const uint64_t second_steps = c.second_query_correlation >= 0 ? uint64_t{c.warmup_steps} + c.decode_steps : 0;
+  const uint64_t steps_total = first_needle_step + needles.size() + second_steps;
   const uint64_t max_tokens = c.context_tokens + steps_total + 1;
   KVT_ASSIGN_OR_RETURN(std::vector<Sequence> seqs, make_sequences(*engine, c, c.batch, max_tokens, needles, "seq"));
 
@@ -228,6 +255,34 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
     rep.overlap_fraction = scheduler::overlap_fraction(lanes);
   }
 
+  // Second phase: the same contexts, queries of another correlation (the
+  // model's keys and values are the same for the same seed).
+  if (c.second_query_correlation >= 0) {
+    std::vector<std::unique_ptr<SyntheticModel>> first(seqs.size());
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      SyntheticModelOptions mo = seqs[b].model->options();
+      mo.query_correlation = c.second_query_correlation;
+      mo.needles.clear();  // needles change context keys only; appended tokens are the same
+      KVT_ASSIGN_OR_RETURN(SyntheticModel m2, SyntheticModel::create(mo));
+      first[b] = std::move(seqs[b].model);
+      seqs[b].model = std::make_unique<SyntheticModel>(std::move(m2));
+    }
+    for (uint32_t i = 0; i < c.warmup_steps; ++i) KVT_RETURN_IF_ERROR(decode_step(*engine, seqs, i, nullptr, nullptr, 0).status());
+    engine->reset_stats();
+    std::vector<double> secs2;
+    for (uint32_t i = 0; i < c.decode_steps; ++i) {
+      KVT_ASSIGN_OR_RETURN(const double secs, decode_step(*engine, seqs, c.warmup_steps + i, nullptr, nullptr, 0));
+      secs2.push_back(secs);
+    }
+    rep.stats_second = engine->stats();
+    rep.decode_steps_per_s_second = 1.0 / std::max(percentile(secs2, 0.5), 1e-12);
+    rep.selection_overlap_second = rep.stats_second.selection_compared > 0
+                                       ? double(rep.stats_second.kept_from_previous) / double(rep.stats_second.selection_compared)
+                                       : 0;
+    rep.late_blocks_per_step_second = double(rep.stats_second.late_blocks) / c.decode_steps;
+    for (size_t b = 0; b < seqs.size(); ++b) seqs[b].model = std::move(first[b]);
+  }
+
   // Needles: one decode step per needle; recalled when the needle's chunk was
   // attended exactly (selected, or in the sinks or window) by a KV head.
   if (!needles.empty()) {
@@ -246,13 +301,23 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
     rep.needle_recall = double(hit) / double(trials);
   }
   seqs.clear();
+  engine.reset();  // its pinned host and GPU memory go back before the next engine
 
   // Full budget: top-k covering every far chunk must equal dense to rounding.
+  // A context of at most 32K tokens, with budgets sized to it (its KV in host
+  // RAM twice over, a GPU tier of a quarter of it, so NVMe and passes are used
+  // as in the main run), not the main run's.
   if (c.full_budget_check) {
     SyntheticRunConfig fc = c;
     fc.context_tokens = std::min<uint64_t>(c.context_tokens, 32768);
     fc.engine.policy.topk_chunks = static_cast<uint32_t>((fc.context_tokens + policy.chunk_tokens) / policy.chunk_tokens);
     fc.engine.trace = nullptr;
+    fc.engine.max_sessions = 1;
+    const uint64_t kv_bytes = BlockGeometry(s, policy.chunk_tokens).slot_bytes() * s.layers * s.kv_heads *
+                              ((fc.context_tokens + 2 * s.layers) / policy.chunk_tokens + 1);
+    fc.engine.host_bytes = std::min(c.engine.host_bytes, kv_bytes / 2);
+    fc.engine.host_cache_bytes = 0;
+    fc.engine.gpu_bytes = std::min(c.engine.gpu_bytes, std::max(kv_bytes / 4, uint64_t{64} << 20));
     KVT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> full, Engine::create(fc.engine));
     KVT_ASSIGN_OR_RETURN(std::vector<Sequence> fs, make_sequences(*full, fc, 1, fc.context_tokens + s.layers + 2, {}, "full"));
     double unused = 0;
@@ -297,6 +362,9 @@ nlohmann::json SyntheticRunReport::to_json() const {
   j["rel_error_full_budget"] = rel_error_full_budget;
   j["full_budget_context"] = full_budget_context;
   j["step_seconds"] = step_seconds;
+  j["decode_steps_per_s_second"] = decode_steps_per_s_second;
+  j["selection_overlap_second"] = selection_overlap_second;
+  j["late_blocks_per_step_second"] = late_blocks_per_step_second;
   const auto& st = stats;
   j["stats"] = {{"layer_steps", st.layer_steps},
                 {"selected_blocks", st.selected_blocks},

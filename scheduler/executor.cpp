@@ -148,6 +148,7 @@ Result<storage::StoreConfig> Executor::store_config(uint64_t max_tokens, uint64_
   config.policy = options_.policy;
   config.max_tokens = max_tokens;
   config.budgets.host_bytes = host_bytes;
+  config.budgets.host_cache_bytes = options_.host_cache_bytes;
   config.numa_node = numa_node;
   config.gpu_arena = arena_;
   config.gpu_slot_quota = quota_;
@@ -161,8 +162,15 @@ Result<std::unique_ptr<SequenceKv>> Executor::create_sequence(uint64_t max_token
   if (max_tokens == 0) return invalid_argument("session: max_tokens=0; a context needs at least one token");
   KVT_ASSIGN_OR_RETURN(const storage::StoreConfig config, store_config(max_tokens, host_bytes, numa_node));
   const storage::FileGeometry fg{s, options_.policy.chunk_tokens, g.chunks_for(max_tokens)};
-  KVT_ASSIGN_OR_RETURN(std::unique_ptr<storage::BlockFile> file,
-                       storage::BlockFile::create(path.string(), fg, storage::UringOptions{}));
+  // The file holds only the blocks homed on NVMe (host homes fill first), so
+  // it is sparse: creation checks that their share of the disk is free.
+  storage::UringOptions uo;
+  const uint64_t cache = config.budgets.host_cache_bytes > 0 ? config.budgets.host_cache_bytes
+                                                             : std::max(host_bytes / 4, 64 * g.slot_bytes());
+  const uint64_t host_homes = host_bytes > cache ? (host_bytes - cache) / g.slot_bytes() : 0;
+  const uint64_t blocks = g.block_count(fg.chunks_per_head);
+  uo.reserve_bytes = (blocks > host_homes ? blocks - host_homes : 0) * g.slot_bytes() + (uint64_t{64} << 20);
+  KVT_ASSIGN_OR_RETURN(std::unique_ptr<storage::BlockFile> file, storage::BlockFile::create(path.string(), fg, uo));
   std::unique_ptr<SequenceKv> seq(new SequenceKv());
   Result<std::unique_ptr<storage::TieredStore>> store = storage::TieredStore::create(backend_, config, std::move(file));
   if (!store.ok()) {
@@ -186,12 +194,16 @@ Result<std::unique_ptr<SequenceKv>> Executor::create_sequence(uint64_t max_token
 namespace {
 
 // The mean query of a query block, per q head: what the block's far chunks are scored against.
-std::vector<bf16> mean_query(std::span<const bf16> q, uint32_t n, uint32_t row) {
-  std::vector<double> acc(row, 0.0);
-  for (uint32_t i = 0; i < n; ++i)
-    for (uint32_t j = 0; j < row; ++j) acc[j] += to_float(q[size_t{i} * row + j]);
+std::vector<bf16> mean_query(cpu::CpuEngine& cpu, std::span<const bf16> q, uint32_t n, uint32_t row) {
   std::vector<bf16> out(row);
-  for (uint32_t j = 0; j < row; ++j) out[j] = bf16::from_float(static_cast<float>(acc[j] / n));
+  cpu.parallel_for(row, 64, [&](size_t begin, size_t end) {
+    std::vector<float> acc(end - begin, 0.f);
+    for (uint32_t i = 0; i < n; ++i) {
+      const bf16* r = q.data() + size_t{i} * row;
+      for (size_t j = begin; j < end; ++j) acc[j - begin] += to_float(r[j]);
+    }
+    for (size_t j = begin; j < end; ++j) out[j] = bf16::from_float(acc[j - begin] / static_cast<float>(n));
+  });
   return out;
 }
 
@@ -216,16 +228,25 @@ cpu::ScoreRule rule_of(SummaryKind kind) {
 
 }  // namespace
 
-Status Executor::write_completed(SequenceKv& seq, uint32_t layer, uint32_t chunk) {
-  const uint32_t kvh = options_.shape.kv_heads;
+// Writes completed chunks of `layer` home (one batched write; GPU copies
+// while slots last) and builds their summaries. blocks holds, per chunk and
+// KV head in that order, one block as stored.
+Status Executor::write_completed(SequenceKv& seq, uint32_t layer, std::span<const uint32_t> chunks,
+                                 const bf16* blocks) {
+  const uint32_t kvh = options_.shape.kv_heads, C = options_.policy.chunk_tokens;
+  if (chunks.empty()) return Status::ok_status();
   std::vector<storage::TieredStore::BlockWrite> writes;
-  for (uint32_t h = 0; h < kvh; ++h)
-    writes.push_back({seq.flat(layer, h, chunk), reinterpret_cast<const std::byte*>(seq.tail(layer, h))});
+  for (size_t i = 0; i < chunks.size(); ++i)
+    for (uint32_t h = 0; h < kvh; ++h)
+      writes.push_back({seq.flat(layer, h, chunks[i]),
+                        reinterpret_cast<const std::byte*>(blocks + (i * kvh + h) * seq.tail_elems_)});
   KVT_RETURN_IF_ERROR(seq.store_->write_home(writes, /*cache_on_gpu=*/true));
-  for (uint32_t h = 0; h < kvh; ++h)
-    cpu::build_summary(cpu_.isa(), cpu::HostBlock{seq.tail(layer, h), options_.policy.chunk_tokens},
-                       options_.policy.chunk_tokens, seq.summaries_[layer], h, chunk);
-  ++stats_.write_backs;
+  cpu_.parallel_for(writes.size(), 8, [&](size_t begin, size_t end) {
+    for (size_t w = begin; w < end; ++w)
+      cpu::build_summary(cpu_.isa(), cpu::HostBlock{blocks + w * seq.tail_elems_, C}, C, seq.summaries_[layer],
+                         static_cast<uint32_t>(w % kvh), chunks[w / kvh]);
+  });
+  stats_.write_backs += chunks.size();
   return Status::ok_status();
 }
 
@@ -295,22 +316,32 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   // 1. Append into the tail blocks; each chunk the block completes goes home.
   {
     TraceScope scope(tr, lane_cpu_, "prefill append + write home + summaries");
-    uint64_t pos = first_token;
     const uint64_t end = first_token + n;
-    while (pos < end) {
-      const uint32_t chunk = static_cast<uint32_t>(pos / C);
-      const uint64_t chunk_end = std::min<uint64_t>(end, (uint64_t{chunk} + 1) * C);
-      for (uint32_t h = 0; h < kvh; ++h) {
-        bf16* t = seq.tail(layer, h);
-        for (uint64_t x = pos; x < chunk_end; ++x) {
+    const uint32_t c0 = static_cast<uint32_t>(first_token / C), c1 = static_cast<uint32_t>((end - 1) / C);
+    std::vector<uint32_t> done;  // chunks this block completes
+    for (uint32_t c = c0; c <= c1; ++c)
+      if ((uint64_t{c} + 1) * C <= end) done.push_back(c);
+    KVT_RETURN_IF_ERROR(gpu_->write_stage.reserve(std::max<size_t>(done.size(), 1) * kvh * seq.tail_elems_ * sizeof(bf16)));
+    bf16* stage = reinterpret_cast<bf16*>(gpu_->write_stage.data());
+    // Rows go to the tail of each (chunk, head); a completed tail moves to the stage.
+    cpu_.parallel_for(size_t{c1 - c0 + 1} * kvh, 4, [&](size_t begin, size_t stop) {
+      for (size_t w = begin; w < stop; ++w) {
+        const uint32_t c = c0 + static_cast<uint32_t>(w / kvh), h = static_cast<uint32_t>(w % kvh);
+        const uint64_t from = std::max<uint64_t>(first_token, uint64_t{c} * C);
+        const uint64_t to = std::min<uint64_t>(end, (uint64_t{c} + 1) * C);
+        const bool complete = to == (uint64_t{c} + 1) * C;
+        // A completed chunk is assembled in the stage (its earlier rows from the tail).
+        bf16* dst = complete ? stage + (size_t{c - done.front()} * kvh + h) * seq.tail_elems_
+                             : seq.tail(layer, h);
+        if (complete && from % C != 0) std::memcpy(dst, seq.tail(layer, h), seq.tail_elems_ * sizeof(bf16));
+        for (uint64_t x = from; x < to; ++x) {
           const size_t src = (x - first_token) * kvrow + size_t{h} * d;
-          std::memcpy(t + (x % C) * d, k.data() + src, d * sizeof(bf16));
-          std::memcpy(t + size_t{C} * d + (x % C) * d, v.data() + src, d * sizeof(bf16));
+          std::memcpy(dst + (x % C) * d, k.data() + src, d * sizeof(bf16));
+          std::memcpy(dst + size_t{C} * d + (x % C) * d, v.data() + src, d * sizeof(bf16));
         }
       }
-      if (chunk_end % C == 0) KVT_RETURN_IF_ERROR(write_completed(seq, layer, chunk));
-      pos = chunk_end;
-    }
+    });
+    KVT_RETURN_IF_ERROR(write_completed(seq, layer, done, stage));
     seq.layer_tokens_[layer] = end;
   }
   const uint64_t tokens = first_token + n;
@@ -327,7 +358,7 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   std::vector<std::vector<uint32_t>> selected(kvh);
   if (window_begin > sink_end && p.topk_chunks > 0) {
     TraceScope scope(tr, lane_cpu_, "prefill scoring + top-k");
-    const std::vector<bf16> qmean = mean_query(q, n, static_cast<uint32_t>(qrow));
+    const std::vector<bf16> qmean = mean_query(cpu_, q, n, static_cast<uint32_t>(qrow));
     const cpu::SummaryTable& table = seq.summaries_[layer];
     std::vector<float> scores(size_t{kvh} * table.blocks());
     cpu_.score(Bf16View<2>(qmean, {qh, d}), table, static_cast<float>(1.0 / std::sqrt(double(d))), rule_of(p.summary_kind),

@@ -544,7 +544,11 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       std::copy(merged.o.begin(), merged.o.end(), batch[b].out.begin());
       x.gpu_pins.clear();
       seq.layer_tokens_[layer] = x.tokens;
-      if (x.completed) KVT_RETURN_IF_ERROR(write_completed(seq, layer, static_cast<uint32_t>((x.tokens - 1) / C)));
+      if (x.completed) {
+        // The tails of the heads are consecutive: they are the blocks to write.
+        const uint32_t chunk = static_cast<uint32_t>((x.tokens - 1) / C);
+        KVT_RETURN_IF_ERROR(write_completed(seq, layer, std::span<const uint32_t>(&chunk, 1), seq.tail(layer, 0)));
+      }
       if (layer + 1 == s.layers) {
         seq.store_->set_sequence_tokens(x.tokens);
         seq.store_->set_step(x.tokens);

@@ -32,7 +32,7 @@ struct SlotLists {
 struct Executor::Gpu {
   explicit Gpu(ComputeBackend& backend)
       : host_in(backend), host_list{detail::PinnedBuffer(backend), detail::PinnedBuffer(backend)},
-        host_out(backend), host_big(backend) {}
+        host_out(backend), host_big(backend), write_stage(backend) {}
   Status init(gpu::CudaContext& context);
 
   // Decode, in the step's order. begin_step uploads q, k, v of the batch and
@@ -63,6 +63,7 @@ struct Executor::Gpu {
 
   gpu::CudaContext* ctx = nullptr;
   detail::PinnedBuffer host_in, host_list[2], host_out, host_big;
+  detail::PinnedBuffer write_stage;  // completed blocks of a prefill call, pinned for the GPU copy
   DeviceMemory dev_in, dev_list[2], dev_out, dev_big, workspace;
   uint64_t in_off_q = 0, in_off_k = 0, in_off_v = 0, in_off_slots = 0, in_off_rows = 0;
   uint64_t list_off[2][3] = {};  // per part: begin, slots, last

@@ -48,9 +48,10 @@ std::string human_bytes(uint64_t bytes) {
 
 class UringDevice final : public BlockDevice {
  public:
-  UringDevice(std::string path, UniqueFd fd, bool direct, uint32_t queue_depth, uint64_t size_bytes)
+  UringDevice(std::string path, UniqueFd fd, bool direct, uint32_t queue_depth, uint64_t size_bytes,
+              uint64_t reserve_bytes)
       : path_(std::move(path)), fd_(std::move(fd)), direct_(direct), queue_depth_(queue_depth),
-        size_bytes_(size_bytes) {}
+        size_bytes_(size_bytes), reserve_bytes_(reserve_bytes) {}
 
   Status init_ring() {
     const int ret = ring_.init(queue_depth_);
@@ -82,6 +83,7 @@ class UringDevice final : public BlockDevice {
   bool direct_;
   uint32_t queue_depth_;
   uint64_t size_bytes_;
+  uint64_t reserve_bytes_;  // UringOptions::reserve_bytes
   std::byte* fixed_base_ = nullptr;  // registered region, or null
   uint64_t fixed_bytes_ = 0;
   Status broken_;  // set once the ring failed; every later execute() returns it
@@ -188,6 +190,15 @@ Status UringDevice::no_space_status(uint64_t bytes, uint64_t free) const {
 
 Status UringDevice::allocate(uint64_t bytes) {
   if (bytes <= size_bytes_) return Status::ok_status();
+  if (reserve_bytes_ < bytes) {
+    // A sparse file: only the part that will be written must fit the disk.
+    const uint64_t free = free_bytes();
+    if (free != UINT64_MAX && free < reserve_bytes_) return no_space_status(reserve_bytes_, free);
+    if (::ftruncate(fd_.get(), static_cast<off_t>(bytes)) != 0)
+      return io_error("ftruncate(" + path_ + ", " + std::to_string(bytes) + " bytes): " + errno_text(errno));
+    size_bytes_ = bytes;
+    return Status::ok_status();
+  }
   // Free space is read first: a failed fallocate may hold what it got
   // until it is undone below.
   const uint64_t free = free_bytes();
@@ -287,7 +298,7 @@ Result<std::unique_ptr<BlockDevice>> open_uring_device(const std::string& path, 
   struct stat st{};
   if (::fstat(fd.get(), &st) != 0) return io_error("fstat(" + path + "): " + errno_text(errno));
   auto device = std::make_unique<UringDevice>(path, std::move(fd), direct, options.queue_depth,
-                                              static_cast<uint64_t>(st.st_size));
+                                              static_cast<uint64_t>(st.st_size), options.reserve_bytes);
   if (Status ring = device->init_ring(); !ring.ok()) {
     if (create) ::unlink(path.c_str());  // O_EXCL made it ours; leave nothing behind
     return ring;

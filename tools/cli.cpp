@@ -9,6 +9,9 @@ constexpr const char* kUsage =
     "usage: kvtier <command> [options]\n"
     "\n"
     "commands:\n"
+    "  demo       kvtier's main job: prefill and decode a long context of a synthetic\n"
+    "             model with its KV over GPU, host RAM and NVMe; prints placement,\n"
+    "             speed, overlap and fidelity (1M tokens with a GPU; kvtier demo --help)\n"
     "  info       describe this machine: CPU features, cores and NUMA, RAM, GPUs,\n"
     "             io_uring and O_DIRECT, library versions (--json, --dir PATH)\n"
     "  bench      run a benchmark suite and print JSON (kvtier bench --help)\n"
@@ -33,6 +36,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   if (command == "bench") return bench_command(rest, out, err);
   if (command == "calibrate") return calibrate_command(rest, out, err);
   if (command == "plan") return plan_command(rest, out, err);
+  if (command == "demo") return demo_command(rest, out, err);
   if (command == "help" || command == "--help" || command == "-h") {
     out << kUsage;
     return kExitOk;
@@ -41,7 +45,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     out << "kvtier " << KVTIER_VERSION << "\n";
     return kExitOk;
   }
-  err << "kvtier: unknown command '" << command << "' (commands: info, bench, calibrate, plan; see kvtier --help)\n";
+  err << "kvtier: unknown command '" << command << "' (commands: demo, info, bench, calibrate, plan; see kvtier --help)\n";
   return kExitUsage;
 }
 

@@ -21,5 +21,6 @@ int info_command(const std::vector<std::string>& args, std::ostream& out, std::o
 int bench_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int calibrate_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 int plan_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
+int demo_command(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
 }  // namespace kvtier::cli

@@ -41,6 +41,7 @@ struct EngineOptions {
   SparsityPolicy policy;
   uint64_t gpu_bytes = 0;      // the gpu tier (one arena shared by all sessions)
   uint64_t host_bytes = 0;     // per session: host homes plus the nvme staging cache
+  uint64_t host_cache_bytes = 0;  // of host_bytes, the staging cache (0: a quarter, at least 64 blocks)
   std::filesystem::path nvme_dir;  // session files go here
   DeviceChoice device = DeviceChoice::kAuto;
   int cuda_device = 0;

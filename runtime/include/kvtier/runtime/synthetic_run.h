@@ -25,6 +25,10 @@ struct SyntheticRunConfig {
   uint32_t warmup_steps = 2;
   uint32_t prefill_block = 4096;     // query block of prefill
   double query_correlation = 0.9;    // rho of the synthetic model's decode queries
+  // When >= 0: after the timed steps, a second timed phase on the same
+  // prefilled contexts with queries of this correlation (e.g. 0, the
+  // adversarial case), so both are measured without a second prefill.
+  double second_query_correlation = -1;
   uint32_t hidden = 64;              // latent dimensions of the synthetic model
   uint64_t seed = 1;
   // Dense fp64 check of sampled (step, layer) pairs: every verify_every-th
@@ -50,13 +54,18 @@ struct SyntheticRunReport {
   double decode_tokens_per_s = 0;    // decode_steps_per_s * batch
   double overlap_fraction = 0;       // share of timed decode wall time with >= 2 lanes busy (trace)
   double selection_overlap = 0;      // share of the selected set kept from the previous step
-  double late_blocks_per_step = 0;   // per layer step, summed over the batch
+  double late_blocks_per_step = 0;   // per decode step (all layers), summed over the batch
   double mass_recall_p10 = 0, mass_recall_mean = 0;  // over verified (step, layer) q heads
   double rel_error_p50 = 0, rel_error_max = 0;       // over verified (step, layer)
   uint32_t verified = 0;
   double needle_recall = -1;         // -1: not measured
   double rel_error_full_budget = -1; // -1: not measured; worst over layers
   uint64_t full_budget_context = 0;  // context of that check (at most 32K tokens)
+  // The second phase (second_query_correlation >= 0), as the first:
+  double decode_steps_per_s_second = -1;
+  double selection_overlap_second = -1;
+  double late_blocks_per_step_second = -1;
+  scheduler::ExecutorStats stats_second;
   scheduler::ExecutorStats stats;    // decode steps only (warm-up excluded)
   std::vector<double> step_seconds;  // every timed step
   nlohmann::json to_json() const;

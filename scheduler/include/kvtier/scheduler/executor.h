@@ -85,6 +85,7 @@ struct ExecutorOptions {
   // Sequences open at once. The GPU arena is split evenly between them (each
   // gets its tails plus an equal quota of slots for its cached blocks).
   uint32_t max_sequences = 1;
+  uint64_t host_cache_bytes = 0;  // per sequence: the NVMe staging cache within host_bytes (0: a quarter)
 };
 
 class Executor;
@@ -183,7 +184,7 @@ class Executor {
            std::shared_ptr<storage::DeviceArena> arena);
   Status init_sequence(SequenceKv& seq, uint64_t max_tokens);
   Result<storage::StoreConfig> store_config(uint64_t max_tokens, uint64_t host_bytes, int numa_node) const;
-  Status write_completed(SequenceKv& seq, uint32_t layer, uint32_t chunk);
+  Status write_completed(SequenceKv& seq, uint32_t layer, std::span<const uint32_t> chunks, const bf16* blocks);
   Status refresh_hot_pins(SequenceKv& seq, uint32_t layer, uint64_t tokens);
   Status pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
                     std::vector<std::vector<storage::BlockPin>>& out);

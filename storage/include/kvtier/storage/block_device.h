@@ -48,6 +48,11 @@ class BlockDevice {
 struct UringOptions {
   uint32_t queue_depth = 64;
   bool allow_buffered = false;  // fall back to buffered I/O when O_DIRECT is refused
+  // When the file will only ever hold part of its blocks (the rest live in
+  // host RAM), a sparse file whose creation only checks that this many bytes
+  // are free, instead of reserving the whole file with fallocate. A disk that
+  // fills up later fails the writes, which report it.
+  uint64_t reserve_bytes = UINT64_MAX;
 };
 
 // Opens (create = true: creates, fails if it exists) a file for io_uring with
