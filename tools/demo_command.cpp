@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "cli.h"
+#include "kvtier/core/block.h"
 #include "kvtier/core/policy.h"
 #include "kvtier/core/shape.h"
 #include "kvtier/core/sizes.h"
@@ -462,6 +463,30 @@ int run_demo(DemoOptions& o, std::ostream& out, std::ostream& err) {
   Result<NvmeDir> dir = NvmeDir::make(o.dir);
   if (!dir.ok()) return report_error(dir.status(), err);
   o.run.engine.nvme_dir = dir->path();
+  // The default context is the largest the tiers hold, up to the default: host
+  // homes (host budget less its staging quarter) plus 90% of the directory's
+  // free space (the NVMe file is sparse: only its NVMe share is written).
+  if (!o.context_tokens) {
+    const BlockGeometry g(o.run.engine.shape, o.run.engine.policy.chunk_tokens);
+    const uint64_t per_token = g.slot_bytes() * o.run.engine.shape.layers * o.run.engine.shape.kv_heads /
+                               o.run.engine.policy.chunk_tokens;
+    std::error_code ec;
+    const fs::space_info space = fs::space(dir->path(), ec);
+    if (!ec) {
+      const uint64_t homes = o.run.engine.host_bytes - std::max(o.run.engine.host_bytes / 4, 64 * g.slot_bytes());
+      const uint64_t room = homes + space.available / 10 * 9;
+      const uint64_t fit = room / per_token / o.run.batch / 65536 * 65536;
+      if (fit < o.run.context_tokens) {
+        if (fit == 0) return report_error(no_space("the NVMe directory " + dir->path().string() + " has " +
+                                                   format_bytes(space.available) + " free: too little for a demo; "
+                                                   "pass --dir on a larger drive or a smaller --context"), err);
+        err << "kvtier demo: context lowered from " << format_tokens(o.run.context_tokens) << " to "
+            << format_tokens(fit) << " tokens: host homes plus 90% of the free space under " << dir->path().string()
+            << " hold that much (--context sets it)\n";
+        o.run.context_tokens = fit;
+      }
+    }
+  }
   // run_synthetic measures overlap on a trace of its own unless given one.
   scheduler::TraceRecorder trace;
   if (o.trace) o.run.engine.trace = &trace;
