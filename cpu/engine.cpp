@@ -30,6 +30,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -317,6 +318,43 @@ struct SplitScratch {
   std::vector<PartialState> states;
 };
 
+// Scratch for calls that may run at once (the executor's flow graph calls the
+// engine from several tasks): each call takes an object from the pool and
+// gives it back, so no two calls share one and the hot path allocates only
+// when more calls overlap than ever before. The lock is never held across
+// work (a thread waiting in a parallel_for may run another call's task).
+template <class T>
+class ScratchPool {
+ public:
+  class Lease {
+   public:
+    Lease(ScratchPool& pool, std::unique_ptr<T> item) : pool_(pool), item_(std::move(item)) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { pool_.give_back(std::move(item_)); }
+    T& operator*() const { return *item_; }
+
+   private:
+    ScratchPool& pool_;
+    std::unique_ptr<T> item_;
+  };
+  Lease take() {
+    std::lock_guard lock(mu_);
+    if (free_.empty()) return Lease(*this, std::make_unique<T>());
+    std::unique_ptr<T> item = std::move(free_.back());
+    free_.pop_back();
+    return Lease(*this, std::move(item));
+  }
+
+ private:
+  void give_back(std::unique_ptr<T> item) {
+    std::lock_guard lock(mu_);
+    free_.push_back(std::move(item));
+  }
+  std::mutex mu_;
+  std::vector<std::unique_ptr<T>> free_;
+};
+
 // Copies rows [first, first + count) of a state into `part`.
 void copy_rows(const PartialState& from, uint32_t first, uint32_t count, PartialState& part) {
   if (part.heads != count || part.head_dim != from.head_dim) part = PartialState::empty(count, from.head_dim);
@@ -350,9 +388,9 @@ struct CpuEngine::Impl {
   CoreSet cores;
   tbb::task_arena arena;
   std::unique_ptr<CoreBinder> binder;  // after arena and cores: destroyed before them
-  SplitScratch<HostBlock> attend_scratch;
-  SplitScratch<uint32_t> far_scratch;
-  std::vector<std::vector<uint32_t>> select_scratch;  // select()'s per-piece top k
+  ScratchPool<SplitScratch<HostBlock>> attend_scratch;
+  ScratchPool<SplitScratch<uint32_t>> far_scratch;
+  ScratchPool<std::vector<std::vector<uint32_t>>> select_scratch;  // select()'s per-piece top k
   OneDnn onednn;                       // opened on the first prefill_scores_onednn
   std::vector<uint32_t> packed_bf16;   // prefill_scores_own's summaries, VNNI pairs
   std::vector<float> packed_f32;       // the same, transposed fp32 for the portable path
@@ -479,7 +517,8 @@ void CpuEngine::select(F32View<2> scores, uint32_t k, uint32_t far_begin, uint32
     });
     return;
   }
-  std::vector<std::vector<uint32_t>>& part = impl_->select_scratch;
+  const auto lease = impl_->select_scratch.take();
+  std::vector<std::vector<uint32_t>>& part = *lease;
   part.resize(size_t{kv_heads} * pieces);
   const uint64_t n = far_end - far_begin;
   impl_->arena.execute([&] {
@@ -500,7 +539,8 @@ void CpuEngine::attend(Bf16View<2> q, std::span<const std::vector<HostBlock>> bl
   const auto kernel = [&](std::span<const std::vector<HostBlock>> lists, PartialState& st) {
     attend_blocks(isa, q, lists, chunk_tokens, scale, st);
   };
-  impl_->run_split(impl_->attend_scratch, static_cast<uint32_t>(q.extent(0)), static_cast<uint32_t>(q.extent(1)),
+  const auto lease = impl_->attend_scratch.take();
+  impl_->run_split(*lease, static_cast<uint32_t>(q.extent(0)), static_cast<uint32_t>(q.extent(1)),
                    blocks, kernel, out);
 }
 
@@ -510,7 +550,8 @@ void CpuEngine::far_field(Bf16View<2> q, const SummaryTable& table, std::span<co
   const auto kernel = [&](std::span<const std::vector<uint32_t>> lists, PartialState& st) {
     cpu::far_field(isa, q, table, lists, scale, st);
   };
-  impl_->run_split(impl_->far_scratch, static_cast<uint32_t>(q.extent(0)), static_cast<uint32_t>(q.extent(1)),
+  const auto lease = impl_->far_scratch.take();
+  impl_->run_split(*lease, static_cast<uint32_t>(q.extent(0)), static_cast<uint32_t>(q.extent(1)),
                    blocks, kernel, out);
 }
 
@@ -531,6 +572,8 @@ void CpuEngine::build_summaries(std::span<const std::vector<HostBlock>> blocks, 
     });
   });
 }
+
+void CpuEngine::run(const std::function<void()>& fn) { impl_->arena.execute(fn); }
 
 void CpuEngine::parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
   if (n == 0) return;

@@ -199,6 +199,11 @@ Status CudaContext::synchronize(cudaStream_t stream) const {
   return Status::ok_status();
 }
 
+Status CudaContext::make_current() const {
+  KVT_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  return Status::ok_status();
+}
+
 Status CudaContext::synchronize_device() const {
   KVT_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   return wait_for_device(device_, name_, "synchronize_device");

@@ -42,6 +42,7 @@ Status CudaContext::memset(void*, int, uint64_t) { return no_cuda(); }
 Status CudaContext::copy_async(void*, const void*, uint64_t, cudaStream_t) { return no_cuda(); }
 Status CudaContext::synchronize(cudaStream_t) const { return no_cuda(); }
 Status CudaContext::synchronize_device() const { return no_cuda(); }
+Status CudaContext::make_current() const { return no_cuda(); }
 
 Result<std::unique_ptr<Gemm>> Gemm::create() { return no_cuda(); }
 Gemm::~Gemm() = default;

@@ -323,7 +323,13 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
       if ((uint64_t{c} + 1) * C <= end) done.push_back(c);
     KVT_RETURN_IF_ERROR(gpu_->write_stage.reserve(std::max<size_t>(done.size(), 1) * kvh * seq.tail_elems_ * sizeof(bf16)));
     bf16* stage = reinterpret_cast<bf16*>(gpu_->write_stage.data());
-    // Rows go to the tail of each (chunk, head); a completed tail moves to the stage.
+    // A chunk the block completes is assembled in the stage. The first chunk
+    // may have rows from earlier calls in the tail: they move to the stage
+    // first, before any task can write the tail again (the last chunk, if
+    // partial, fills the tail).
+    if (!done.empty() && done.front() == c0 && first_token % C != 0)
+      for (uint32_t h = 0; h < kvh; ++h)
+        std::memcpy(stage + size_t{h} * seq.tail_elems_, seq.tail(layer, h), seq.tail_elems_ * sizeof(bf16));
     cpu_.parallel_for(size_t{c1 - c0 + 1} * kvh, 4, [&](size_t begin, size_t stop) {
       for (size_t w = begin; w < stop; ++w) {
         const uint32_t c = c0 + static_cast<uint32_t>(w / kvh), h = static_cast<uint32_t>(w % kvh);
@@ -333,7 +339,6 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
         // A completed chunk is assembled in the stage (its earlier rows from the tail).
         bf16* dst = complete ? stage + (size_t{c - done.front()} * kvh + h) * seq.tail_elems_
                              : seq.tail(layer, h);
-        if (complete && from % C != 0) std::memcpy(dst, seq.tail(layer, h), seq.tail_elems_ * sizeof(bf16));
         for (uint64_t x = from; x < to; ++x) {
           const size_t src = (x - first_token) * kvrow + size_t{h} * d;
           std::memcpy(dst + (x % C) * d, k.data() + src, d * sizeof(bf16));

@@ -1,6 +1,11 @@
 // One decode step of one layer for a batch of sequences (executor.h's diagram).
+#include <oneapi/tbb/flow_graph.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <functional>
+#include <memory>
 #include <cstring>
 #include <map>
 #include <unordered_set>
@@ -74,6 +79,9 @@ struct SeqStep {
   double upload_issued_us = 0;
   cpu::PartialState hot, sel, host, far;
   std::map<uint32_t, storage::BlockPin> host_pins;  // flat id -> host copy the CPU attends
+  std::vector<float> scores;                    // [kv_heads][blocks]
+  double score_us = 0, cpu_attend_us = 0, read_wait_us = 0;
+  uint64_t rereads = 0;
 };
 
 namespace {
@@ -96,13 +104,13 @@ void Executor::issue_round(SequenceKv& seq, SeqStep& x) {
 // A pin of a block's host copy. The staging cache is shared by this step's
 // reads in flight, so a copy that landed may be evicted before it is pinned:
 // then it is read again (a few times at most; a failed read is the error).
-Result<storage::BlockPin> Executor::pin_host(SequenceKv& seq, uint32_t f) {
+Result<storage::BlockPin> Executor::pin_host(SequenceKv& seq, uint32_t f, uint64_t& rereads) {
   for (int attempt = 0;; ++attempt) {
     Result<storage::BlockPin> pin = seq.store_->pin(f, Tier::kHost);
     if (pin.ok() || pin.status().code() != StatusCode::kUnavailable || attempt == 3) return pin;
     const uint32_t one[1] = {f};
     KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(one, Tier::kHost)));
-    ++stats_.reread_blocks;
+    ++rereads;
   }
 }
 
@@ -207,25 +215,26 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     KVT_RETURN_IF_ERROR(gpu_->attend(0, hot_lists(), B, qh, kvh, arena, scale));
   }
 
-  // 3. CPU: scoring and top-k per sequence; where the selected blocks are.
-  {
+  // 3. CPU: scoring and top-k, one task per sequence.
+  auto score_one = [&](uint32_t b) {
     TraceScope scope(tr, lane_cpu_, "score + top-k");
     const double t0 = wall_us();
-    for (uint32_t b = 0; b < B; ++b) {
-      SequenceKv& seq = *batch[b].seq;
-      SeqStep& x = st[b];
-      x.selected.assign(kvh, {});
-      if (x.ranges.far_end > x.ranges.far_begin && p.topk_chunks > 0) {
-        const cpu::SummaryTable& table = seq.summaries_[layer];
-        scores_.resize(size_t{kvh} * table.blocks());
-        cpu_.score(Bf16View<2>(batch[b].q, {qh, d}), table, scale, rule_for(p.summary_kind),
-                   MutF32View<2>(scores_, {kvh, table.blocks()}));
-        cpu_.select(F32View<2>(scores_, {kvh, table.blocks()}), p.topk_chunks, x.ranges.far_begin, x.ranges.far_end,
-                    x.selected);
-      }
+    SequenceKv& seq = *batch[b].seq;
+    SeqStep& x = st[b];
+    x.selected.assign(kvh, {});
+    if (x.ranges.far_end > x.ranges.far_begin && p.topk_chunks > 0) {
+      const cpu::SummaryTable& table = seq.summaries_[layer];
+      x.scores.resize(size_t{kvh} * table.blocks());
+      cpu_.score(Bf16View<2>(batch[b].q, {qh, d}), table, scale, rule_for(p.summary_kind),
+                 MutF32View<2>(x.scores, {kvh, table.blocks()}));
+      cpu_.select(F32View<2>(x.scores, {kvh, table.blocks()}), p.topk_chunks, x.ranges.far_begin, x.ranges.far_end,
+                  x.selected);
     }
-    stats_.score_us += wall_us() - t0;
-  }
+    x.score_us = wall_us() - t0;
+  };
+  // Where the selected blocks are, the plan, and the I/O it starts (serial).
+  LayerPlan plan;
+  auto plan_step = [&]() -> Status {
   std::vector<SequenceStep> plan_in(B);
   uint32_t upload_room = UINT32_MAX;
   for (uint32_t b = 0; b < B; ++b) {
@@ -277,7 +286,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   // (The planner's room is for the batch; each sequence has its own quota,
   // so the smallest room of any sequence is what every one can surely use.)
   pin_in.upload_slots_free = upload_room > kvh ? upload_room - kvh : 0;
-  KVT_ASSIGN_OR_RETURN(LayerPlan plan, plan_layer(pin_in));
+  KVT_ASSIGN_OR_RETURN(plan, plan_layer(pin_in));
   stats_.late_blocks += plan.late_blocks;
 
   // 4. Issue the copy engine's uploads and the NVMe reads (store movers).
@@ -345,10 +354,12 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       for (uint32_t f : x.late_reads) seq.reading_[f] = t;
     }
   }
+    return Status::ok_status();
+  };
 
   // 5. CPU: exact attention over host-resident selected blocks, then the far
   // field (late blocks, and every unselected far block under far_field=summary).
-  for (uint32_t b = 0; b < B; ++b) {
+  auto attend_one = [&](uint32_t b) -> Status {
     SequenceKv& seq = *batch[b].seq;
     SeqStep& x = st[b];
     // Reads from earlier steps that this step attends: wait for them.
@@ -367,8 +378,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       const double tt0 = tr != nullptr ? tr->now_us() : 0;
       const Status rs = wait_read(seq, t);
       if (tr != nullptr) tr->complete(lane_nvme_, "earlier nvme read (wait)", tt0, tr->now_us() - tt0);
-      if (!rs.ok()) return abandon(seq, x, rs.with_context("decode step of layer " + std::to_string(layer) +
-                                                           ": reading selected blocks"));
+      if (!rs.ok()) return rs.with_context("decode step of layer " + std::to_string(layer) +
+                                                           ": reading selected blocks");
     }
     TraceScope scope(tr, lane_cpu_, "cpu attention (host blocks + far field)");
     const double t0 = wall_us();
@@ -380,8 +391,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         if (std::find(x.reads.begin(), x.reads.end(), f) != x.reads.end()) continue;  // in a round below
         auto have = x.host_pins.find(f);
         if (have == x.host_pins.end()) {
-          Result<storage::BlockPin> pin = pin_host(seq, f);
-          if (!pin.ok()) return abandon(seq, x, pin.status().with_context("decode step of layer " + std::to_string(layer)));
+          Result<storage::BlockPin> pin = pin_host(seq, f, x.rereads);
+          if (!pin.ok()) return pin.status().with_context("decode step of layer " + std::to_string(layer));
           have = x.host_pins.emplace(f, std::move(pin).value()).first;
         }
         lists[h].push_back({reinterpret_cast<const bf16*>(have->second.data()), C});
@@ -394,18 +405,18 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       const double w0 = wall_us();
       const Status rs = wait_read(seq, x.tickets[r]);
       x.waited = r + 1;
-      stats_.read_wait_us += wall_us() - w0;
+      x.read_wait_us += wall_us() - w0;
       if (tr != nullptr)
         tr->complete(lane_nvme_, "nvme read round (issue to landed)", x.issued_us[r], tr->now_us() - x.issued_us[r],
                      {{"blocks", x.rounds[r].size()}});
-      if (!rs.ok()) return abandon(seq, x, rs.with_context("decode step of layer " + std::to_string(layer) +
-                                                           ": reading selected blocks"));
+      if (!rs.ok()) return rs.with_context("decode step of layer " + std::to_string(layer) +
+                                                           ": reading selected blocks");
       while (x.issued < x.rounds.size() && x.issued < r + 3) issue_round(seq, x);
       std::vector<std::vector<cpu::HostBlock>> round_lists(kvh);
       std::vector<storage::BlockPin> round_pins;
       for (uint32_t f : x.rounds[r]) {
-        Result<storage::BlockPin> pin = pin_host(seq, f);
-        if (!pin.ok()) return abandon(seq, x, pin.status().with_context("decode step of layer " + std::to_string(layer)));
+        Result<storage::BlockPin> pin = pin_host(seq, f, x.rereads);
+        if (!pin.ok()) return pin.status().with_context("decode step of layer " + std::to_string(layer));
         const uint32_t h = (f / seq.chunks_per_head_) % kvh;
         round_lists[h].push_back({reinterpret_cast<const bf16*>(pin->data()), C});
         round_pins.push_back(std::move(pin).value());
@@ -430,7 +441,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     }
     x.far = cpu::PartialState::empty(qh, d);
     if (any_far) cpu_.far_field(Bf16View<2>(batch[b].q, {qh, d}), seq.summaries_[layer], far, scale, x.far);
-    stats_.cpu_attend_us += wall_us() - t0;
+    x.cpu_attend_us += wall_us() - t0;
     // What this step attended (for verify()).
     cpu::AttendedSet& att = seq.last_attended_[layer];
     att.chunks.assign(kvh, {});
@@ -447,8 +458,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       att.far_field[h] = far[h];
       std::sort(att.far_field[h].begin(), att.far_field[h].end());
     }
-  }
+    return Status::ok_status();
+  };
 
+  auto gpu_step = [&]() -> Status {
   // 6. Uploaded blocks: wait for the copy engine, then the second GPU kernel.
   for (uint32_t b = 0; b < B; ++b) {
     SequenceKv& seq = *batch[b].seq;
@@ -461,15 +474,13 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       tr->complete(lane_copy_, "upload (issue to landed)", x.upload_issued_us, tr->now_us() - x.upload_issued_us,
                    {{"blocks", x.upload.size()}});
     if (!us.ok()) {
-      if (cuda_ != nullptr) (void)gpu_->finish();
       return us.with_context("decode step of layer " + std::to_string(layer) + ": uploading selected blocks");
     }
     for (uint32_t h = 0; h < kvh; ++h)
       for (uint32_t c : x.upload_chunks[h]) {
         Result<storage::BlockPin> pin = seq.store_->pin(seq.flat(layer, h, c), Tier::kGpu);
         if (!pin.ok()) {
-          if (cuda_ != nullptr) (void)gpu_->finish();
-          return pin.status().with_context("decode step of layer " + std::to_string(layer) +
+              return pin.status().with_context("decode step of layer " + std::to_string(layer) +
                                            ": an uploaded block was evicted before use; raise --gpu-bytes");
         }
         x.gpu_sel[h].push_back(slot_of(pin->data()));
@@ -531,17 +542,84 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     }
     stats_.gpu_wait_us += wall_us() - t0;
   }
+    return Status::ok_status();
+  };
 
-  // 7. Merge, write-back, bookkeeping.
+  // 7. Merge per sequence, once its CPU part and the GPU's are in.
+  auto merge_one = [&](uint32_t b) {
+    SeqStep& x = st[b];
+    const cpu::PartialState parts[4] = {std::move(x.hot), std::move(x.sel), std::move(x.host), std::move(x.far)};
+    const cpu::PartialState merged = cpu::merge_states(std::span<const cpu::PartialState>(parts, 4));
+    std::copy(merged.o.begin(), merged.o.end(), batch[b].out.begin());
+  };
+
+  // The graph of the step (oneTBB flow graph on the CPU engine's threads):
+  //   score[b] --all--> plan --> attend[b] ----------> merge[b]
+  //                          \-> gpu (uploads, 2nd kernel) -/
+  // The GPU's hot-set kernel is already running; the gpu node waits for the
+  // copy engine and launches the second kernel while the CPU attends.
+  std::vector<Status> status(B + 2);  // [b]: attend of b; [B]: plan; [B + 1]: gpu
+  std::atomic<bool> failed{false};
+  const auto guarded = [&](size_t slot, const std::function<Status()>& fn) {
+    if (failed.load()) return;
+    status[slot] = fn();
+    if (!status[slot].ok()) failed = true;
+  };
+  cpu_.run([&] {
+    namespace flow = tbb::flow;
+    using Node = flow::continue_node<flow::continue_msg>;
+    flow::graph g;
+    flow::broadcast_node<flow::continue_msg> start(g);
+    Node plan_node(g, [&](const flow::continue_msg&) { guarded(B, plan_step); });
+    Node gpu_node(g, [&](const flow::continue_msg&) { guarded(B + 1, gpu_step); });
+    flow::make_edge(plan_node, gpu_node);
+    std::vector<std::unique_ptr<Node>> nodes;
+    for (uint32_t b = 0; b < B; ++b) {
+      Node* score = nodes.emplace_back(std::make_unique<Node>(g, [&, b](const flow::continue_msg&) {
+        if (!failed.load()) score_one(b);
+      })).get();
+      flow::make_edge(start, *score);
+      flow::make_edge(*score, plan_node);
+      Node* attend = nodes.emplace_back(std::make_unique<Node>(g, [&, b](const flow::continue_msg&) {
+        guarded(b, [&] { return attend_one(b); });
+      })).get();
+      flow::make_edge(plan_node, *attend);
+      Node* merge = nodes.emplace_back(std::make_unique<Node>(g, [&, b](const flow::continue_msg&) {
+        if (!failed.load()) merge_one(b);
+      })).get();
+      flow::make_edge(*attend, *merge);
+      flow::make_edge(gpu_node, *merge);
+    }
+    start.try_put(flow::continue_msg());
+    g.wait_for_all();
+  });
+  for (const SeqStep& x : st) {
+    stats_.score_us += x.score_us;
+    stats_.cpu_attend_us += x.cpu_attend_us;
+    stats_.read_wait_us += x.read_wait_us;
+    stats_.reread_blocks += x.rereads;
+  }
+  if (failed.load()) {
+    // Nothing this step started may outlive it unwaited, and no output is
+    // produced. The sequences stay usable: no layer's token count advanced,
+    // so a retry of the step writes the same token to the same row.
+    Status first;
+    for (const Status& e : status)
+      if (!e.ok()) {
+        first = e;
+        break;
+      }
+    for (uint32_t b = 0; b < B; ++b) (void)abandon(*batch[b].seq, st[b], Status::ok_status());
+    return first.with_context("decode step of layer " + std::to_string(layer));
+  }
+
+  // Write-back and bookkeeping (serial).
   {
-    TraceScope scope(tr, lane_cpu_, "merge + write-back");
+    TraceScope scope(tr, lane_cpu_, "write-back + prefetch ahead");
     const double t0 = wall_us();
     for (uint32_t b = 0; b < B; ++b) {
       SequenceKv& seq = *batch[b].seq;
       SeqStep& x = st[b];
-      const cpu::PartialState parts[4] = {std::move(x.hot), std::move(x.sel), std::move(x.host), std::move(x.far)};
-      const cpu::PartialState merged = cpu::merge_states(std::span<const cpu::PartialState>(parts, 4));
-      std::copy(merged.o.begin(), merged.o.end(), batch[b].out.begin());
       x.gpu_pins.clear();
       seq.layer_tokens_[layer] = x.tokens;
       if (x.completed) {

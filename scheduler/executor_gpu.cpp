@@ -71,6 +71,7 @@ Status Executor::Gpu::begin_step(std::span<const DecodeItem> batch, uint32_t q_h
 
 Status Executor::Gpu::attend(int part, const SlotLists& lists, uint32_t batch, uint32_t q_heads, uint32_t kv_heads,
                              const gpu::SlotArenaView& arena, float scale) {
+  KVT_RETURN_IF_ERROR(ctx->make_current());  // the flow graph may run this on any of its threads
   const cudaStream_t st = ctx->compute_stream();
   Packer pk;
   list_off[part][0] = pk.add<uint32_t>(lists.begin.size());

@@ -561,11 +561,11 @@ Status TieredStore::write_home(std::span<const BlockWrite> writes, bool cache_on
   for (const BlockWrite& w : writes) {
     BlockEntry& e = s.table[w.block];
     if (e.gpu_slot != kNoSlot) continue;  // listed twice
-    Result<uint32_t> slot = s.take_gpu_slot();
-    if (!slot.ok()) break;  // "while space allows": the rest stay uncached
-    e.gpu_slot = *slot;
+    Result<uint32_t> gpu_slot = s.take_gpu_slot();
+    if (!gpu_slot.ok()) break;  // "while space allows": the rest stay uncached
+    e.gpu_slot = *gpu_slot;
     cached.push_back(w.block);
-    copies.push_back(BlockCopy{w.data, s.gpu_arena->slot_data(*slot), payload});
+    copies.push_back(BlockCopy{w.data, s.gpu_arena->slot_data(*gpu_slot), payload});
   }
   // Copies run under the lock: nothing may take these half-filled slots.
   const Status copy_st = s.backend.copy_to_device(copies);

@@ -215,7 +215,7 @@ TEST_CASE("sparse budget: selection, fidelity report and a batch that equals ses
   std::vector<SyntheticModel> ms;
   const uint64_t contexts[3] = {kContext, 1500, 777};
   for (int i = 0; i < 3; ++i) {
-    auto s = engine->create_session(kContext + 8, "b" + std::to_string(i));
+    auto s = engine->create_session(kContext + 8, std::string("b").append(std::to_string(i)));
     REQUIRE_MESSAGE(s.ok(), s.status().to_string());
     ms.push_back(model(contexts[i], 11 + i));
     prefill(**s, ms.back(), contexts[i], 512, nullptr);

@@ -25,6 +25,9 @@ struct EngineOptions {
   bool isa_auto = true;  // true: best_isa(); false: `isa` (must be available)
 };
 
+// score, select, attend, far_field, build_summaries, parallel_for and run may
+// be called from several threads at once (each call has its own scratch);
+// the prefill_scores_* calls may not.
 class CpuEngine {
  public:
   // Fails naming the value when threads exceed the node's cores or the ISA is unavailable.
@@ -53,6 +56,9 @@ class CpuEngine {
   // Runs fn(begin, end) over sub-ranges of [0, n), each at least `grain` long
   // where n allows, on the engine's bound threads; returns when all are done.
   void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn);
+  // Runs fn inside the engine's task arena, so that oneTBB work it starts (a
+  // flow graph) runs on the engine's bound threads.
+  void run(const std::function<void()>& fn);
 
   // Prefill scoring: scores [queries][blocks] = q [queries][head_dim] x kmean [blocks][head_dim]^T
   // (one head), bf16 inputs, fp32 output. Through a oneDNN matmul, or the hand-written kernel.

@@ -66,6 +66,9 @@ class CudaContext {
   // speed from host memory needs it pinned.
   Status copy_async(void* dst, const void* src, uint64_t bytes, cudaStream_t stream);
   Status synchronize(cudaStream_t stream) const;
+  // Makes this device the calling thread's current one (cudaSetDevice): kernel
+  // launches from a thread other than the creator's need it.
+  Status make_current() const;
   // Waits for all work on the device; reports an asynchronous kernel fault.
   Status synchronize_device() const;
 

@@ -197,12 +197,11 @@ class Executor {
   std::shared_ptr<storage::DeviceArena> arena_;
   std::unique_ptr<Gpu> gpu_;
   ExecutorStats stats_;
-  std::vector<float> scores_;  // [kv_heads][blocks] of the sequence being scored
   uint32_t quota_ = 0;         // gpu slots per sequence for cached blocks
   std::shared_ptr<std::atomic<uint32_t>> live_ = std::make_shared<std::atomic<uint32_t>>(0);
   void issue_round(SequenceKv& seq, SeqStep& x);
   Status wait_read(SequenceKv& seq, storage::Ticket t);
-  Result<storage::BlockPin> pin_host(SequenceKv& seq, uint32_t flat_block);
+  Result<storage::BlockPin> pin_host(SequenceKv& seq, uint32_t flat_block, uint64_t& rereads);
   Status abandon(SequenceKv& seq, SeqStep& x, Status why);
   TraceLane lane_gpu_ = 0, lane_cpu_ = 0, lane_copy_ = 0, lane_nvme_ = 0;
 };
