@@ -413,7 +413,7 @@ std::string summary_text(const DemoOptions& o, const runtime::SyntheticRunReport
   os << "  overlap:      " << fixed(r.overlap_fraction, 3) << " of decode wall time with two or more devices busy\n";
   os << "  selection:    " << fixed(r.selection_overlap, 3)
      << " of each step's selected blocks kept from the previous step\n";
-  os << "  late blocks:  " << fixed(r.late_blocks_per_step, 2) << " per layer step\n";
+  os << "  late blocks:  " << fixed(r.late_blocks_per_step, 2) << " per decode step (all layers, summed over the batch)\n";
   os << "  fidelity:     " << fidelity_text(r, o) << "\n";
   os << "  needles:      "
      << (r.needle_recall < 0
