@@ -179,7 +179,8 @@ std::string plan_text(const PlanReport& r) {
   text_decode(os, r);
   os << "prefill: " << num(r.prefill_seconds, "%.1f") << " s for " << format_tokens(r.context_tokens)
      << " tokens of one sequence (bottleneck " << r.prefill_bottleneck.lane << ", "
-     << percent(r.prefill_bottleneck.utilisation) << ")\n";
+     << percent(r.prefill_bottleneck.utilisation) << "); attention and tiering alone "
+     << num(r.prefill_seconds_attention, "%.1f") << " s\n";
   for (const std::string& w : r.warnings) os << "warning: " << w << "\n";
   os << "assumptions (predictions not yet validated against measured runs):\n";
   for (const std::string& a : r.assumptions) os << "  - " << a << "\n";

@@ -368,7 +368,7 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
   // Tokens of this sequence whose home is host RAM: the first ones written.
   const double host_tokens = static_cast<double>(r.cap.placement.host.blocks) / (lists * in.batch) * p.chunk_tokens;
   std::array<double, 5> busy{};  // seconds, by Lane
-  double total = 0;
+  double total = 0, total_attention = 0;
   for (uint64_t start = 0; start < in.context_tokens; start += k.prefill_query_block_tokens) {
     const double q = static_cast<double>(std::min(k.prefill_query_block_tokens, in.context_tokens - start));
     const double before = static_cast<double>(start);
@@ -379,9 +379,9 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     const double pairs = q * (q + 1) / 2 + q * (window + sinks + selected);  // per q head and layer
     const double far_blocks = far_tokens / p.chunk_tokens;
     std::array<double, 5> lane{};
+    const double weights_s = 2.0 * static_cast<double>(in.model.parameters) * q / flops;
     lane[static_cast<size_t>(Lane::kGpu)] =
-        4.0 * s.head_dim * s.q_heads * pairs * s.layers / attend_flops +
-        2.0 * static_cast<double>(in.model.parameters) * q / flops +
+        4.0 * s.head_dim * s.q_heads * pairs * s.layers / attend_flops + weights_s +
         2.0 * s.head_dim * s.q_heads * q * far_blocks * s.layers / flops +
         q * kvpt / (m.gpu.hbm_read_gbps * 1e9);
     lane[static_cast<size_t>(Lane::kCopyH2d)] = far_blocks * lists * row / big_h2d;
@@ -390,8 +390,12 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     lane[static_cast<size_t>(Lane::kNvme)] = to_nvme * kvpt / nvme_write;
     for (size_t i = 0; i < lane.size(); ++i) busy[i] += lane[i];
     total += *std::max_element(lane.begin(), lane.end());
+    std::array<double, 5> attention_only = lane;
+    attention_only[static_cast<size_t>(Lane::kGpu)] -= weights_s;
+    total_attention += *std::max_element(attention_only.begin(), attention_only.end());
   }
   r.prefill_seconds = total;
+  r.prefill_seconds_attention = total_attention;
   size_t top = static_cast<size_t>(std::max_element(busy.begin(), busy.end()) - busy.begin());
   r.prefill_bottleneck = {std::string(lane_name(kLanes[top])), busy[top] * 1e6, utilisation(busy[top], total)};
 }
@@ -579,6 +583,7 @@ nlohmann::json to_json(const PlanReport& r) {
        {{"attention_tiering", r.decode_tokens_per_s_attention}, {"full_model", r.decode_tokens_per_s_full_model}}},
       {"late_blocks_per_step", r.late_blocks_per_step},
       {"prefill_seconds", r.prefill_seconds},
+      {"prefill_seconds_attention", r.prefill_seconds_attention},
       {"prefill_bottleneck", {{"lane", r.prefill_bottleneck.lane}, {"utilisation", r.prefill_bottleneck.utilisation}}},
       {"bottleneck", {{"lane", r.bottleneck.lane}, {"utilisation", r.bottleneck.utilisation}}},
       {"bottleneck_full_model",

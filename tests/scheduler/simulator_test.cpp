@@ -171,6 +171,8 @@ TEST_CASE("lanes: the bottleneck is a lane, utilisations lie in [0, 1], traffic 
       CHECK(r.bottleneck.utilisation <= 1);
       CHECK(r.prefill_bottleneck.utilisation <= 1);
       CHECK(r.prefill_seconds > 0);
+      CHECK(r.prefill_seconds_attention > 0);
+      CHECK(r.prefill_seconds_attention <= r.prefill_seconds);
       CHECK(r.step_us_attention > 0);
       // Full model = attention + the slower of weights and GEMMs.
       const double weights_us = 16'060'522'496.0 / (in.machine.gpu.hbm_read_gbps * 1e3);

@@ -149,7 +149,8 @@ struct PlanReport {
   std::vector<LaneUse> lanes;       // attention + tiering step
   LaneUse bottleneck;
   LaneUse bottleneck_full_model;
-  double prefill_seconds = 0;       // one sequence's prompt of context_tokens
+  double prefill_seconds = 0;       // one sequence's prompt of context_tokens, full model (weight GEMMs included)
+  double prefill_seconds_attention = 0;  // the same without the weight GEMMs: attention and tiering only
   LaneUse prefill_bottleneck;       // the lane that sets most prefill blocks' time
   Traffic traffic;                  // per decode step, whole batch
   std::vector<std::string> assumptions;
