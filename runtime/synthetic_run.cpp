@@ -220,12 +220,10 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
     KVT_ASSIGN_OR_RETURN(const double secs, decode_step(*engine, seqs, step, verify ? &qk : nullptr, verify ? &ok : nullptr, vlayer));
     rep.step_seconds.push_back(secs);
     if (verify) {
-      const scheduler::ExecutorStats keep = engine->stats();
       KVT_ASSIGN_OR_RETURN(cpu::FidelityReport f, seqs[0].session->verify_last_step(vlayer, qk[0], ok[0]));
       rel.push_back(f.rel_error);
       recall.insert(recall.end(), f.mass_recall.begin(), f.mass_recall.end());
       ++rep.verified;
-      (void)keep;
     }
   }
   rep.stats = engine->stats();

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <sstream>
 
 #include "executor_internal.h"
@@ -207,25 +206,6 @@ std::vector<bf16> mean_query(cpu::CpuEngine& cpu, std::span<const bf16> q, uint3
   return out;
 }
 
-// acc = merge(acc, part) row by row: rows of head_dim outputs with one lse each.
-void merge_rows(std::vector<float>& acc_o, std::vector<float>& acc_lse, const std::vector<float>& o,
-                const std::vector<float>& lse, uint32_t head_dim) {
-  for (size_t r = 0; r < acc_lse.size(); ++r) {
-    const float a = acc_lse[r], b = lse[r];
-    const float m = std::max(a, b);
-    if (m == -std::numeric_limits<float>::infinity()) continue;  // both empty
-    const float wa = std::exp(a - m), wb = std::exp(b - m), sum = wa + wb;
-    float* ao = &acc_o[r * head_dim];
-    const float* bo = &o[r * head_dim];
-    for (uint32_t x = 0; x < head_dim; ++x) ao[x] = (wa * ao[x] + wb * bo[x]) / sum;
-    acc_lse[r] = m + std::log(sum);
-  }
-}
-
-cpu::ScoreRule rule_of(SummaryKind kind) {
-  return kind == SummaryKind::kMinMaxF32 ? cpu::ScoreRule::kMinMaxBound : cpu::ScoreRule::kMaxDot;
-}
-
 }  // namespace
 
 // Writes completed chunks of `layer` home (one batched write; GPU copies
@@ -366,7 +346,7 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     const std::vector<bf16> qmean = mean_query(cpu_, q, n, static_cast<uint32_t>(qrow));
     const cpu::SummaryTable& table = seq.summaries_[layer];
     std::vector<float> scores(size_t{kvh} * table.blocks());
-    cpu_.score(Bf16View<2>(qmean, {qh, d}), table, static_cast<float>(1.0 / std::sqrt(double(d))), rule_of(p.summary_kind),
+    cpu_.score(Bf16View<2>(qmean, {qh, d}), table, static_cast<float>(1.0 / std::sqrt(double(d))), score_rule_for(p.summary_kind),
                MutF32View<2>(scores, {kvh, table.blocks()}));
     cpu_.select(F32View<2>(scores, {kvh, table.blocks()}), p.topk_chunks, sink_end, window_begin, selected);
   }
@@ -391,12 +371,11 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   for (const auto& l : full) total += l.size();
   const size_t passes = std::max<size_t>(1, (total + per_pass - 1) / per_pass);
   const bool keep = !out.empty() || passes > 1;
-  std::vector<float> acc_o, acc_lse, o_pass, lse_pass;
+  // Each query's q heads are rows of one state: [n * q_heads] rows of head_dim.
+  cpu::PartialState acc, pass_state;
   if (keep) {
-    acc_o.assign(size_t{n} * qrow, 0.f);
-    acc_lse.assign(size_t{n} * qh, -std::numeric_limits<float>::infinity());
-    o_pass.resize(acc_o.size());
-    lse_pass.resize(acc_lse.size());
+    acc = cpu::PartialState::empty(n * qh, d);
+    pass_state = cpu::PartialState::empty(n * qh, d);
   }
   size_t cursor_h = 0, cursor_j = 0;
   for (size_t pass = 0; pass < passes; ++pass) {
@@ -414,8 +393,8 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     const bool with_tail = pass == 0 && tail_partial;
     std::vector<std::vector<storage::BlockPin>> pins;
     KVT_RETURN_IF_ERROR(pin_on_gpu(seq, layer, part, pins));
-    float* o_dst = keep ? o_pass.data() : nullptr;
-    float* lse_dst = keep ? lse_pass.data() : nullptr;
+    float* o_dst = keep ? pass_state.o.data() : nullptr;
+    float* lse_dst = keep ? pass_state.lse.data() : nullptr;
     if (cuda_ != nullptr) {
       KVT_RETURN_IF_ERROR(gpu_->prefill(*this, seq, layer, first_token, n, q, part, pins, with_tail, last_chunk, scale,
                                         o_dst, lse_dst));
@@ -447,9 +426,12 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
         }
       });
     }
-    if (keep) merge_rows(acc_o, acc_lse, o_pass, lse_pass, d);
+    if (keep) {
+      const cpu::PartialState both[2] = {std::move(acc), pass_state};
+      acc = cpu::merge_states(std::span<const cpu::PartialState>(both, 2));
+    }
   }
-  if (!out.empty()) std::copy(acc_o.begin(), acc_o.end(), out.begin());
+  if (!out.empty()) std::copy(acc.o.begin(), acc.o.end(), out.begin());
   stats_.prefill_us += wall_us() - t_start;
   stats_.prefill_tokens += n;
   return Status::ok_status();

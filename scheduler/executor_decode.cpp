@@ -46,13 +46,6 @@ Status Executor::refresh_hot_pins(SequenceKv& seq, uint32_t layer, uint64_t toke
   return Status::ok_status();
 }
 
-namespace {
-
-cpu::ScoreRule rule_for(SummaryKind kind) {
-  return kind == SummaryKind::kMinMaxF32 ? cpu::ScoreRule::kMinMaxBound : cpu::ScoreRule::kMaxDot;
-}
-
-}  // namespace
 
 // One sequence's working state through a step.
 struct SeqStep {
@@ -124,18 +117,14 @@ Status Executor::wait_read(SequenceKv& seq, storage::Ticket t) {
   return st;
 }
 
-// A step that fails part-way: nothing it started may outlive it unwaited, and
-// no output is produced. The sequence stays usable: the layer's token count did
-// not advance, so a retry of the step writes the same token to the same row.
-Status Executor::abandon(SequenceKv& seq, SeqStep& x, Status why) {
-  if (cuda_ != nullptr) (void)gpu_->finish();
+// Waits for the I/O a failed step started on `seq` and drops its pins.
+void Executor::release_step(SequenceKv& seq, SeqStep& x) {
   if (x.has_upload) (void)seq.store_->wait(x.upload_ticket);
   x.has_upload = false;
   for (size_t r = x.waited; r < x.tickets.size(); ++r) (void)wait_read(seq, x.tickets[r]);
   x.tickets.clear();
   x.host_pins.clear();
   x.gpu_pins.clear();
-  return why;
 }
 
 Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
@@ -225,7 +214,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     if (x.ranges.far_end > x.ranges.far_begin && p.topk_chunks > 0) {
       const cpu::SummaryTable& table = seq.summaries_[layer];
       x.scores.resize(size_t{kvh} * table.blocks());
-      cpu_.score(Bf16View<2>(batch[b].q, {qh, d}), table, scale, rule_for(p.summary_kind),
+      cpu_.score(Bf16View<2>(batch[b].q, {qh, d}), table, scale, score_rule_for(p.summary_kind),
                  MutF32View<2>(x.scores, {kvh, table.blocks()}));
       cpu_.select(F32View<2>(x.scores, {kvh, table.blocks()}), p.topk_chunks, x.ranges.far_begin, x.ranges.far_end,
                   x.selected);
@@ -609,7 +598,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         first = e;
         break;
       }
-    for (uint32_t b = 0; b < B; ++b) (void)abandon(*batch[b].seq, st[b], Status::ok_status());
+    if (cuda_ != nullptr) (void)gpu_->finish();
+    for (uint32_t b = 0; b < B; ++b) release_step(*batch[b].seq, st[b]);
     return first.with_context("decode step of layer " + std::to_string(layer));
   }
 

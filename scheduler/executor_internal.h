@@ -13,6 +13,11 @@
 
 namespace kvtier::scheduler {
 
+// The scoring rule a summary kind is built for (DESIGN.md section 10).
+inline cpu::ScoreRule score_rule_for(SummaryKind kind) {
+  return kind == SummaryKind::kMinMaxF32 ? cpu::ScoreRule::kMinMaxBound : cpu::ScoreRule::kMaxDot;
+}
+
 // Per-(sequence, KV head) block lists of one decode kernel launch: list l =
 // b * kv_heads + h holds slots[begin[l] .. begin[l + 1]); all blocks full but
 // the last, which holds last[l] tokens.

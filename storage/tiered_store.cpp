@@ -666,11 +666,6 @@ BlockFile& TieredStore::file() { return *impl_->file; }
 ComputeBackend& TieredStore::backend() { return impl_->backend; }
 DeviceArena& TieredStore::gpu_arena() { return *impl_->gpu_arena; }
 
-uint32_t TieredStore::gpu_evictable() const {
-  std::lock_guard lock(impl_->mu);
-  return impl_->table.gpu_policy().size();
-}
-
 uint32_t TieredStore::gpu_room() const {
   std::lock_guard lock(impl_->mu);
   const uint32_t evictable = impl_->table.gpu_policy().size();

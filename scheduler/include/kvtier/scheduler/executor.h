@@ -14,8 +14,9 @@
 //   write-back of a block the append completed (home, and a GPU copy)
 //
 // GPU work is asynchronous on the CUDA context's compute stream; copies and
-// NVMe reads run on each store's mover thread; CPU attention runs on the CPU
-// engine's bound threads meanwhile. On the CPU backend the "GPU" half runs
+// NVMe reads run on each store's mover thread; the CPU steps are the nodes of
+// a oneTBB flow graph on the CPU engine's bound threads (scoring and attention
+// per sequence in parallel, and the wait for uploads beside them). On the CPU backend the "GPU" half runs
 // on the CPU engine over the host stand-in of the GPU slots.
 //
 // SequenceKv is one sequence's KV state: its TieredStore, the summaries per
@@ -202,7 +203,7 @@ class Executor {
   void issue_round(SequenceKv& seq, SeqStep& x);
   Status wait_read(SequenceKv& seq, storage::Ticket t);
   Result<storage::BlockPin> pin_host(SequenceKv& seq, uint32_t flat_block, uint64_t& rereads);
-  Status abandon(SequenceKv& seq, SeqStep& x, Status why);
+  void release_step(SequenceKv& seq, SeqStep& x);
   TraceLane lane_gpu_ = 0, lane_cpu_ = 0, lane_copy_ = 0, lane_nvme_ = 0;
 };
 

@@ -148,8 +148,6 @@ class TieredStore {
   uint32_t chunks_per_head() const;
   uint64_t block_bytes() const;   // payload bytes (K + V)
   StoreStats stats() const;
-  // GPU copies of this context that could be evicted now (unpinned, unprotected).
-  uint32_t gpu_evictable() const;
   // GPU slots this context could fill now: free within its quota plus evictable.
   uint32_t gpu_room() const;
   std::string describe() const;   // tiers, slots, how memory is pinned, how I/O runs
