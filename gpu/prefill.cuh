@@ -182,11 +182,14 @@ __device__ __forceinline__ KeyRow key_row(const Params& p, const ListView& list,
   const uint32_t blk = tile_of_blocks * p.blocks_per_tile + in_tile;
   KeyRow out{nullptr, kMaskedPos};
   if (in_tile >= p.blocks_per_tile || blk >= list.blocks) return out;
-  const uint32_t tokens = min(list.tokens[blk], p.chunk_tokens);
+  const uint32_t tokens = list.tokens[blk];
   const uint32_t slot = list.slot_ids[blk];
-  // A slot past the arena is a caller bug the kernel cannot report; reading
-  // it would fault, so its keys are treated as absent.
-  if (row >= tokens || slot >= p.slots) return out;
+  // A token count above chunk_tokens or a slot past the arena is a caller bug
+  // the launcher cannot see (the lists live in device memory). Attending
+  // something else instead would be silently wrong output, so the kernel
+  // stops the stream, as the decode and append kernels do.
+  if (tokens > p.chunk_tokens || slot >= p.slots) __trap();
+  if (row >= tokens) return out;
   out.k = reinterpret_cast<const uint16_t*>(p.arena + uint64_t{slot} * p.slot_bytes) + size_t{row} * D;
   const int64_t rel = static_cast<int64_t>(list.first_pos[blk] + row - p.q_first_pos);
   out.rel_pos = static_cast<int32_t>(max(-kPosClamp, min(kPosClamp, rel)));
@@ -435,6 +438,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) prefill_kernel(const Par
   const uint32_t q_last = min(q0 + kQueries, p.nq) - 1;
   const uint64_t last_q_pos = p.q_first_pos + q_last;
   const uint32_t lb = p.list_begin[kv_head];
+  if (p.list_begin[kv_head + 1] < lb) __trap();  // lists out of order: the loop below would not end
   const ListView list{p.slot_ids + lb, p.block_tokens + lb, p.block_first_pos + lb, p.list_begin[kv_head + 1] - lb};
   const uint32_t ntiles = (list.blocks + p.blocks_per_tile - 1) / p.blocks_per_tile * p.tiles_per_block;
 
