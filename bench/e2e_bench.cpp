@@ -16,6 +16,11 @@
 // KVTIER_E2E_RUNS (e.g. "dense,main") runs a subset of the four parts.
 // KVTIER_E2E_CONTEXT (tokens, e.g. 64K) overrides the main context, for a
 // quick check on a GPU host; the batch context is capped at it.
+// For the simulator's validation points (issue 7) the main run also takes
+// KVTIER_E2E_GPU_BYTES, KVTIER_E2E_HOST_BYTES and KVTIER_E2E_HOST_CACHE_BYTES
+// (e.g. 8GiB), KVTIER_E2E_SUMMARY (mean_f32, mean_bf16, minmax_f32; every
+// run), KVTIER_E2E_LATE (wait, summary; every run) and KVTIER_E2E_FIDELITY=0
+// (no needles, verification or full-budget check: speed figures only).
 #include <unistd.h>
 
 #include <algorithm>
@@ -51,6 +56,7 @@
 #include "kvtier/gpu/kernels.h"
 #include "kvtier/runtime/synthetic_model.h"
 #include "kvtier/runtime/synthetic_run.h"
+#include "kvtier/scheduler/planner.h"
 #include "kvtier/scheduler/trace.h"
 #include "kvtier/storage/host_arena.h"
 #include "suites.h"
@@ -92,6 +98,10 @@ struct E2eConfig {
   uint32_t prefill_block = 0;   // tokens per prefill query block
   runtime::DeviceChoice device = runtime::DeviceChoice::kCpu;
   uint32_t decode_steps = 0;    // timed steps of each phase
+  SparsityPolicy policy;        // every run's
+  scheduler::LatePolicy late = scheduler::LatePolicy::kWait;
+  bool fidelity = true;         // the main run's needles, verification and full-budget check
+  std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
 bool gpu_present() {
@@ -154,6 +164,51 @@ Result<std::optional<uint64_t>> context_override() {
   return std::optional<uint64_t>(*tokens);
 }
 
+// The value of environment variable `name`, or nothing when it is unset or empty.
+std::optional<std::string> env_text(const char* name) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return std::nullopt;
+  return std::string(text);
+}
+
+// A byte budget from the environment (e.g. 8GiB) into `out`, when set.
+Status bytes_override(const char* name, uint64_t& out, std::vector<std::string>& seen) {
+  const std::optional<std::string> text = env_text(name);
+  if (!text) return Status::ok_status();
+  const Result<uint64_t> bytes = parse_bytes(*text);
+  if (!bytes.ok())
+    return invalid_argument(std::string(name) + "=" + *text + ": " + bytes.status().message() +
+                            "; give bytes with a unit, e.g. 8GiB");
+  out = *bytes;
+  seen.push_back(std::string(name) + "=" + *text);
+  return Status::ok_status();
+}
+
+// The overrides of the main run's budgets, the policy and the fidelity checks.
+Status apply_overrides(E2eConfig& c) {
+  KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_GPU_BYTES", c.gpu_bytes, c.overrides));
+  KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_HOST_BYTES", c.host_bytes, c.overrides));
+  KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_HOST_CACHE_BYTES", c.host_cache_bytes, c.overrides));
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_SUMMARY")) {
+    Result<SummaryKind> kind = parse_summary_kind(*t);
+    if (!kind.ok()) return invalid_argument("KVTIER_E2E_SUMMARY: " + kind.status().message());
+    c.policy.summary_kind = *kind;
+    c.overrides.push_back("KVTIER_E2E_SUMMARY=" + *t);
+  }
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_LATE")) {
+    Result<scheduler::LatePolicy> late = scheduler::parse_late_policy(*t);
+    if (!late.ok()) return invalid_argument("KVTIER_E2E_LATE: " + late.status().message());
+    c.late = *late;
+    c.overrides.push_back("KVTIER_E2E_LATE=" + *t);
+  }
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_FIDELITY")) {
+    if (*t != "0" && *t != "1") return invalid_argument("KVTIER_E2E_FIDELITY=" + *t + ": give 0 (speed only) or 1");
+    c.fidelity = *t == "1";
+    c.overrides.push_back("KVTIER_E2E_FIDELITY=" + *t);
+  }
+  return Status::ok_status();
+}
+
 Result<E2eConfig> e2e_config(const SuiteArgs& args, bool gpu) {
   E2eConfig c;
   if (args.quick || !gpu)
@@ -169,6 +224,7 @@ Result<E2eConfig> e2e_config(const SuiteArgs& args, bool gpu) {
   }
   c.device = gpu ? runtime::DeviceChoice::kCuda : runtime::DeviceChoice::kCpu;
   c.decode_steps = args.quick ? 8 : 16;
+  KVT_RETURN_IF_ERROR(apply_overrides(c));
   return c;
 }
 
@@ -581,6 +637,8 @@ class Runner {
     r.engine.shape = c_.shape;
     r.engine.device = c_.device;
     r.engine.cpu_threads = args_.threads;
+    r.engine.policy = c_.policy;
+    r.engine.late = c_.late;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;
@@ -655,9 +713,11 @@ Status add_main(Results& results, const E2eConfig& c, Runner& runner) {
   run.engine.host_bytes = c.host_bytes;
   run.engine.host_cache_bytes = c.host_cache_bytes;
   run.second_query_correlation = kRhoUncorrelated;
-  run.full_budget_check = true;
-  run.needle_depths = kNeedleDepths;
-  run.verify_every = kVerifyEvery;
+  if (c.fidelity) {
+    run.full_budget_check = true;
+    run.needle_depths = kNeedleDepths;
+    run.verify_every = kVerifyEvery;
+  }
   KVT_ASSIGN_OR_RETURN(const runtime::SyntheticRunReport r, runner.run("main", run));
   Report& rep = results.report();
   rep.set_config("verified_layer_steps", r.verified);
@@ -674,11 +734,18 @@ Status add_main(Results& results, const E2eConfig& c, Runner& runner) {
   results.add("prefill_tokens_per_s", r.prefill_tokens_per_s, "tokens/s");
   results.add("overlap_fraction", r.overlap_fraction, "fraction");
   results.add_measured("needle_recall", r.needle_recall, "fraction", "",
-                       "the context is shorter than two chunks, too short for a needle sweep");
-  results.add("mass_recall_p10", r.mass_recall_p10, "fraction");
-  results.add("rel_error_p50", r.rel_error_p50, "relative");
+                       c.fidelity ? "the context is shorter than two chunks, too short for a needle sweep"
+                                  : "KVTIER_E2E_FIDELITY=0: no needle sweep");
+  if (c.fidelity) {
+    results.add("mass_recall_p10", r.mass_recall_p10, "fraction");
+    results.add("rel_error_p50", r.rel_error_p50, "relative");
+  } else {
+    rep.set_config("mass_recall_p10_skipped", "KVTIER_E2E_FIDELITY=0: no verified steps");
+    rep.set_config("rel_error_p50_skipped", "KVTIER_E2E_FIDELITY=0: no verified steps");
+  }
   results.add_measured("rel_error_full_budget", r.rel_error_full_budget, "relative", "",
-                       "run_synthetic did not run the full-budget check");
+                       c.fidelity ? "run_synthetic did not run the full-budget check"
+                                  : "KVTIER_E2E_FIDELITY=0: no full-budget check");
   return Status::ok_status();
 }
 
@@ -736,8 +803,11 @@ nlohmann::json e2e_config_json(const E2eConfig& c, const SuiteArgs& args, bool g
       {"host_bytes", c.host_bytes},
       {"host_cache_bytes", c.host_cache_bytes},
       {"nvme", "the rest, in files under --dir (" + args.dir + "), one directory per run removed after it"},
-      {"policy", to_string(SparsityPolicy{})},
-      {"late", "wait"},
+      {"policy", to_string(c.policy)},
+      {"late", std::string(scheduler::late_policy_name(c.late))},
+      {"fidelity_checks", c.fidelity ? "needles, verification and the full-budget check in the main run"
+                                     : "none (KVTIER_E2E_FIDELITY=0): speed figures only"},
+      {"environment_overrides", c.overrides},
       {"synthetic_hidden", c.hidden},
       {"prefill_block_tokens", c.prefill_block},
       {"query_correlation", kRho},

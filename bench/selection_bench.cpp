@@ -7,6 +7,7 @@
 // default); chance overlap, top-k / far blocks, is the baseline.
 #include <oneapi/tbb/parallel_for.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -103,6 +104,33 @@ double mean_overlap(const runtime::SyntheticModel& model, const cpu::SummaryTabl
   return sum / static_cast<double>(meters.size());
 }
 
+// The speculative-prefetch question: of the blocks a step selects that the
+// previous step did not, the share the previous step ranked just below its
+// top-k, in ranks [k, k + extra). A high share means prefetching those ranks
+// takes NVMe reads off the next step's critical path.
+double runner_up_hit_rate(const runtime::SyntheticModel& model, const cpu::SummaryTable& table,
+                          const SparsityPolicy& policy, const ChunkRanges& r, uint32_t extra) {
+  SparsityPolicy wide = policy;
+  wide.topk_chunks = policy.topk_chunks + extra;
+  uint64_t fresh = 0, hits = 0;
+  std::vector<std::vector<uint32_t>> previous, previous_wide;
+  for (uint64_t step = 0; step < kDecodeSteps; ++step) {
+    const auto selected = select(model, table, policy, r, step);
+    if (!previous.empty()) {
+      for (size_t h = 0; h < selected.size(); ++h) {
+        for (uint32_t b : selected[h]) {
+          if (std::find(previous[h].begin(), previous[h].end(), b) != previous[h].end()) continue;
+          ++fresh;
+          hits += std::find(previous_wide[h].begin(), previous_wide[h].end(), b) != previous_wide[h].end();
+        }
+      }
+    }
+    previous = selected;
+    previous_wide = select(model, table, wide, r, step);
+  }
+  return fresh == 0 ? 0.0 : static_cast<double>(hits) / static_cast<double>(fresh);
+}
+
 // Needle recall over depths 0..100%: one needle per depth, each in its own
 // context, queried at every step (the needle query is planted at step 0 here).
 double needle_recall(uint64_t context, const SparsityPolicy& policy, const ChunkRanges& r) {
@@ -147,6 +175,17 @@ int run_selection(const SuiteArgs& args) {
     std::snprintf(name, sizeof(name), "selection_overlap_rho_%g", rho);
     report.add(name, mean_overlap(make_model(context, rho), table, policy, r), "fraction", "selection_overlap_chance");
   }
+  for (const double rho : {0.9, 0.99}) {
+    const runtime::SyntheticModel model = make_model(context, rho);
+    for (const uint32_t extra : {64u, 192u}) {
+      char name[80];
+      std::snprintf(name, sizeof(name), "runner_up_hit_rate_rho_%g_extra_%u", rho, extra);
+      report.add(name, runner_up_hit_rate(model, table, policy, r, extra), "fraction");
+    }
+  }
+  report.set_config("runner_up_hit_rate",
+                    "of the blocks a step selects that the previous step did not, the share the previous step "
+                    "ranked in [top-k, top-k + extra): what prefetching the runner-ups would have read ahead");
   report.set_config("needle", std::to_string(kNeedleTokens) + "-token needle at " + std::to_string(kDepths) +
                                   " depths 0..100% (one context each), strength 32, scored with decode step 0's query; recall over depths x KV heads");
   report.add("needle_recall", needle_recall(context, policy, r), "fraction");

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Validation of `kvtier plan` against `kvtier bench e2e` (issue 7).
+
+Two steps, so that the GPU host only spends its time on measurements:
+
+  run      on the GPU host: one `kvtier bench e2e` main run (speed figures
+           only, KVTIER_E2E_FIDELITY=0) per configuration, each JSON kept.
+  compare  anywhere: `kvtier plan` with a machine profile that `kvtier
+           calibrate` measured on that host, at each run's budgets, given the
+           selection overlap the run measured and the plan's default; prints
+           one JSON object with predicted vs measured decode steps/s and
+           prefill seconds and the error of each.
+
+A configuration is CONTEXT:GPU:HOST:CACHE, e.g. 128K:8GiB:6GiB:1GiB: context
+tokens, GPU budget, host budget per session and the part of it that stages
+NVMe reads. Host homes are HOST - CACHE; the rest of the KV is on NVMe.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+DEFAULT_POINTS = [
+    "128K:8GiB:6GiB:1GiB",     # NVMe used: 16 GiB of KV over 8 GiB GPU, 5 GiB host homes
+    "128K:24GiB:20GiB:2GiB",   # no NVMe: host homes hold the whole KV
+    "512K:8GiB:72GiB:4GiB",    # no NVMe, a small GPU tier
+    "512K:24GiB:48GiB:4GiB",   # NVMe used: 64 GiB of KV, 44 GiB host homes
+    "512K:40GiB:72GiB:4GiB",   # no NVMe, a large GPU tier
+]
+
+
+def label(point):
+    return point.replace(":", "_")
+
+
+def parse_point(point):
+    parts = point.split(":")
+    if len(parts) != 4:
+        sys.exit(f"validate_plan: '{point}' is not CONTEXT:GPU:HOST:CACHE (e.g. 128K:8GiB:6GiB:1GiB)")
+    return dict(zip(("context", "gpu", "host", "cache"), parts))
+
+
+def run(args):
+    os.makedirs(args.out, exist_ok=True)
+    for point in args.points:
+        p = parse_point(point)
+        env = dict(os.environ, KVTIER_E2E_RUNS="main", KVTIER_E2E_FIDELITY="0", KVTIER_E2E_CONTEXT=p["context"],
+                   KVTIER_E2E_GPU_BYTES=p["gpu"], KVTIER_E2E_HOST_BYTES=p["host"],
+                   KVTIER_E2E_HOST_CACHE_BYTES=p["cache"])
+        if args.summary:
+            env["KVTIER_E2E_SUMMARY"] = args.summary
+        out = os.path.join(args.out, f"e2e_{label(point)}.json")
+        t0 = time.time()
+        with open(out, "w") as f, open(out + ".err", "w") as err:
+            rc = subprocess.call([args.kvtier, "bench", "e2e", "--json", "--dir", args.dir], env=env, stdout=f,
+                                 stderr=err)
+        print(f"validate_plan: {point}: exit {rc} in {time.time() - t0:.0f} s -> {out}", flush=True)
+
+
+def results_of(report):
+    return {r["name"]: r["value"] for r in report["results"]}
+
+
+def bytes_of(text):
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    for u, m in units.items():
+        if text.endswith(u):
+            return int(float(text[: -len(u)]) * m)
+    return int(text)
+
+
+def plan(args, point, overlap, summary):
+    p = parse_point(point)
+    homes = bytes_of(p["host"]) - bytes_of(p["cache"])
+    cmd = [args.kvtier, "plan", "--model", args.model, "--context", p["context"], "--machine", args.profile,
+           "--gpu-budget", p["gpu"], "--host-budget", str(homes), "--json"]
+    if summary:
+        cmd += ["--policy", f"summary={summary}"]
+    if overlap is not None:
+        cmd += ["--selection-overlap", f"{overlap:.4f}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"validate_plan: {' '.join(cmd)} failed: {out.stderr.strip()}")
+    return json.loads(out.stdout), " ".join(cmd)
+
+
+def error(predicted, measured):
+    return (predicted - measured) / measured
+
+
+def compare(args):
+    rows, worst = [], {}
+    for point in args.points:
+        path = os.path.join(args.e2e_dir, f"e2e_{label(point)}.json")
+        try:
+            with open(path) as f:
+                report = json.load(f)
+        except (OSError, ValueError) as e:
+            rows.append({"configuration": point, "error": f"no measurement: {path}: {e}"})
+            continue
+        r = results_of(report)
+        cfg = report["config"]
+        summary = cfg["policy"].split("summary=")[1].split()[0]
+        main = cfg["runs"]["main"]
+        row = {"configuration": point, "placement_bytes": main["placement_bytes_sequence0"],
+               "nvme_used": main["placement_bytes_sequence0"]["nvme_home"] > 0}
+        for phase, steps_key, overlap_key in (("rho 0.9", "decode_steps_per_s", "selection_overlap"),
+                                              ("rho 0", "decode_steps_per_s_uncorrelated",
+                                               "selection_overlap_uncorrelated")):
+            if steps_key not in r:
+                continue
+            measured = r[steps_key]
+            pj, cmd = plan(args, point, r[overlap_key], summary)
+            predicted = pj["decode_tokens_per_s"]["attention_tiering"]  # batch 1: steps/s
+            row[f"decode {phase}"] = {"measured_overlap": r[overlap_key], "predicted_steps_per_s": predicted,
+                                      "measured_steps_per_s": measured,
+                                      "error": error(predicted, measured) if predicted else None, "plan": cmd}
+        if "decode_steps_per_s" in r:
+            pj, cmd = plan(args, point, None, summary)
+            predicted = pj["decode_tokens_per_s"]["attention_tiering"]
+            row["decode rho 0.9, plan's default overlap"] = {
+                "predicted_steps_per_s": predicted, "measured_steps_per_s": r["decode_steps_per_s"],
+                "error": error(predicted, r["decode_steps_per_s"]) if predicted else None, "plan": cmd}
+            measured_s = main["prefill_s"]
+            predicted_s = pj["prefill_seconds_attention"]
+            row["prefill attention-only"] = {"predicted_s": predicted_s, "measured_s": measured_s,
+                                             "error": error(predicted_s, measured_s) if predicted_s else None}
+        for k, v in row.items():
+            if isinstance(v, dict) and v.get("error") is not None:
+                kind = "prefill" if k.startswith("prefill") else k
+                if kind not in worst or abs(v["error"]) > abs(worst[kind]["error"]):
+                    worst[kind] = {"configuration": point, "error": v["error"]}
+        rows.append(row)
+    json.dump({"rows": rows, "worst": worst}, sys.stdout, indent=1)
+    print()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="step", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--kvtier", default="build-gpu/bin/kvtier")
+    r.add_argument("--dir", required=True, help="NVMe directory for the runs")
+    r.add_argument("--out", required=True, help="where the e2e JSON files go")
+    r.add_argument("--summary", help="KVTIER_E2E_SUMMARY for every run")
+    r.add_argument("points", nargs="*", default=DEFAULT_POINTS)
+    c = sub.add_parser("compare")
+    c.add_argument("--kvtier", default="build/bin/kvtier")
+    c.add_argument("--profile", required=True, help="machine profile JSON from kvtier calibrate on the GPU host")
+    c.add_argument("--e2e-dir", required=True)
+    c.add_argument("--model", default="llama-3.1-8b",
+                   help="the runs' shape: a preset or a config.json (the build machine's quick shape needs one)")
+    c.add_argument("points", nargs="*", default=DEFAULT_POINTS)
+    a = ap.parse_args()
+    run(a) if a.step == "run" else compare(a)
+
+
+if __name__ == "__main__":
+    main()
