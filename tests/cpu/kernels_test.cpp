@@ -417,6 +417,57 @@ TEST_CASE("kernels: attend_blocks over nothing is (0, -inf) without NaN") {
   }
 }
 
+TEST_CASE("kernels: attend_blocks ignores NaN rows past an odd tail block's valid tokens") {
+  // Full blocks then a tail block with an odd number of valid tokens; every
+  // row past them, K and V, is NaN. A kernel that pairs tokens (bf16 dot
+  // products take two at a time) must pad the last pair without reading the
+  // row after it: zero weight times NaN is still NaN.
+  auto gen = test::rng(109);
+  const std::vector<Isa> all = isas();
+  for (uint32_t chunk : {16u, 64u, 128u})
+    for (uint32_t tail : {1u, 3u, 17u, chunk - 1})
+      for (uint32_t dim : {64u, 128u})
+        for (uint32_t group : {1u, 4u, 8u}) {
+          if (tail >= chunk) continue;
+          std::vector<std::vector<bf16>> slots;
+          std::vector<std::vector<HostBlock>> lists(1);
+          std::vector<std::vector<ref::BlockKv>> ref_lists(1);
+          for (uint32_t n : {chunk, chunk, tail}) {
+            std::vector<bf16> slot(2 * size_t{chunk} * dim, kNanBf16);
+            const std::vector<bf16> k = test::random_bf16(size_t{n} * dim, gen);
+            const std::vector<bf16> v = test::random_bf16(size_t{n} * dim, gen);
+            std::copy(k.begin(), k.end(), slot.begin());
+            std::copy(v.begin(), v.end(), slot.begin() + size_t{chunk} * dim);
+            slots.push_back(std::move(slot));
+          }
+          for (size_t i = 0; i < slots.size(); ++i) {
+            const size_t n = i + 1 < slots.size() ? chunk : tail;
+            const std::span<const bf16> s(slots[i]);
+            lists[0].push_back(HostBlock{slots[i].data(), static_cast<uint32_t>(n)});
+            ref_lists[0].push_back({Bf16View<2>(s.subspan(0, n * dim), {n, dim}),
+                                    Bf16View<2>(s.subspan(size_t{chunk} * dim, n * dim), {n, dim})});
+          }
+          const std::vector<bf16> q = random_q(group, dim, gen);
+          const Bf16View<2> qv(q, {group, dim});
+          const double scale = ref::default_scale(dim);
+          const PartialState64 want = ref::attend_blocks(qv, ref_lists, scale);
+          for (Isa isa : all) {
+            CAPTURE(name(isa));
+            CAPTURE(chunk);
+            CAPTURE(tail);
+            CAPTURE(dim);
+            CAPTURE(group);
+            PartialState got = poisoned_state(group, dim);
+            attend_blocks(isa, qv, lists, chunk, static_cast<float>(scale), got);
+            CHECK(std::all_of(got.o.begin(), got.o.end(), [](float x) { return std::isfinite(x); }));
+            CHECK(std::all_of(got.lse.begin(), got.lse.end(), [](float x) { return std::isfinite(x); }));
+            const Diff d = diff(got, want);
+            CHECK(d.o_rel < 1e-5);
+            CHECK(d.lse_abs < 1e-5);
+          }
+        }
+}
+
 TEST_CASE("kernels: far_field equals an fp64 recomputation on every ISA") {
   auto gen = test::rng(105);
   const std::vector<Isa> all = isas();
