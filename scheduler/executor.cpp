@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <sstream>
 
 #include "executor_internal.h"
@@ -84,6 +85,7 @@ Result<std::unique_ptr<Executor>> Executor::create(const ExecutorOptions& option
     e->lane_copy_ = options.trace->lane("copy engine (h2d uploads)");
     e->lane_cpu_ = options.trace->lane("CPU workers");
     e->lane_nvme_ = options.trace->lane("io_uring (NVMe reads)");
+    e->lane_write_ = options.trace->lane("home writes (prefill, behind)");
   }
   return e;
 }
@@ -192,54 +194,97 @@ Result<std::unique_ptr<SequenceKv>> Executor::create_sequence(uint64_t max_token
 
 namespace {
 
-// The mean query of a query block, per q head: what the block's far chunks are scored against.
+// The mean query of a query block, per q head: what the block's far chunks
+// are scored against. Token ranges are summed in parallel (each task reads
+// whole rows, in order), then the partial sums are added up per element.
 std::vector<bf16> mean_query(cpu::CpuEngine& cpu, std::span<const bf16> q, uint32_t n, uint32_t row) {
-  std::vector<bf16> out(row);
-  cpu.parallel_for(row, 64, [&](size_t begin, size_t end) {
-    std::vector<float> acc(end - begin, 0.f);
-    for (uint32_t i = 0; i < n; ++i) {
-      const bf16* r = q.data() + size_t{i} * row;
-      for (size_t j = begin; j < end; ++j) acc[j - begin] += to_float(r[j]);
+  const size_t parts = std::min<size_t>(n, 64);
+  std::vector<float> partial(parts * row, 0.f);
+  cpu.parallel_for(parts, 1, [&](size_t begin, size_t end) {
+    for (size_t t = begin; t < end; ++t) {
+      float* acc = partial.data() + t * row;
+      for (size_t i = t * n / parts; i < (t + 1) * n / parts; ++i) {
+        const bf16* r = q.data() + i * row;
+        for (uint32_t j = 0; j < row; ++j) acc[j] += to_float(r[j]);
+      }
     }
-    for (size_t j = begin; j < end; ++j) out[j] = bf16::from_float(acc[j - begin] / static_cast<float>(n));
+  });
+  std::vector<bf16> out(row);
+  cpu.parallel_for(row, 256, [&](size_t begin, size_t end) {
+    for (size_t j = begin; j < end; ++j) {
+      float sum = 0;
+      for (size_t t = 0; t < parts; ++t) sum += partial[t * row + j];
+      out[j] = bf16::from_float(sum / static_cast<float>(n));
+    }
   });
   return out;
 }
 
+// The store's copies home through the engine's threads.
+storage::ParallelFor engine_pool(cpu::CpuEngine& cpu) {
+  return [&cpu](size_t n, size_t grain, const std::function<void(size_t, size_t)>& body) {
+    cpu.parallel_for(n, grain, body);
+  };
+}
+
+// A block still being written home cannot be fetched from there: when any
+// of `blocks` is in the write behind, that write lands first.
+Status land_before_fetch(detail::WriteBehind* writing, std::span<const uint32_t> blocks, ExecutorStats& stats) {
+  if (writing == nullptr || std::none_of(blocks.begin(), blocks.end(), [&](uint32_t b) { return writing->holds(b); }))
+    return Status::ok_status();
+  const double t0 = wall_us();
+  const Status st = writing->join();
+  stats.home_write_wait_us += wall_us() - t0;
+  ++stats.home_write_early_joins;
+  return st;
+}
+
 }  // namespace
 
-// Writes completed chunks of `layer` home (one batched write; GPU copies
-// while slots last) and builds their summaries. blocks holds, per chunk and
-// KV head in that order, one block as stored.
-Status Executor::write_completed(SequenceKv& seq, uint32_t layer, std::span<const uint32_t> chunks,
-                                 const bf16* blocks) {
+// Claims the blocks of completed chunks of `layer` for their home write, with
+// GPU copies while slots last, and builds their summaries: all that the
+// call's scoring and attention need. blocks holds, per chunk and KV head in
+// that order, one block as stored, and must stay valid until the write lands.
+Result<storage::HomeWrite> Executor::begin_completed(SequenceKv& seq, uint32_t layer, std::span<const uint32_t> chunks,
+                                                     const bf16* blocks) {
   const uint32_t kvh = options_.shape.kv_heads, C = options_.policy.chunk_tokens;
-  if (chunks.empty()) return Status::ok_status();
-  std::vector<storage::TieredStore::BlockWrite> writes;
+  if (chunks.empty()) return storage::HomeWrite();
+  std::vector<storage::BlockWrite> writes;
   for (size_t i = 0; i < chunks.size(); ++i)
     for (uint32_t h = 0; h < kvh; ++h)
       writes.push_back({seq.flat(layer, h, chunks[i]),
                         reinterpret_cast<const std::byte*>(blocks + (i * kvh + h) * seq.tail_elems_)});
-  KVT_RETURN_IF_ERROR(seq.store_->write_home(writes, /*cache_on_gpu=*/true));
+  KVT_ASSIGN_OR_RETURN(storage::HomeWrite write, seq.store_->begin_write(writes, /*cache_on_gpu=*/true));
   cpu_.parallel_for(writes.size(), 8, [&](size_t begin, size_t end) {
     for (size_t w = begin; w < end; ++w)
       cpu::build_summary(cpu_.isa(), cpu::HostBlock{blocks + w * seq.tail_elems_, C}, C, seq.summaries_[layer],
                          static_cast<uint32_t>(w % kvh), chunks[w / kvh]);
   });
   stats_.write_backs += chunks.size();
-  return Status::ok_status();
+  return write;
+}
+
+// Writes completed chunks of `layer` home now (one batched write; GPU copies
+// while slots last) and builds their summaries.
+Status Executor::write_completed(SequenceKv& seq, uint32_t layer, std::span<const uint32_t> chunks,
+                                 const bf16* blocks) {
+  KVT_ASSIGN_OR_RETURN(storage::HomeWrite write, begin_completed(seq, layer, chunks, blocks));
+  if (write.size() == 0) return Status::ok_status();
+  (void)write.land(engine_pool(cpu_));
+  return write.finish();
 }
 
 // Pins of the GPU copies of the given chunks of (layer, h) for every h; missing
 // copies are fetched first (one request). out[h] lists the pins in `chunks` order.
 Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
-                            std::vector<std::vector<storage::BlockPin>>& out) {
+                            std::vector<std::vector<storage::BlockPin>>& out, detail::WriteBehind* writing) {
   const uint32_t kvh = options_.shape.kv_heads;
   std::vector<uint32_t> missing;
   for (uint32_t h = 0; h < kvh; ++h)
     for (uint32_t c : chunks[h])
       if (!seq.store_->resident(seq.flat(layer, h, c), Tier::kGpu)) missing.push_back(seq.flat(layer, h, c));
   for (int attempt = 0;; ++attempt) {
+    KVT_RETURN_IF_ERROR(land_before_fetch(writing, missing, stats_));
     // In requests of at most kFetchBatch blocks: blocks homed on NVMe pass
     // through the host staging cache, which must hold a whole request.
     const double t0 = wall_us();
@@ -269,6 +314,46 @@ Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std
   }
 }
 
+// Appends k, v of tokens [first_token, first_token + n) of `layer` to its
+// tail blocks. Each chunk this completes is assembled in the write stage,
+// gets its GPU copy and summary now, and starts its home write in `writing`,
+// which reads the stage until joined.
+Status Executor::stage_appended(SequenceKv& seq, uint32_t layer, uint64_t first_token, uint32_t n,
+                                std::span<const bf16> k, std::span<const bf16> v, detail::WriteBehind& writing) {
+  const uint32_t C = options_.policy.chunk_tokens, d = options_.shape.head_dim, kvh = options_.shape.kv_heads;
+  const size_t kvrow = size_t{kvh} * d;
+  const uint64_t end = first_token + n;
+  const uint32_t c0 = static_cast<uint32_t>(first_token / C), c1 = static_cast<uint32_t>((end - 1) / C);
+  std::vector<uint32_t> done;  // chunks this block completes
+  for (uint32_t c = c0; c <= c1; ++c)
+    if ((uint64_t{c} + 1) * C <= end) done.push_back(c);
+  KVT_RETURN_IF_ERROR(gpu_->write_stage.reserve(std::max<size_t>(done.size(), 1) * kvh * seq.tail_elems_ * sizeof(bf16)));
+  bf16* stage = reinterpret_cast<bf16*>(gpu_->write_stage.data());
+  // The first chunk may have rows from earlier calls in the tail: they move
+  // to the stage first, before any task can write the tail again (the last
+  // chunk, if partial, fills the tail).
+  if (!done.empty() && done.front() == c0 && first_token % C != 0)
+    for (uint32_t h = 0; h < kvh; ++h)
+      std::memcpy(stage + size_t{h} * seq.tail_elems_, seq.tail(layer, h), seq.tail_elems_ * sizeof(bf16));
+  cpu_.parallel_for(size_t{c1 - c0 + 1} * kvh, 4, [&](size_t begin, size_t stop) {
+    for (size_t w = begin; w < stop; ++w) {
+      const uint32_t c = c0 + static_cast<uint32_t>(w / kvh), h = static_cast<uint32_t>(w % kvh);
+      const uint64_t from = std::max<uint64_t>(first_token, uint64_t{c} * C);
+      const uint64_t to = std::min<uint64_t>(end, (uint64_t{c} + 1) * C);
+      const bool complete = to == (uint64_t{c} + 1) * C;
+      bf16* dst = complete ? stage + (size_t{c - done.front()} * kvh + h) * seq.tail_elems_ : seq.tail(layer, h);
+      for (uint64_t x = from; x < to; ++x) {
+        const size_t src = (x - first_token) * kvrow + size_t{h} * d;
+        std::memcpy(dst + (x % C) * d, k.data() + src, d * sizeof(bf16));
+        std::memcpy(dst + size_t{C} * d + (x % C) * d, v.data() + src, d * sizeof(bf16));
+      }
+    }
+  });
+  KVT_ASSIGN_OR_RETURN(storage::HomeWrite write, begin_completed(seq, layer, done, stage));
+  writing.start(std::move(write), engine_pool(cpu_), options_.trace, lane_write_);
+  return Status::ok_status();
+}
+
 Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, uint32_t n, std::span<const bf16> q,
                          std::span<const bf16> k, std::span<const bf16> v, std::span<float> out) {
   const ModelShape& s = options_.shape;
@@ -293,41 +378,13 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   const double t_start = wall_us();
   TraceRecorder* tr = options_.trace;
 
-  // 1. Append into the tail blocks; each chunk the block completes goes home.
+  // 1. Append into the tail blocks; the chunks the block completes get their
+  // GPU copies and summaries now and go home behind steps 2 and 3.
+  detail::WriteBehind writing;
   {
-    TraceScope scope(tr, lane_cpu_, "prefill append + write home + summaries");
-    const uint64_t end = first_token + n;
-    const uint32_t c0 = static_cast<uint32_t>(first_token / C), c1 = static_cast<uint32_t>((end - 1) / C);
-    std::vector<uint32_t> done;  // chunks this block completes
-    for (uint32_t c = c0; c <= c1; ++c)
-      if ((uint64_t{c} + 1) * C <= end) done.push_back(c);
-    KVT_RETURN_IF_ERROR(gpu_->write_stage.reserve(std::max<size_t>(done.size(), 1) * kvh * seq.tail_elems_ * sizeof(bf16)));
-    bf16* stage = reinterpret_cast<bf16*>(gpu_->write_stage.data());
-    // A chunk the block completes is assembled in the stage. The first chunk
-    // may have rows from earlier calls in the tail: they move to the stage
-    // first, before any task can write the tail again (the last chunk, if
-    // partial, fills the tail).
-    if (!done.empty() && done.front() == c0 && first_token % C != 0)
-      for (uint32_t h = 0; h < kvh; ++h)
-        std::memcpy(stage + size_t{h} * seq.tail_elems_, seq.tail(layer, h), seq.tail_elems_ * sizeof(bf16));
-    cpu_.parallel_for(size_t{c1 - c0 + 1} * kvh, 4, [&](size_t begin, size_t stop) {
-      for (size_t w = begin; w < stop; ++w) {
-        const uint32_t c = c0 + static_cast<uint32_t>(w / kvh), h = static_cast<uint32_t>(w % kvh);
-        const uint64_t from = std::max<uint64_t>(first_token, uint64_t{c} * C);
-        const uint64_t to = std::min<uint64_t>(end, (uint64_t{c} + 1) * C);
-        const bool complete = to == (uint64_t{c} + 1) * C;
-        // A completed chunk is assembled in the stage (its earlier rows from the tail).
-        bf16* dst = complete ? stage + (size_t{c - done.front()} * kvh + h) * seq.tail_elems_
-                             : seq.tail(layer, h);
-        for (uint64_t x = from; x < to; ++x) {
-          const size_t src = (x - first_token) * kvrow + size_t{h} * d;
-          std::memcpy(dst + (x % C) * d, k.data() + src, d * sizeof(bf16));
-          std::memcpy(dst + size_t{C} * d + (x % C) * d, v.data() + src, d * sizeof(bf16));
-        }
-      }
-    });
-    KVT_RETURN_IF_ERROR(write_completed(seq, layer, done, stage));
-    seq.layer_tokens_[layer] = end;
+    TraceScope scope(tr, lane_cpu_, "prefill append + gpu copies + summaries");
+    KVT_RETURN_IF_ERROR(stage_appended(seq, layer, first_token, n, k, v, writing));
+    seq.layer_tokens_[layer] = first_token + n;
   }
   const uint64_t tokens = first_token + n;
   if (layer + 1 == s.layers) seq.store_->set_sequence_tokens(tokens);
@@ -392,7 +449,7 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     }
     const bool with_tail = pass == 0 && tail_partial;
     std::vector<std::vector<storage::BlockPin>> pins;
-    KVT_RETURN_IF_ERROR(pin_on_gpu(seq, layer, part, pins));
+    KVT_RETURN_IF_ERROR(pin_on_gpu(seq, layer, part, pins, &writing));
     float* o_dst = keep ? pass_state.o.data() : nullptr;
     float* lse_dst = keep ? pass_state.lse.data() : nullptr;
     if (cuda_ != nullptr) {
@@ -432,6 +489,13 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     }
   }
   if (!out.empty()) std::copy(acc.o.begin(), acc.o.end(), out.begin());
+  // The staged blocks are reused by the next call: their write ends here. A
+  // failed write leaves its blocks unwritten, and later reads of them fail.
+  const double t_join = wall_us();
+  const Status landed = writing.join();
+  stats_.home_write_wait_us += wall_us() - t_join;
+  KVT_RETURN_IF_ERROR(landed.with_context("prefill of layer " + std::to_string(layer) + ", tokens " +
+                                          std::to_string(first_token) + "+" + std::to_string(n)));
   stats_.prefill_us += wall_us() - t_start;
   stats_.prefill_tokens += n;
   return Status::ok_status();

@@ -9,10 +9,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <span>
+#include <thread>
+#include <utility>
 
 #include "kvtier/core/assert.h"
 #include "kvtier/core/compute_backend.h"
 #include "kvtier/core/status.h"
+#include "kvtier/scheduler/trace.h"
+#include "kvtier/storage/tiered_store.h"
 
 namespace kvtier::scheduler::detail {
 
@@ -78,5 +82,50 @@ template <class T>
 T* at(std::byte* base, uint64_t offset) {
   return reinterpret_cast<T*>(base + offset);
 }
+
+// The home write of one prefill call's completed blocks, landing on a thread
+// of its own while the call scores and attends (DESIGN.md section 4). Its
+// blocks stay busy in the store until join(), so none is read from home
+// before it has landed: a caller that needs one back from home joins first
+// (holds() says which). The destructor joins, so the staged bytes the write
+// reads outlive it on every path out of prefill.
+class WriteBehind {
+ public:
+  WriteBehind() = default;
+  WriteBehind(const WriteBehind&) = delete;
+  WriteBehind& operator=(const WriteBehind&) = delete;
+  ~WriteBehind() { (void)join(); }
+
+  // Lands `write` on a new thread, its copies through parallel_for. The
+  // blocking NVMe write runs on that thread, outside the CPU engine's arena,
+  // so it never holds one of the engine's workers.
+  void start(storage::HomeWrite write, storage::ParallelFor parallel_for, TraceRecorder* trace, TraceLane lane) {
+    KVT_ASSERT(!thread_.joinable(), "one write behind at a time");
+    write_ = std::move(write);
+    status_ = Status::ok_status();
+    if (write_.size() == 0) return;
+    thread_ = std::thread([this, pf = std::move(parallel_for), trace, lane] {
+      TraceScope scope(trace, lane, "prefill home write (behind)");
+      (void)write_.land(pf);
+    });
+  }
+  // Whether `block` is being written and not yet joined.
+  bool holds(uint32_t block) const { return thread_.joinable() && write_.holds(block); }
+  // Waits for the write and ends it: its blocks become readable from home,
+  // or stay unreadable when it failed (the Status then names block and file).
+  // Later calls return the same Status.
+  Status join() {
+    if (thread_.joinable()) {
+      thread_.join();
+      status_ = write_.finish();
+    }
+    return status_;
+  }
+
+ private:
+  storage::HomeWrite write_;
+  std::thread thread_;
+  Status status_;
+};
 
 }  // namespace kvtier::scheduler::detail

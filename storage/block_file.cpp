@@ -225,7 +225,7 @@ struct BlockFile::Impl {
   Status flush_locked();
   // Reads the header and table region and checks the table against expected_crc.
   Status load_table(uint32_t expected_crc);
-  Status write_batch(std::span<const BlockIo> blocks);
+  Status write_batch(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs);
   Status read_batch(std::span<const BlockIo> blocks);
   Status read_verified(std::span<const BlockIo> blocks, std::vector<uint32_t>* read_crcs);
 };
@@ -293,11 +293,9 @@ Status BlockFile::Impl::flush_locked() {
   return Status::ok_status();
 }
 
-Status BlockFile::Impl::write_batch(std::span<const BlockIo> blocks) {
+Status BlockFile::Impl::write_batch(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs) {
   std::vector<Extent> extents;
-  std::vector<uint32_t> crcs;
   for (const BlockIo& b : blocks) {
-    crcs.push_back(crc32c(b.buf, layout.slot_bytes));
     extents.push_back(Extent{offset_of(b.index), b.buf, static_cast<uint32_t>(layout.slot_bytes)});
   }
   KVT_RETURN_IF_ERROR(transfer(*device, IoRequest::Op::kWrite, extents, &stats.retries).with_context(path()));
@@ -537,19 +535,30 @@ Result<std::unique_ptr<BlockFile>> BlockFile::open(const std::string& path, cons
   return open_on(std::move(device));
 }
 
+// The lock (and the one ring under it) is taken per batch, not per call: a
+// long write from one thread (prefill's write-behind) lets another thread's
+// reads in between its batches instead of holding them for the whole call.
+// Checksums are computed before the lock. check_blocks reads only the layout,
+// which never changes.
 Status BlockFile::write_blocks(std::span<const BlockIo> blocks) {
-  std::lock_guard lock(impl_->mu);
   KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/true));
-  for (size_t at = 0; at < blocks.size(); at += kBatchBlocks)
-    KVT_RETURN_IF_ERROR(impl_->write_batch(blocks.subspan(at, std::min(kBatchBlocks, blocks.size() - at))));
+  std::vector<uint32_t> crcs;
+  for (size_t at = 0; at < blocks.size(); at += kBatchBlocks) {
+    const std::span<const BlockIo> batch = blocks.subspan(at, std::min(kBatchBlocks, blocks.size() - at));
+    crcs.clear();
+    for (const BlockIo& b : batch) crcs.push_back(crc32c(b.buf, impl_->layout.slot_bytes));
+    std::lock_guard lock(impl_->mu);
+    KVT_RETURN_IF_ERROR(impl_->write_batch(batch, crcs));
+  }
   return Status::ok_status();
 }
 
 Status BlockFile::read_blocks(std::span<const BlockIo> blocks) {
-  std::lock_guard lock(impl_->mu);
   KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/false));
-  for (size_t at = 0; at < blocks.size(); at += kBatchBlocks)
+  for (size_t at = 0; at < blocks.size(); at += kBatchBlocks) {
+    std::lock_guard lock(impl_->mu);
     KVT_RETURN_IF_ERROR(impl_->read_batch(blocks.subspan(at, std::min(kBatchBlocks, blocks.size() - at))));
+  }
   return Status::ok_status();
 }
 

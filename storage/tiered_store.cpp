@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "kvtier/core/sizes.h"
 #include "kvtier/storage/device_arena.h"
 #include "kvtier/storage/host_arena.h"
+#include "uring_util.h"
 
 namespace kvtier::storage {
 namespace {
@@ -26,10 +28,6 @@ struct Job {
   uint64_t id;
   std::vector<uint32_t> blocks;
   Tier tier;
-};
-
-struct FreeDeleter {
-  void operator()(std::byte* p) const { std::free(p); }
 };
 
 std::string block_name(const BlockGeometry& g, uint32_t block, uint32_t chunks) {
@@ -67,6 +65,12 @@ struct TieredStore::Impl {
   uint64_t step = 0;
   uint64_t sequence_tokens = 0;
   uint64_t user_pins = 0;  // BlockPins alive: the store must outlive them
+  uint64_t open_writes = 0;  // HomeWrites not finished: the store must outlive them too
+
+  // The O_DIRECT bounce buffer of NVMe writes, kept between writes.
+  std::mutex bounce_mu;
+  detail::AlignedBytes bounce;
+  uint64_t bounce_bytes = 0;
 
   std::deque<Job> queue;
   std::condition_variable queue_cv, space_cv, done_cv;
@@ -94,9 +98,18 @@ struct TieredStore::Impl {
   void release_host_pins(const std::vector<uint32_t>& blocks);
 
   // Caller side.
-  Status begin_write(uint32_t b, BlockEntry& e);
-  Status drop_copies(uint32_t b, BlockEntry& e);
+  Status check_rewritable(uint32_t b, const BlockEntry& e) const;
+  Status check_write(std::span<const BlockWrite> writes, std::vector<uint32_t>& sorted) const;
+  void claim(uint32_t b, BlockEntry& e);
+  void drop_gpu_copy(uint32_t b, BlockEntry& e);
+  Status cache_written_on_gpu(std::span<const BlockWrite> writes);
+  void finish_locked(HomeWrite::State& w);
   void protect_range(uint64_t tokens, bool on);
+
+  // A write's copies home, on the thread that calls HomeWrite::land.
+  Status land(HomeWrite::State& w, const ParallelFor& parallel_for);
+  Status land_nvme(const HomeWrite::State& w, const ParallelFor& parallel_for);
+  Result<std::byte*> bounce_for(uint64_t bytes);
 };
 
 // ---------------------------------------------------------------- creation
@@ -217,6 +230,7 @@ TieredStore::~TieredStore() {
   {
     std::lock_guard lock(impl_->mu);
     KVT_ASSERT(impl_->user_pins == 0, impl_->user_pins, " BlockPins outlive their TieredStore");
+    KVT_ASSERT(impl_->open_writes == 0, impl_->open_writes, " unfinished HomeWrites outlive their TieredStore");
     impl_->stopping = true;
   }
   impl_->queue_cv.notify_all();
@@ -298,10 +312,13 @@ Status TieredStore::Impl::run_job(Job& job) {
     for (uint32_t b : job.blocks) {
       KVT_RETURN_IF_ERROR(check_block(b));
       BlockEntry& e = table[b];
-      if (!e.home_valid || e.busy)
+      // A gpu copy made as its write began serves a busy block; its home
+      // does not until the write has landed.
+      const bool gpu_hit = job.tier == Tier::kGpu && e.gpu_ready;
+      if (!gpu_hit && (!e.home_valid || e.busy))
         return invalid_argument(name(b) + " has not been written home" + (e.busy ? " (a write is in progress)" : ""));
       table.touch(b, step);
-      if (job.tier == Tier::kGpu && e.gpu_ready) {
+      if (gpu_hit) {
         ++stats.gpu_hits;
         continue;
       }
@@ -466,27 +483,87 @@ void TieredStore::unpin(uint32_t block, Tier tier) {
     impl_->table.unpin_host(block);
 }
 
-Status TieredStore::Impl::drop_copies(uint32_t b, BlockEntry& e) {
+// ---------------------------------------------------------------- writes
+
+struct HomeWrite::State {
+  TieredStore::Impl* store = nullptr;
+  std::vector<BlockWrite> writes;
+  std::vector<std::pair<size_t, std::byte*>> host;  // (index in writes, home slot)
+  std::vector<size_t> nvme;                         // indices in writes
+  std::vector<uint32_t> sorted_blocks;              // for holds()
+  bool land_started = false;
+  bool host_landed = false;  // the host homes hold the new bytes
+  Status landed = unavailable("the write was ended before it landed; its blocks are unwritten");
+  bool finished = false;
+};
+
+namespace {
+
+// Blocks per task when copying: 8 x 32 KiB is enough to amortise a task.
+constexpr size_t kCopyGrainBlocks = 8;
+// NVMe writes of one call go through the bounce buffer in pieces of at most
+// this much, so a huge call does not hold a huge buffer.
+constexpr uint64_t kBounceBytesMax = uint64_t{64} << 20;
+
+void for_ranges(const ParallelFor& parallel_for, size_t n, size_t grain,
+                const std::function<void(size_t, size_t)>& body) {
+  if (n == 0) return;
+  if (parallel_for)
+    parallel_for(n, grain, body);
+  else
+    body(0, n);
+}
+
+// A block's payload into a slot-sized buffer, zero-padded so the file's
+// checksum covers known bytes.
+void copy_padded(std::byte* dst, const std::byte* src, uint64_t payload, uint64_t slot) {
+  std::memcpy(dst, src, payload);
+  if (slot > payload) std::memset(dst + payload, 0, slot - payload);
+}
+
+}  // namespace
+
+Status TieredStore::Impl::check_rewritable(uint32_t b, const BlockEntry& e) const {
+  if (e.busy) return unavailable(name(b) + " is already being written home; finish that write first");
   if (table.user_gpu_pins(b) > 0 || e.host_pins > 0)
     return invalid_argument(name(b) + " is pinned; release its pins before rewriting it");
   const bool gpu_in_flight = e.gpu_slot != kNoSlot && !e.gpu_ready;
   const bool host_in_flight = e.host_cache_slot != kNoSlot && !e.host_cache_ready;
   if (gpu_in_flight || host_in_flight)
     return unavailable(name(b) + " is being moved; wait for its ticket before rewriting it");
-  if (e.gpu_ready) {
-    free_gpu_slot(e.gpu_slot);
-    table.gpu_dropped(b);
+  return Status::ok_status();
+}
+
+// Every block of a write is checked before any is touched, so a refused
+// call leaves the table as it was. Fills `sorted` with the blocks.
+Status TieredStore::Impl::check_write(std::span<const BlockWrite> writes, std::vector<uint32_t>& sorted) const {
+  sorted.clear();
+  for (const BlockWrite& w : writes) {
+    KVT_RETURN_IF_ERROR(check_block(w.block));
+    if (w.data == nullptr) return invalid_argument("write of " + name(w.block) + " has no data");
+    sorted.push_back(w.block);
   }
+  std::sort(sorted.begin(), sorted.end());
+  if (auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end())
+    return invalid_argument(name(*twice) + " is listed twice in one write; each call writes a block once");
+  for (uint32_t b : sorted) KVT_RETURN_IF_ERROR(check_rewritable(b, table[b]));
+  return Status::ok_status();
+}
+
+void TieredStore::Impl::drop_gpu_copy(uint32_t b, BlockEntry& e) {
+  if (!e.gpu_ready || table.user_gpu_pins(b) > 0) return;
+  free_gpu_slot(e.gpu_slot);
+  table.gpu_dropped(b);
+}
+
+// Drops the copies of the old version and assigns a home on first write;
+// the block is busy (unreadable from home, not movable) until the write ends.
+void TieredStore::Impl::claim(uint32_t b, BlockEntry& e) {
+  drop_gpu_copy(b, e);
   if (e.host_cache_ready) {
     cache_arena->free(e.host_cache_slot);
     table.host_cache_dropped(b);
   }
-  return Status::ok_status();
-}
-
-Status TieredStore::Impl::begin_write(uint32_t b, BlockEntry& e) {
-  if (e.busy) return unavailable(name(b) + " is already being written by another thread");
-  KVT_RETURN_IF_ERROR(drop_copies(b, e));
   if (!e.home_assigned) {
     const std::optional<uint32_t> slot = home_arena ? home_arena->allocate() : std::nullopt;
     e.home = slot ? Tier::kHost : Tier::kNvme;
@@ -495,94 +572,175 @@ Status TieredStore::Impl::begin_write(uint32_t b, BlockEntry& e) {
   }
   e.busy = true;
   e.home_valid = false;
-  return Status::ok_status();
 }
 
-Status TieredStore::write_home(std::span<const BlockWrite> writes, bool cache_on_gpu) {
-  Impl& s = *impl_;
-  const uint64_t payload = s.geometry.block_bytes(), slot = s.geometry.slot_bytes();
-  std::vector<std::pair<size_t, std::byte*>> host;  // (index in writes, home slot)
-  std::vector<size_t> nvme;
-  Status st;
-  {
-    std::lock_guard lock(s.mu);
-    for (size_t i = 0; i < writes.size() && st.ok(); ++i) {
-      st = s.check_block(writes[i].block);
-      if (!st.ok()) break;
-      BlockEntry& e = s.table[writes[i].block];
-      st = s.begin_write(writes[i].block, e);
-      if (!st.ok()) break;
-      if (e.home == Tier::kHost)
-        host.emplace_back(i, s.home_arena->slot_data(e.home_slot));
-      else
-        nvme.push_back(i);
-    }
-  }
-  for (const auto& [i, dst] : host) {
-    std::memcpy(dst, writes[i].data, payload);
-    std::memset(dst + payload, 0, slot - payload);
-  }
-  Status nvme_st;
-  if (!nvme.empty()) {
-    // O_DIRECT needs aligned, slot-sized buffers.
-    std::unique_ptr<std::byte, FreeDeleter> bounce(
-        static_cast<std::byte*>(std::aligned_alloc(kBlockAlignBytes, nvme.size() * slot)));
-    KVT_ASSERT(bounce != nullptr, "cannot allocate ", nvme.size() * slot, " bytes of write buffers");
-    std::vector<BlockIo> io;
-    for (size_t k = 0; k < nvme.size(); ++k) {
-      std::byte* buf = bounce.get() + k * slot;
-      std::memcpy(buf, writes[nvme[k]].data, payload);
-      std::memset(buf + payload, 0, slot - payload);
-      io.push_back(BlockIo{writes[nvme[k]].block, buf});
-    }
-    nvme_st = s.file->write_blocks(io);
-  }
-  std::lock_guard lock(s.mu);
-  for (const auto& [i, dst] : host) {
-    BlockEntry& e = s.table[writes[i].block];
-    e.busy = false;
-    e.home_valid = true;
-    ++s.stats.host_writes;
-  }
-  for (size_t i : nvme) {
-    BlockEntry& e = s.table[writes[i].block];
-    e.busy = false;
-    // A failed batch is never read back as if it had landed.
-    e.home_valid = nvme_st.ok();
-    if (nvme_st.ok()) e.checksum = s.file->checksum(writes[i].block);
-  }
-  if (nvme_st.ok()) s.stats.nvme_writes += nvme.size();
-  if (!st.ok()) return st;
-  KVT_RETURN_IF_ERROR(nvme_st);
-  if (!cache_on_gpu) return Status::ok_status();
-  // The gpu copies come from the caller's data, which is what went home.
+// GPU copies of written blocks while slots last, from the caller's data
+// (the bytes that go home). Runs under the lock: nothing may take these
+// half-filled slots.
+Status TieredStore::Impl::cache_written_on_gpu(std::span<const BlockWrite> writes) {
   std::vector<BlockCopy> copies;
   std::vector<uint32_t> cached;
   for (const BlockWrite& w : writes) {
-    BlockEntry& e = s.table[w.block];
-    if (e.gpu_slot != kNoSlot) continue;  // listed twice
-    Result<uint32_t> gpu_slot = s.take_gpu_slot();
+    Result<uint32_t> gpu_slot = take_gpu_slot();
     if (!gpu_slot.ok()) break;  // "while space allows": the rest stay uncached
-    e.gpu_slot = *gpu_slot;
+    table[w.block].gpu_slot = *gpu_slot;
     cached.push_back(w.block);
-    copies.push_back(BlockCopy{w.data, s.gpu_arena->slot_data(*gpu_slot), payload});
+    copies.push_back(BlockCopy{w.data, gpu_arena->slot_data(*gpu_slot), geometry.block_bytes()});
   }
-  // Copies run under the lock: nothing may take these half-filled slots.
-  const Status copy_st = s.backend.copy_to_device(copies);
+  const Status st = backend.copy_to_device(copies);
   for (uint32_t b : cached) {
-    if (copy_st.ok()) {
-      s.table.gpu_cached(b);
+    if (st.ok()) {
+      table.gpu_cached(b);
     } else {
-      s.free_gpu_slot(s.table[b].gpu_slot);
-      s.table[b].gpu_slot = kNoSlot;
+      free_gpu_slot(table[b].gpu_slot);
+      table[b].gpu_slot = kNoSlot;
     }
   }
-  if (copy_st.ok() && !cached.empty()) {
-    s.stats.h2d_blocks += cached.size();
-    ++s.stats.h2d_batches;
+  if (st.ok() && !cached.empty()) {
+    stats.h2d_blocks += cached.size();
+    ++stats.h2d_batches;
   }
-  return copy_st.with_context("caching " + std::to_string(cached.size()) + " written blocks on the gpu tier");
+  return st.with_context("caching " + std::to_string(cached.size()) + " written blocks on the gpu tier");
 }
+
+// The store's O_DIRECT bounce buffer, grown to at least `bytes`. Allocated
+// (and faulted in) once and reused, not per write. Under bounce_mu.
+Result<std::byte*> TieredStore::Impl::bounce_for(uint64_t bytes) {
+  if (bytes > bounce_bytes) {
+    bounce = detail::aligned_bytes(bytes, kBlockAlignBytes);  // zeroed: every page is touched now
+    bounce_bytes = bounce ? bytes : 0;
+    if (!bounce)
+      return out_of_memory("cannot allocate " + format_bytes(bytes) + " of NVMe write buffer for " + file->path() +
+                           "; free host memory or write fewer blocks per call");
+  }
+  return bounce.get();
+}
+
+Status TieredStore::Impl::land_nvme(const HomeWrite::State& w, const ParallelFor& parallel_for) {
+  const uint64_t payload = geometry.block_bytes(), slot = geometry.slot_bytes();
+  const size_t per_piece = std::max<uint64_t>(1, kBounceBytesMax / slot);
+  // One buffer per store: writes landing on several threads take turns.
+  std::lock_guard lock(bounce_mu);
+  std::vector<BlockIo> io;
+  for (size_t first = 0; first < w.nvme.size(); first += per_piece) {
+    const size_t n = std::min(per_piece, w.nvme.size() - first);
+    KVT_ASSIGN_OR_RETURN(std::byte* const buf, bounce_for(n * slot));
+    for_ranges(parallel_for, n, kCopyGrainBlocks, [&](size_t begin, size_t end) {
+      for (size_t k = begin; k < end; ++k) copy_padded(buf + k * slot, w.writes[w.nvme[first + k]].data, payload, slot);
+    });
+    io.clear();
+    for (size_t k = 0; k < n; ++k) io.push_back(BlockIo{w.writes[w.nvme[first + k]].block, buf + k * slot});
+    KVT_RETURN_IF_ERROR(file->write_blocks(io));
+  }
+  return Status::ok_status();
+}
+
+// Copies only: the block state changes in finish_locked, on the caller's side.
+Status TieredStore::Impl::land(HomeWrite::State& w, const ParallelFor& parallel_for) {
+  const uint64_t payload = geometry.block_bytes(), slot = geometry.slot_bytes();
+  for_ranges(parallel_for, w.host.size(), kCopyGrainBlocks, [&](size_t begin, size_t end) {
+    for (size_t k = begin; k < end; ++k) copy_padded(w.host[k].second, w.writes[w.host[k].first].data, payload, slot);
+  });
+  w.host_landed = true;
+  return land_nvme(w, parallel_for);
+}
+
+void TieredStore::Impl::finish_locked(HomeWrite::State& w) {
+  const bool nvme_landed = w.land_started && w.landed.ok();
+  for (const auto& host : w.host) {
+    BlockEntry& e = table[w.writes[host.first].block];
+    e.busy = false;
+    e.home_valid = w.host_landed;
+    if (e.home_valid) ++stats.host_writes;
+  }
+  for (size_t i : w.nvme) {
+    BlockEntry& e = table[w.writes[i].block];
+    e.busy = false;
+    // A failed batch is never read back as if it had landed.
+    e.home_valid = nvme_landed;
+    if (e.home_valid) e.checksum = file->checksum(w.writes[i].block);
+  }
+  if (nvme_landed) stats.nvme_writes += w.nvme.size();
+  // A block whose write failed is unwritten in every tier. (A copy pinned by
+  // a user meanwhile holds the right bytes; it goes when it is next evicted.)
+  for (const BlockWrite& write : w.writes)
+    if (!table[write.block].home_valid) drop_gpu_copy(write.block, table[write.block]);
+  --open_writes;
+  w.finished = true;
+}
+
+Result<HomeWrite> TieredStore::begin_write(std::span<const BlockWrite> writes, bool cache_on_gpu) {
+  Impl& s = *impl_;
+  auto w = std::make_unique<HomeWrite::State>();
+  w->store = &s;
+  w->writes.assign(writes.begin(), writes.end());
+  std::lock_guard lock(s.mu);
+  KVT_RETURN_IF_ERROR(s.check_write(writes, w->sorted_blocks));
+  for (size_t i = 0; i < writes.size(); ++i) {
+    BlockEntry& e = s.table[writes[i].block];
+    s.claim(writes[i].block, e);
+    if (e.home == Tier::kHost)
+      w->host.emplace_back(i, s.home_arena->slot_data(e.home_slot));
+    else
+      w->nvme.push_back(i);
+  }
+  ++s.open_writes;
+  if (cache_on_gpu) {
+    const Status st = s.cache_written_on_gpu(writes);
+    if (!st.ok()) {
+      w->landed = st;
+      s.finish_locked(*w);  // nothing went home: the blocks are unwritten
+      return st;
+    }
+  }
+  return HomeWrite(std::move(w));
+}
+
+Status TieredStore::write_home(std::span<const BlockWrite> writes, bool cache_on_gpu,
+                               const ParallelFor& parallel_for) {
+  KVT_ASSIGN_OR_RETURN(HomeWrite write, begin_write(writes, cache_on_gpu));
+  (void)write.land(parallel_for);
+  return write.finish();
+}
+
+HomeWrite::HomeWrite() = default;
+HomeWrite::HomeWrite(std::unique_ptr<State> state) : state_(std::move(state)) {}
+HomeWrite::HomeWrite(HomeWrite&& o) noexcept = default;
+
+HomeWrite& HomeWrite::operator=(HomeWrite&& o) noexcept {
+  if (this != &o) {
+    (void)finish();
+    state_ = std::move(o.state_);
+  }
+  return *this;
+}
+
+HomeWrite::~HomeWrite() { (void)finish(); }
+
+Status HomeWrite::land(const ParallelFor& parallel_for) {
+  KVT_ASSERT(state_ != nullptr && !state_->finished, "land() of an empty or finished HomeWrite");
+  KVT_ASSERT(!state_->land_started, "a HomeWrite lands once");
+  state_->land_started = true;
+  state_->landed = state_->store->land(*state_, parallel_for)
+                       .with_context("writing " + std::to_string(state_->writes.size()) + " blocks home");
+  return state_->landed;
+}
+
+Status HomeWrite::finish() {
+  if (state_ == nullptr) return Status::ok_status();
+  if (!state_->finished) {
+    std::lock_guard lock(state_->store->mu);
+    state_->store->finish_locked(*state_);
+  }
+  return state_->landed;
+}
+
+bool HomeWrite::holds(uint32_t block) const {
+  return state_ != nullptr && !state_->finished &&
+         std::binary_search(state_->sorted_blocks.begin(), state_->sorted_blocks.end(), block);
+}
+
+size_t HomeWrite::size() const { return state_ == nullptr ? 0 : state_->writes.size(); }
 
 // ---------------------------------------------------------------- protection
 
@@ -623,6 +781,9 @@ Status TieredStore::save() {
   std::vector<BlockIo> io;
   {
     std::lock_guard lock(s.mu);
+    if (s.open_writes > 0)
+      return unavailable("saving " + s.file->path() + ": " + std::to_string(s.open_writes) +
+                         " writes home are unfinished and their blocks would be missing; finish them first");
     for (uint32_t b = 0; b < s.table.size(); ++b) {
       BlockEntry& e = s.table[b];
       if (e.home != Tier::kHost || !e.home_valid || e.busy) continue;

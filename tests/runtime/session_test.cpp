@@ -4,8 +4,11 @@
 // cpu) and with the CUDA backend (label gpu, skipped without a GPU).
 #include <doctest/doctest.h>
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <vector>
@@ -401,6 +404,117 @@ TEST_CASE("a block that fails its checksum fails the step, and the session stays
   decode(ss, m, 0, &again);
   CHECK(again.code() == StatusCode::kCorrupt);
   CHECK(ss.tokens(0) == kContext);
+}
+
+TEST_CASE("prefill whose completed chunks are evicted before use reads them home only after their write lands") {
+  // A gpu tier of 160 slots: 4 tails, 24 sink/window blocks once protected,
+  // and each 512-token block completes 64 blocks (cached on the gpu as their
+  // write begins) while attending up to 250 in passes. The passes' own
+  // uploads evict completed blocks, which must then come back from home
+  // while their home write is still open: it is joined first (an early
+  // join). The blocks stay busy until the join, so without it the fetch
+  // fails every time, whatever the timing.
+  test::TempDir dir("kvt-session");
+  EngineOptions o = options(dir.path(), kAll);
+  o.gpu_bytes = 160 * 4096;
+  auto engine = make_engine(o);
+  auto session = engine->create_session(kContext + 8, "evicted");
+  REQUIRE_MESSAGE(session.ok(), session.status().to_string());
+  Session& s = **session;
+  const SyntheticModel m = model(kContext, 13);
+  std::vector<float> out0;
+  prefill(s, m, kContext, 512, &out0);
+  const scheduler::ExecutorStats st = engine->stats();
+  MESSAGE("early joins: " << st.home_write_early_joins << ", home write wait " << st.home_write_wait_us << " us");
+  CHECK(st.home_write_early_joins > 0);
+  const ModelShape sh = shape();
+  const size_t qrow = size_t{sh.q_heads} * sh.head_dim;
+  for (uint64_t pos : {0ull, 511ull, 512ull, 1023ull, 1030ull, 1535ull, 1999ull}) {
+    std::vector<bf16> q(qrow);
+    m.prefill_query(0, pos, 1, q);
+    CAPTURE(pos);
+    const double tol = kDevice == DeviceChoice::kCuda ? 2e-3 : 1e-5;
+    CHECK(rel_error(std::span<const float>(out0).subspan(pos * qrow, qrow), dense(m, 0, pos + 1, q).o) < tol);
+  }
+  // Every block went home: decode over the whole context equals dense attention.
+  const StepIo io = decode(s, m, 0);
+  for (uint32_t l = 0; l < sh.layers; ++l) CHECK(rel_error(io.out[l], dense(m, l, s.tokens(l), io.q[l]).o) < 1e-5);
+}
+
+namespace {
+
+// Caps the size a file of this process may reach (RLIMIT_FSIZE): a write past
+// it fails with EFBIG, as a write to a full disk fails. SIGXFSZ is ignored
+// meanwhile so that the failure comes back as an error, not a signal.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(uint64_t bytes) {
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_) == 0);
+    old_handler_ = std::signal(SIGXFSZ, SIG_IGN);
+    rlimit cap = old_;
+    cap.rlim_cur = bytes;
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &cap) == 0);
+  }
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    std::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  rlimit old_{};
+  void (*old_handler_)(int) = SIG_DFL;
+};
+
+}  // namespace
+
+TEST_CASE("a home write that fails behind prefill is prefill's error, naming the block, and the block stays unread") {
+  test::TempDir dir("kvt-session");
+  auto engine = make_engine(options(dir.path(), 8));
+  auto session = engine->create_session(kContext + 8, "full");
+  REQUIRE_MESSAGE(session.ok(), session.status().to_string());
+  Session& s = **session;
+  const SyntheticModel m = model(kContext, 17);
+  storage::TieredStore& store = s.kv().store();
+  const uint32_t chunks = store.chunks_per_head();
+  // Layer 0 of the first 496-token block takes 62 of the 64 host homes; layer
+  // 1 takes the last two (chunk 0) and puts chunk 1 on, the first of its
+  // blocks on NVMe, past the limit: layer 1's blocks lie after layer 0's.
+  const uint32_t first_nvme = 2 * chunks + 1;  // layer 1, kv head 0, chunk 1
+  const ModelShape sh = shape();
+  const uint32_t n = 496;
+  const size_t qrow = size_t{sh.q_heads} * sh.head_dim, kvrow = size_t{sh.kv_heads} * sh.head_dim;
+  std::vector<bf16> q(n * qrow), k(n * kvrow), v(n * kvrow);
+  Status failed;
+  {
+    const FileSizeLimit limit(store.file().block_offset(2 * chunks));
+    for (uint32_t l = 0; l < sh.layers; ++l) {
+      m.kv(l, 0, n, k, v);
+      m.prefill_query(l, 0, n, q);
+      const Status st = s.prefill(l, 0, n, q, k, v);
+      if (l == 0) REQUIRE_MESSAGE(st.ok(), st.to_string());
+      if (l == 1) failed = st;
+    }
+  }
+  REQUIRE(store.home_of(first_nvme) == storage::Tier::kNvme);
+  REQUIRE_FALSE(failed.ok());
+  CHECK(failed.code() == StatusCode::kIoError);
+  CHECK_MESSAGE(failed.message().find("block " + std::to_string(first_nvme) + " (") != std::string::npos,
+                failed.message());
+  CHECK(failed.message().find("prefill of layer 1") != std::string::npos);
+  // The failed blocks are in no tier, and reading one is an error, not stale bytes.
+  for (uint32_t c = 1; c < n / 16; ++c) {
+    CAPTURE(c);
+    const uint32_t b = 2 * chunks + c;
+    CHECK_FALSE(store.resident(b, storage::Tier::kGpu));
+    CHECK_FALSE(store.resident(b, storage::Tier::kHost));
+    CHECK(store.wait(store.prefetch(std::vector<uint32_t>{b}, storage::Tier::kGpu))
+              .message()
+              .find("has not been written home") != std::string::npos);
+  }
+  // Layer 0 landed whole.
+  for (uint32_t c = 0; c < n / 16; ++c) CHECK(store.resident(c, storage::Tier::kHost));
 }
 
 TEST_CASE("bad input is refused before anything is touched") {

@@ -391,6 +391,246 @@ TEST_CASE("persistent corruption is reported naming the block, never returned") 
   CHECK_FALSE(s.resident(3000, Tier::kHost));
 }
 
+namespace {
+
+// A store over the fault-injecting device whose small host budget puts most
+// homes on nvme (64 host homes, then nvme).
+struct FaultStore {
+  std::unique_ptr<ComputeBackend> backend = cpu::make_cpu_backend();
+  FaultDevice* device = nullptr;
+  std::unique_ptr<TieredStore> store;
+  explicit FaultStore(uint64_t gpu_bytes = 16 * kMiB) {
+    const StoreConfig c = small_config(1 << 16, gpu_bytes, 2 * kMiB);
+    auto dev = make_fault_device(make_fault_medium(), "fault:behind", FaultConfig{});
+    device = dev.get();
+    auto file = BlockFile::create_on(std::move(dev), file_geometry(c));
+    REQUIRE(file.ok());
+    auto s = TieredStore::create(*backend, c, std::move(file).value());
+    REQUIRE_MESSAGE(s.ok(), s.status().to_string());
+    store = std::move(s).value();
+  }
+};
+
+// Version `v` of blocks [first, first + n), filled, and the writes over them.
+struct Versions {
+  std::vector<std::byte> data;
+  std::vector<BlockWrite> writes;
+  Versions(const TieredStore& s, uint32_t first, uint32_t n, uint32_t v) : data(size_t{n} * s.block_bytes()) {
+    for (uint32_t k = 0; k < n; ++k) {
+      fill_block(data.data() + size_t{k} * s.block_bytes(), s.block_bytes(), first + k, v);
+      writes.push_back({first + k, data.data() + size_t{k} * s.block_bytes()});
+    }
+  }
+};
+
+// Blocks [first, first + n) read back through `tier` (32 at a time: the
+// staging cache holds 64) and compared with version v.
+void check_version(TieredStore& s, uint32_t first, uint32_t n, Tier tier, uint32_t v) {
+  std::vector<std::byte> back(s.block_bytes());
+  uint64_t wrong = 0;
+  for (uint32_t at = first; at < first + n; at += 32) {
+    const std::vector<uint32_t> blocks = chunk_range(at, std::min(first + n, at + 32) - 1);
+    const Status st = s.wait(s.prefetch(blocks, tier));
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    for (uint32_t b : blocks) {
+      Result<BlockPin> pin = s.pin(b, tier);
+      REQUIRE_MESSAGE(pin.ok(), pin.status().to_string());
+      const BlockCopy copy{pin->data(), back.data(), back.size()};
+      REQUIRE(s.backend().copy_to_host(std::span<const BlockCopy>(&copy, 1)).ok());
+      wrong += !block_matches(back.data(), back.size(), b, v);
+    }
+  }
+  CHECK(wrong == 0);
+}
+
+// A ParallelFor over plain threads, counting the ranges it ran.
+ParallelFor thread_pool(std::atomic<uint64_t>& ranges) {
+  return [&ranges](size_t n, size_t grain, const std::function<void(size_t, size_t)>& body) {
+    std::vector<std::thread> threads;
+    for (size_t begin = 0; begin < n; begin += std::max<size_t>(grain, n / 4 + 1)) {
+      const size_t end = std::min(n, begin + std::max<size_t>(grain, n / 4 + 1));
+      ++ranges;
+      threads.emplace_back([&body, begin, end] { body(begin, end); });
+    }
+    for (auto& t : threads) t.join();
+  };
+}
+
+}  // namespace
+
+TEST_CASE("a write in flight is never read from home; its gpu copies serve it, and it reads right once finished") {
+  FaultStore f;
+  TieredStore& s = *f.store;
+  // Blocks 0-63 get the host homes, 64-199 nvme homes; version 0 everywhere.
+  REQUIRE(s.write_home(Versions(s, 0, 200, 0).writes).ok());
+  REQUIRE(s.home_of(10) == Tier::kHost);
+  REQUIRE(s.home_of(150) == Tier::kNvme);
+  const Versions v1(s, 0, 200, 1);
+  Result<HomeWrite> w = s.begin_write(std::span(v1.writes).first(100), /*cache_on_gpu=*/false);
+  REQUIRE_MESSAGE(w.ok(), w.status().to_string());
+  CHECK(w->holds(10));
+  CHECK(w->holds(90));
+  CHECK_FALSE(w->holds(150));
+  // Neither home (host 10, nvme 90) is readable while the write is open; the
+  // blocks outside it are.
+  for (uint32_t b : {10u, 90u}) {
+    for (Tier tier : {Tier::kHost, Tier::kGpu}) {
+      const Status st = s.wait(s.prefetch(std::vector<uint32_t>{b}, tier));
+      CHECK(st.message().find("a write is in progress") != std::string::npos);
+    }
+    CHECK_FALSE(s.pin(b, Tier::kHost).ok());
+    CHECK_FALSE(s.resident(b, Tier::kHost));
+  }
+  check_version(s, 150, 50, Tier::kHost, 0);
+  // A second write of a block in flight, and a save, are refused.
+  CHECK(s.write_home(v1.writes[10].block, v1.writes[10].data).message().find("already being written") !=
+        std::string::npos);
+  CHECK(s.save().message().find("unfinished") != std::string::npos);
+  std::atomic<uint64_t> ranges{0};
+  Status landed;
+  std::thread lander([&] { landed = w->land(thread_pool(ranges)); });
+  lander.join();
+  REQUIRE_MESSAGE(landed.ok(), landed.to_string());
+  CHECK(w->holds(90));  // landed, not finished: still busy
+  CHECK(s.wait(s.prefetch(std::vector<uint32_t>{90}, Tier::kHost)).message().find("in progress") != std::string::npos);
+  REQUIRE(w->finish().ok());
+  CHECK_FALSE(w->holds(90));
+  CHECK(ranges > 1);  // the copies went through the lent pool
+  check_version(s, 0, 100, Tier::kHost, 1);
+  check_version(s, 0, 100, Tier::kGpu, 1);
+  check_version(s, 100, 100, Tier::kGpu, 0);
+  CHECK(s.save().ok());
+
+  SUBCASE("with cache_on_gpu, the gpu copies are there before the write lands") {
+    Result<HomeWrite> g = s.begin_write(std::span(v1.writes).subspan(100, 50), /*cache_on_gpu=*/true);
+    REQUIRE(g.ok());
+    // A gpu hit serves a busy block; its home is still refused.
+    check_version(s, 100, 50, Tier::kGpu, 1);
+    CHECK_FALSE(s.wait(s.prefetch(std::vector<uint32_t>{120}, Tier::kHost)).ok());
+    REQUIRE(g->land().ok());
+    REQUIRE(g->finish().ok());
+    check_version(s, 100, 50, Tier::kHost, 1);
+  }
+  SUBCASE("a write dropped before it landed leaves its blocks unwritten") {
+    { Result<HomeWrite> g = s.begin_write(std::span(v1.writes).subspan(150, 10)); REQUIRE(g.ok()); }
+    CHECK(s.wait(s.prefetch(std::vector<uint32_t>{155}, Tier::kHost)).message().find("has not been written home") !=
+          std::string::npos);
+    check_version(s, 160, 40, Tier::kHost, 0);
+  }
+}
+
+TEST_CASE("a failed nvme write leaves its blocks unwritten in every tier and names the block") {
+  FaultStore f;
+  TieredStore& s = *f.store;
+  REQUIRE(s.write_home(Versions(s, 0, 200, 0).writes).ok());
+  const Versions v1(s, 0, 200, 1);
+  StatusCode code = StatusCode::kOk;
+  std::string named;
+  SUBCASE("EIO") {
+    FaultConfig broken;
+    broken.eio = 1.0;  // transient, but every try fails
+    f.device->set_faults(broken);
+    code = StatusCode::kIoError;
+    named = "fault:behind, block 64 ";
+  }
+  SUBCASE("a full disk") {
+    FaultConfig full;
+    full.capacity_bytes = s.file().block_offset(100);
+    f.device->set_faults(full);
+    code = StatusCode::kNoSpace;
+    named = "fault:behind, block 100 ";
+  }
+  // Host homes 40-63 and nvme homes 64-119 in one write, cached on the gpu as it begins.
+  Result<HomeWrite> w = s.begin_write(std::span(v1.writes).subspan(40, 80), /*cache_on_gpu=*/true);
+  REQUIRE(w.ok());
+  CHECK(s.resident(100, Tier::kGpu));
+  const Status landed = w->land();
+  CHECK(landed.code() == code);
+  CHECK_MESSAGE(landed.message().find(named) != std::string::npos, landed.message());
+  CHECK(w->finish().message() == landed.message());
+  f.device->set_faults(FaultConfig{});
+  for (uint32_t b : {64u, 100u, 119u}) {
+    CAPTURE(b);
+    CHECK_FALSE(s.resident(b, Tier::kGpu));  // the copy that was made from it is gone too
+    CHECK_FALSE(s.resident(b, Tier::kHost));
+    CHECK(s.wait(s.prefetch(std::vector<uint32_t>{b}, Tier::kGpu)).message().find("has not been written home") !=
+          std::string::npos);
+  }
+  check_version(s, 40, 24, Tier::kHost, 1);   // the host homes of the call landed
+  check_version(s, 120, 80, Tier::kHost, 0);  // blocks outside it are untouched
+  // Written again, the blocks read right.
+  REQUIRE(s.write_home(std::span(v1.writes).subspan(64, 56)).ok());
+  check_version(s, 64, 56, Tier::kGpu, 1);
+}
+
+TEST_CASE("a refused write touches no block of the call") {
+  FaultStore f;
+  TieredStore& s = *f.store;
+  REQUIRE(s.write_home(Versions(s, 0, 100, 0).writes).ok());
+  REQUIRE(s.wait(s.prefetch(std::vector<uint32_t>{80}, Tier::kGpu)).ok());
+  const Versions v1(s, 0, 100, 1);
+  {
+    Result<BlockPin> pin = s.pin(80, Tier::kGpu);
+    REQUIRE(pin.ok());
+    CHECK(s.write_home(v1.writes).message().find("block 80 ") != std::string::npos);
+  }
+  std::vector<BlockWrite> twice = {v1.writes[5], v1.writes[70], v1.writes[5]};
+  CHECK(s.write_home(twice).message().find("listed twice") != std::string::npos);
+  check_version(s, 0, 100, Tier::kHost, 0);  // the blocks before the pinned one kept version 0
+}
+
+TEST_CASE("a large write lands through the reused bounce buffer in pieces while other threads read") {
+  // 5100 nvme homes in one call are more than one 64 MiB bounce piece (4096
+  // blocks of 16 KiB).
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 18, 16 * kMiB, 2 * kMiB);
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  TieredStore& s = **store;
+  REQUIRE(s.write_home(Versions(s, 0, 1000, 0).writes).ok());
+  const Versions big(s, 1000, 5100, 0);
+  Result<HomeWrite> w = s.begin_write(big.writes);
+  REQUIRE(w.ok());
+  std::atomic<uint64_t> ranges{0}, reads{0}, wrong{0}, failed{0};
+  std::atomic<bool> landed{false};
+  Status land_status;
+  std::thread lander([&] {
+    land_status = w->land(thread_pool(ranges));
+    landed = true;
+  });
+  // Reads of other nvme blocks share the file (and its ring) with the write.
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 2; ++t)
+    readers.emplace_back([&, t] {
+      auto gen = test::rng(7 + t);
+      std::vector<std::byte> back(s.block_bytes());
+      for (int iter = 0; iter < 20 || !landed; ++iter) {
+        const uint32_t b = 64 + static_cast<uint32_t>(gen() % 936);
+        const Tier tier = iter % 2 == 0 ? Tier::kHost : Tier::kGpu;
+        if (!s.wait(s.prefetch(std::vector<uint32_t>{b}, tier)).ok()) {
+          ++failed;
+          continue;
+        }
+        Result<BlockPin> pin = s.pin(b, tier);
+        if (!pin.ok()) continue;  // evicted by the other reader meanwhile: allowed
+        const BlockCopy copy{pin->data(), back.data(), back.size()};
+        if (!s.backend().copy_to_host(std::span<const BlockCopy>(&copy, 1)).ok()) ++failed;
+        wrong += !block_matches(back.data(), back.size(), b, 0);
+        ++reads;
+      }
+    });
+  lander.join();
+  for (auto& t : readers) t.join();
+  REQUIRE_MESSAGE(land_status.ok(), land_status.to_string());
+  REQUIRE(w->finish().ok());
+  CHECK(wrong == 0);
+  CHECK(failed == 0);
+  CHECK(reads >= 40);
+  CHECK(s.stats().nvme_writes >= 5100);
+  check_version(s, 1000, 5100, Tier::kHost, 0);
+}
+
 // Needs io_uring: last in the file, since require() ends the process when it is missing.
 TEST_CASE("1M tokens through all three tiers on the io_uring store, reopened by a new store") {
   const std::string dir = make_temp_dir();

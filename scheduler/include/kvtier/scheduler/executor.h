@@ -53,6 +53,10 @@ class CudaContext;
 
 namespace kvtier::scheduler {
 
+namespace detail {
+class WriteBehind;  // executor_support.h
+}
+
 // Bytes of a context per tier.
 struct Placement {
   uint64_t host_home_bytes = 0;   // blocks whose durable copy is in pinned host RAM
@@ -74,6 +78,10 @@ struct ExecutorStats {
   double score_us = 0, gpu_wait_us = 0, cpu_attend_us = 0, upload_wait_us = 0, read_wait_us = 0, merge_us = 0;
   double decode_us = 0;           // wall time inside decode_layer
   double prefill_us = 0;
+  // Prefill's home writes run behind its scoring and attention; this is the
+  // time prefill still waited for them (at its end, or to re-read a block).
+  double home_write_wait_us = 0;
+  uint64_t home_write_early_joins = 0;  // waits because a block in flight had to come back from home
   uint64_t prefill_tokens = 0;    // tokens x layers prefilled
 };
 
@@ -174,6 +182,8 @@ class Executor {
                                      std::span<const float> out);
 
   const ExecutorOptions& options() const { return options_; }
+  // Between steps only: the late-block policy of the steps that follow.
+  void set_late_policy(LatePolicy late) { options_.late = late; }
   ExecutorStats stats() const { return stats_; }
   void reset_stats() { stats_ = ExecutorStats{}; }
   std::string describe() const;
@@ -185,10 +195,16 @@ class Executor {
            std::shared_ptr<storage::DeviceArena> arena);
   Status init_sequence(SequenceKv& seq, uint64_t max_tokens);
   Result<storage::StoreConfig> store_config(uint64_t max_tokens, uint64_t host_bytes, int numa_node) const;
+  Result<storage::HomeWrite> begin_completed(SequenceKv& seq, uint32_t layer, std::span<const uint32_t> chunks,
+                                            const bf16* blocks);
   Status write_completed(SequenceKv& seq, uint32_t layer, std::span<const uint32_t> chunks, const bf16* blocks);
   Status refresh_hot_pins(SequenceKv& seq, uint32_t layer, uint64_t tokens);
+  // writing: prefill's home write in flight, if any; it is joined before a
+  // block of it is fetched from home.
   Status pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
-                    std::vector<std::vector<storage::BlockPin>>& out);
+                    std::vector<std::vector<storage::BlockPin>>& out, detail::WriteBehind* writing = nullptr);
+  Status stage_appended(SequenceKv& seq, uint32_t layer, uint64_t first_token, uint32_t n, std::span<const bf16> k,
+                        std::span<const bf16> v, detail::WriteBehind& writing);
   uint32_t slot_of(const std::byte* p) const;
 
   ExecutorOptions options_;
@@ -204,7 +220,7 @@ class Executor {
   Status wait_read(SequenceKv& seq, storage::Ticket t);
   Result<storage::BlockPin> pin_host(SequenceKv& seq, uint32_t flat_block, uint64_t& rereads);
   void release_step(SequenceKv& seq, SeqStep& x);
-  TraceLane lane_gpu_ = 0, lane_cpu_ = 0, lane_copy_ = 0, lane_nvme_ = 0;
+  TraceLane lane_gpu_ = 0, lane_cpu_ = 0, lane_copy_ = 0, lane_nvme_ = 0, lane_write_ = 0;
 };
 
 }  // namespace kvtier::scheduler

@@ -45,7 +45,9 @@ struct BlockFileStats {
   uint64_t checksum_failures = 0;  // mismatches reported as errors
 };
 
-// Thread-safe: calls are serialised internally (one ring per file).
+// Thread-safe: calls are serialised internally (one ring per file), batch by
+// batch, so one thread's long write lets another's reads in between batches.
+// Two calls moving the same block at once are the caller's race.
 class BlockFile {
  public:
   // Creates `path` (must not exist), preallocating header, table and every

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -90,6 +91,54 @@ struct Ticket {
   uint64_t id = 0;
 };
 
+// A full block to write home: block_bytes from `data`, any host memory.
+struct BlockWrite {
+  uint32_t block;
+  const std::byte* data;
+};
+
+// Runs body(begin, end) over sub-ranges of [0, n), each at least `grain` long
+// where n allows, and returns when all are done. The store has no threads of
+// its own for copies: a caller lends its pool (CpuEngine::parallel_for). An
+// empty one runs the whole range on the calling thread.
+using ParallelFor = std::function<void(size_t n, size_t grain, const std::function<void(size_t, size_t)>& body)>;
+
+// One write_home split so that its slow part can run beside other work
+// (prefill's write-behind, DESIGN.md section 4):
+//   TieredStore::begin_write claims the blocks and makes their gpu copies;
+//   land() copies them home (host memcpy, one batched NVMe write), on any one
+//     thread, touching no block state;
+//   finish() (or the destructor) makes them readable from home, or unreadable
+//     when land() failed or never ran, and returns land()'s Status.
+// Until finish() the blocks are busy: a read of one from its home fails
+// (prefetch reports "a write is in progress"), so a caller that needs one of
+// them back from home finishes the write first. The data behind every
+// BlockWrite must stay valid until land() returns. The store must outlive it.
+class HomeWrite {
+ public:
+  HomeWrite();
+  HomeWrite(HomeWrite&& o) noexcept;
+  HomeWrite& operator=(HomeWrite&& o) noexcept;
+  HomeWrite(const HomeWrite&) = delete;
+  HomeWrite& operator=(const HomeWrite&) = delete;
+  ~HomeWrite();
+
+  // Copies the blocks home; at most once. Safe beside any other store call.
+  Status land(const ParallelFor& parallel_for = {});
+  // Ends the write (idempotent); returns what land() returned.
+  Status finish();
+  // Whether `block` is one of this write's and the write is not finished.
+  bool holds(uint32_t block) const;
+  size_t size() const;  // blocks written
+
+  struct State;
+
+ private:
+  friend class TieredStore;
+  explicit HomeWrite(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
 class TieredStore {
  public:
   // A new context in a new file at `path`. Fails at start, naming the numbers,
@@ -105,20 +154,24 @@ class TieredStore {
   // Writes full blocks (block_bytes from each `data`, any host memory) to
   // their homes, assigning one on first write: host while host-home slots
   // last, then nvme (one batched file write). Cached copies of an earlier
-  // version are dropped; a block pinned by a user is an error. A block whose
-  // write failed is not readable until it is written again.
-  struct BlockWrite {
-    uint32_t block;
-    const std::byte* data;
-  };
+  // version are dropped; a block pinned by a user, being moved, being written
+  // or listed twice is an error, and then no block of the call is touched. A
+  // block whose write failed is not readable until it is written again.
+  using BlockWrite = storage::BlockWrite;
   // With cache_on_gpu, blocks written home also get a gpu copy while gpu
   // slots last (evicting unpinned, unprotected copies), as prefill wants for
-  // the blocks it has just completed (DESIGN.md section 4).
-  Status write_home(std::span<const BlockWrite> writes, bool cache_on_gpu = false);
+  // the blocks it has just completed (DESIGN.md section 4). Host-home copies
+  // go through parallel_for (empty: on the calling thread).
+  Status write_home(std::span<const BlockWrite> writes, bool cache_on_gpu = false,
+                    const ParallelFor& parallel_for = {});
   Status write_home(uint32_t block, const std::byte* data, bool cache_on_gpu = false) {
     const BlockWrite w{block, data};
     return write_home(std::span<const BlockWrite>(&w, 1), cache_on_gpu);
   }
+  // write_home's first step (see HomeWrite): checks and claims the blocks and,
+  // with cache_on_gpu, copies them to gpu slots from `data`. A refused call
+  // touches nothing; a failed gpu copy ends the write with the blocks unwritten.
+  Result<HomeWrite> begin_write(std::span<const BlockWrite> writes, bool cache_on_gpu = false);
   // Starts making `blocks` resident in `tier` (kHost or kGpu). Blocks already
   // there are touched. Blocks up to the call are bounded: a full request queue
   // makes the caller wait.
@@ -138,7 +191,8 @@ class TieredStore {
   void set_step(uint64_t step);
 
   // Writes every host-homed block into the file too and flushes it, so the
-  // context can be reopened by a later process.
+  // context can be reopened by a later process. An error while a HomeWrite
+  // is unfinished (its blocks would be missing from the file).
   Status save();
 
   Tier home_of(uint32_t block) const;
@@ -160,6 +214,7 @@ class TieredStore {
 
  private:
   friend class BlockPin;
+  friend class HomeWrite;
   explicit TieredStore(std::unique_ptr<Impl> impl);
   void unpin(uint32_t block, Tier tier);
   std::unique_ptr<Impl> impl_;
