@@ -163,6 +163,10 @@ const EngineOptions& Engine::options() const { return impl_->options; }
 bool Engine::on_gpu() const { return impl_->cuda != nullptr; }
 scheduler::ExecutorStats Engine::stats() const { return impl_->executor->stats(); }
 void Engine::reset_stats() { impl_->executor->reset_stats(); }
+void Engine::set_late_policy(scheduler::LatePolicy late) {
+  impl_->options.late = late;
+  impl_->executor->set_late_policy(late);
+}
 scheduler::Executor& Engine::executor() { return *impl_->executor; }
 
 std::string Engine::describe() const {

@@ -155,6 +155,47 @@ Result<std::vector<Sequence>> make_sequences(Engine& engine, const SyntheticRunC
   return seqs;
 }
 
+// The timed steps of one decode phase, after its warm-up: step indices
+// first_step + warmup_steps + i; every verify_every-th step one layer
+// (rotating) is checked against dense fp64 outside the timing.
+struct PhaseResult {
+  std::vector<double> step_seconds, rel_error, mass_recall;
+  uint32_t verified = 0;
+  double rel_error_p50() const { return percentile(rel_error, 0.5); }
+  double mass_recall_p10() const { return percentile(mass_recall, 0.1); }
+  double mass_recall_mean() const {
+    double sum = 0;
+    for (double r : mass_recall) sum += r;
+    return mass_recall.empty() ? 0 : sum / double(mass_recall.size());
+  }
+};
+
+Result<PhaseResult> timed_phase(Engine& engine, std::vector<Sequence>& seqs, const SyntheticRunConfig& c,
+                                uint64_t first_step, bool verify_steps, const std::function<void()>& after_warmup) {
+  const uint32_t layers = engine.options().shape.layers;
+  for (uint32_t i = 0; i < c.warmup_steps; ++i)
+    KVT_RETURN_IF_ERROR(decode_step(engine, seqs, first_step + i, nullptr, nullptr, 0).status());
+  engine.reset_stats();
+  if (after_warmup) after_warmup();
+  PhaseResult r;
+  for (uint32_t i = 0; i < c.decode_steps; ++i) {
+    const bool verify = verify_steps && c.verify_every > 0 && i % c.verify_every == 0;
+    const uint32_t vlayer = verify ? (i / c.verify_every) % layers : 0;
+    std::vector<std::vector<bf16>> qk;
+    std::vector<std::vector<float>> ok;
+    KVT_ASSIGN_OR_RETURN(const double secs, decode_step(engine, seqs, first_step + c.warmup_steps + i,
+                                                        verify ? &qk : nullptr, verify ? &ok : nullptr, vlayer));
+    r.step_seconds.push_back(secs);
+    if (verify) {
+      KVT_ASSIGN_OR_RETURN(cpu::FidelityReport f, seqs[0].session->verify_last_step(vlayer, qk[0], ok[0]));
+      r.rel_error.push_back(f.rel_error);
+      r.mass_recall.insert(r.mass_recall.end(), f.mass_recall.begin(), f.mass_recall.end());
+      ++r.verified;
+    }
+  }
+  return r;
+}
+
 }  // namespace
 
 Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
@@ -192,7 +233,9 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
     }
   }
   const uint64_t second_steps = c.second_query_correlation >= 0 ? uint64_t{c.warmup_steps} + c.decode_steps : 0;
-  const uint64_t steps_total = first_needle_step + needles.size() + second_steps;
+  const bool late_phase = c.late_summary_phase && c.engine.late == scheduler::LatePolicy::kWait;
+  const uint64_t late_steps = late_phase ? uint64_t{c.warmup_steps} + c.decode_steps : 0;
+  const uint64_t steps_total = first_needle_step + needles.size() + second_steps + late_steps;
   const uint64_t max_tokens = c.context_tokens + steps_total + 1;
   KVT_ASSIGN_OR_RETURN(std::vector<Sequence> seqs, make_sequences(*engine, c, c.batch, max_tokens, needles, "seq"));
 
@@ -207,25 +250,14 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
   rep.placement = seqs[0].session->placement();
 
   // Decode: warm-up, then timed steps; sampled verification outside the timing.
-  for (uint32_t i = 0; i < c.warmup_steps; ++i) KVT_RETURN_IF_ERROR(decode_step(*engine, seqs, i, nullptr, nullptr, 0).status());
-  engine->reset_stats();
-  const double trace_from = trace->now_us();
-  std::vector<double> rel, recall;
-  for (uint32_t i = 0; i < c.decode_steps; ++i) {
-    const uint64_t step = c.warmup_steps + i;
-    const bool verify = c.verify_every > 0 && i % c.verify_every == 0;
-    const uint32_t vlayer = verify ? (i / c.verify_every) % s.layers : 0;
-    std::vector<std::vector<bf16>> qk;
-    std::vector<std::vector<float>> ok;
-    KVT_ASSIGN_OR_RETURN(const double secs, decode_step(*engine, seqs, step, verify ? &qk : nullptr, verify ? &ok : nullptr, vlayer));
-    rep.step_seconds.push_back(secs);
-    if (verify) {
-      KVT_ASSIGN_OR_RETURN(cpu::FidelityReport f, seqs[0].session->verify_last_step(vlayer, qk[0], ok[0]));
-      rel.push_back(f.rel_error);
-      recall.insert(recall.end(), f.mass_recall.begin(), f.mass_recall.end());
-      ++rep.verified;
-    }
-  }
+  const auto phase = [&](const char* name) {
+    if (c.on_phase) c.on_phase(name);
+  };
+  phase("decode (first phase)");
+  double trace_from = 0;
+  KVT_ASSIGN_OR_RETURN(const PhaseResult first, timed_phase(*engine, seqs, c, 0, true, [&] { trace_from = trace->now_us(); }));
+  rep.step_seconds = first.step_seconds;
+  rep.verified = first.verified;
   rep.stats = engine->stats();
   const double median = percentile(rep.step_seconds, 0.5);
   rep.decode_steps_per_s = 1.0 / std::max(median, 1e-12);
@@ -233,13 +265,11 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
   rep.selection_overlap =
       rep.stats.selection_compared > 0 ? double(rep.stats.kept_from_previous) / double(rep.stats.selection_compared) : 0;
   rep.late_blocks_per_step = double(rep.stats.late_blocks) / c.decode_steps;
-  if (!rel.empty()) {
-    rep.rel_error_p50 = percentile(rel, 0.5);
-    rep.rel_error_max = *std::max_element(rel.begin(), rel.end());
-    rep.mass_recall_p10 = percentile(recall, 0.1);
-    double sum = 0;
-    for (double r : recall) sum += r;
-    rep.mass_recall_mean = sum / double(recall.size());
+  if (!first.rel_error.empty()) {
+    rep.rel_error_p50 = first.rel_error_p50();
+    rep.rel_error_max = *std::max_element(first.rel_error.begin(), first.rel_error.end());
+    rep.mass_recall_p10 = first.mass_recall_p10();
+    rep.mass_recall_mean = first.mass_recall_mean();
   }
   {
     std::vector<std::vector<scheduler::TraceInterval>> lanes;
@@ -256,6 +286,7 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
   // Second phase: the same contexts, queries of another correlation (the
   // model's keys and values are the same for the same seed).
   if (c.second_query_correlation >= 0) {
+    phase("decode (second phase)");
     std::vector<std::unique_ptr<SyntheticModel>> first(seqs.size());
     for (size_t b = 0; b < seqs.size(); ++b) {
       SyntheticModelOptions mo = seqs[b].model->options();
@@ -265,15 +296,9 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
       first[b] = std::move(seqs[b].model);
       seqs[b].model = std::make_unique<SyntheticModel>(std::move(m2));
     }
-    for (uint32_t i = 0; i < c.warmup_steps; ++i) KVT_RETURN_IF_ERROR(decode_step(*engine, seqs, i, nullptr, nullptr, 0).status());
-    engine->reset_stats();
-    std::vector<double> secs2;
-    for (uint32_t i = 0; i < c.decode_steps; ++i) {
-      KVT_ASSIGN_OR_RETURN(const double secs, decode_step(*engine, seqs, c.warmup_steps + i, nullptr, nullptr, 0));
-      secs2.push_back(secs);
-    }
+    KVT_ASSIGN_OR_RETURN(const PhaseResult second, timed_phase(*engine, seqs, c, 0, false, nullptr));
     rep.stats_second = engine->stats();
-    rep.decode_steps_per_s_second = 1.0 / std::max(percentile(secs2, 0.5), 1e-12);
+    rep.decode_steps_per_s_second = 1.0 / std::max(percentile(second.step_seconds, 0.5), 1e-12);
     rep.selection_overlap_second = rep.stats_second.selection_compared > 0
                                        ? double(rep.stats_second.kept_from_previous) / double(rep.stats_second.selection_compared)
                                        : 0;
@@ -281,9 +306,30 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
     for (size_t b = 0; b < seqs.size(); ++b) seqs[b].model = std::move(first[b]);
   }
 
+  // Late-summary phase: the first phase's queries continued (step indices
+  // after the needles' so that no needle query is reused), NVMe blocks that
+  // have not landed contribute their summaries this step.
+  if (late_phase) {
+    phase("decode (late-summary phase)");
+    engine->set_late_policy(scheduler::LatePolicy::kSummary);
+    KVT_ASSIGN_OR_RETURN(const PhaseResult late,
+                         timed_phase(*engine, seqs, c, first_needle_step + needles.size(), true, nullptr));
+    rep.verified_late = late.verified;
+    rep.stats_late = engine->stats();
+    rep.decode_steps_per_s_late = 1.0 / std::max(percentile(late.step_seconds, 0.5), 1e-12);
+    rep.late_blocks_per_step_late = double(rep.stats_late.late_blocks) / c.decode_steps;
+    if (!late.rel_error.empty()) {
+      rep.rel_error_p50_late = late.rel_error_p50();
+      rep.mass_recall_p10_late = late.mass_recall_p10();
+      rep.mass_recall_mean_late = late.mass_recall_mean();
+    }
+    engine->set_late_policy(c.engine.late);
+  }
+
   // Needles: one decode step per needle; recalled when the needle's chunk was
   // attended exactly (selected, or in the sinks or window) by a KV head.
   if (!needles.empty()) {
+    phase("needles");
     const std::vector<NeedlePlacement> where = seqs[0].model->needle_placements(policy.chunk_tokens);
     uint64_t hit = 0, trials = 0;
     for (size_t i = 0; i < needles.size(); ++i) {
@@ -298,6 +344,7 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
     }
     rep.needle_recall = double(hit) / double(trials);
   }
+  phase("release");
   seqs.clear();
   engine.reset();  // its pinned host and GPU memory go back before the next engine
 
@@ -306,6 +353,7 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
   // RAM twice over, a GPU tier of a quarter of it, so NVMe and passes are used
   // as in the main run), not the main run's.
   if (c.full_budget_check) {
+    phase("full-budget check");
     SyntheticRunConfig fc = c;
     fc.context_tokens = std::min<uint64_t>(c.context_tokens, 32768);
     fc.engine.policy.topk_chunks = static_cast<uint32_t>((fc.context_tokens + policy.chunk_tokens) / policy.chunk_tokens);
@@ -363,6 +411,12 @@ nlohmann::json SyntheticRunReport::to_json() const {
   j["decode_steps_per_s_second"] = decode_steps_per_s_second;
   j["selection_overlap_second"] = selection_overlap_second;
   j["late_blocks_per_step_second"] = late_blocks_per_step_second;
+  j["decode_steps_per_s_late"] = decode_steps_per_s_late;
+  j["late_blocks_per_step_late"] = late_blocks_per_step_late;
+  j["mass_recall_p10_late"] = mass_recall_p10_late;
+  j["mass_recall_mean_late"] = mass_recall_mean_late;
+  j["rel_error_p50_late"] = rel_error_p50_late;
+  j["verified_late"] = verified_late;
   const auto& st = stats;
   j["stats"] = {{"layer_steps", st.layer_steps},
                 {"selected_blocks", st.selected_blocks},

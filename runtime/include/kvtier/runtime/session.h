@@ -87,6 +87,9 @@ class Engine {
   std::string describe() const; // backend, CPU engine, arena, rates
   scheduler::ExecutorStats stats() const;  // cumulative since create or reset_stats
   void reset_stats();
+  // The late-block policy of the steps that follow (a run can compare both
+  // on one prefilled context).
+  void set_late_policy(scheduler::LatePolicy late);
   scheduler::Executor& executor();
 
  private:

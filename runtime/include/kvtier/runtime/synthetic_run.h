@@ -29,6 +29,11 @@ struct SyntheticRunConfig {
   // prefilled contexts with queries of this correlation (e.g. 0, the
   // adversarial case), so both are measured without a second prefill.
   double second_query_correlation = -1;
+  // When set and the engine's late policy is kWait: a further timed phase on
+  // the same contexts with LatePolicy::kSummary and the first phase's query
+  // correlation (verified at verify_every like the first), so the cost and
+  // gain of not waiting for NVMe are measured without another prefill.
+  bool late_summary_phase = false;
   uint32_t hidden = 64;              // latent dimensions of the synthetic model
   uint64_t seed = 1;
   // Dense fp64 check of sampled (step, layer) pairs: every verify_every-th
@@ -42,6 +47,8 @@ struct SyntheticRunConfig {
   bool full_budget_check = false;
   // Called during prefill with (tokens done, tokens total) per sequence.
   std::function<void(uint64_t, uint64_t)> progress;
+  // Called as each phase after prefill starts, with its name.
+  std::function<void(const std::string&)> on_phase;
 };
 
 struct SyntheticRunReport {
@@ -66,6 +73,12 @@ struct SyntheticRunReport {
   double selection_overlap_second = -1;
   double late_blocks_per_step_second = -1;
   scheduler::ExecutorStats stats_second;
+  // The late-summary phase (late_summary_phase), as the first; -1: not run.
+  double decode_steps_per_s_late = -1;
+  double late_blocks_per_step_late = -1;
+  double mass_recall_p10_late = -1, mass_recall_mean_late = -1, rel_error_p50_late = -1;
+  uint32_t verified_late = 0;
+  scheduler::ExecutorStats stats_late;
   scheduler::ExecutorStats stats;    // decode steps only (warm-up excluded)
   std::vector<double> step_seconds;  // every timed step
   nlohmann::json to_json() const;
