@@ -350,8 +350,13 @@ Status add_decode(const SimInputs& in, PlanReport& r) {
   return Status::ok_status();
 }
 
-// Prefill of one sequence, query block by query block; the lanes of a block
-// overlap, so a block takes as long as its busiest lane.
+// Prefill of one sequence, query block by query block, as the executor runs
+// it (scheduler/executor.cpp): per block and layer, first the front on the
+// host (the block's K/V staged into completed chunks, their copies to the GPU
+// tier, their summaries), then two things at once: the mean query scored
+// against every far summary on the CPU followed by block-sparse attention on
+// the GPU, and behind them the home write of the completed chunks (host homes
+// by memcpy, the rest to NVMe). A block takes front + the longer of the two.
 void add_prefill(const SimInputs& in, PlanReport& r) {
   const ModelShape& s = in.model.shape;
   const SparsityPolicy& p = in.policy;
@@ -361,12 +366,21 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
   const double flops = m.gpu.bf16_tflops * 1e12;
   const double attend_flops = k.prefill_attention_fraction * flops;
   const double big_h2d = m.link.gbps_at(LinkDirection::kHostToDevice, k.link_large_copy_bytes) * 1e9;
-  const double big_d2h = m.link.gbps_at(LinkDirection::kDeviceToHost, k.link_large_copy_bytes) * 1e9;
   const double nvme_write = m.nvme.write_gbps_at(k.nvme_write_request_bytes, k.nvme_queue_depth) * 1e9;
+  // A host copy reads and writes each byte: half the read bandwidth.
+  const double host_copy = m.host.read_gbps * 1e9 / 2;
+  const double host_read = m.host.read_gbps * 1e9;
+  const double score = m.host.score_gbps * 1e9;
   const double row = static_cast<double>(summary_row_bytes(s, p.summary_kind));
   const double lists = static_cast<double>(s.layers) * s.kv_heads;
+  const double q_row_bytes = static_cast<double>(s.q_heads) * s.head_dim * 2 * s.layers;  // bf16 q of a token
   // Tokens of this sequence whose home is host RAM: the first ones written.
   const double host_tokens = static_cast<double>(r.cap.placement.host.blocks) / (lists * in.batch) * p.chunk_tokens;
+  // Tokens of far blocks the GPU block cache holds, and the fetch rates.
+  const double gpu_cache_tokens =
+      static_cast<double>(r.cap.placement.gpu_cache_blocks) / (lists * in.batch) * p.chunk_tokens;
+  const double block = static_cast<double>(r.cap.block_bytes);
+  const double nvme_read = m.nvme.read_gbps_at(r.cap.block_bytes, k.nvme_queue_depth) * 1e9;
   std::array<double, 5> busy{};  // seconds, by Lane
   double total = 0, total_attention = 0;
   for (uint64_t start = 0; start < in.context_tokens; start += k.prefill_query_block_tokens) {
@@ -378,21 +392,34 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     const double selected = std::min(far_tokens, static_cast<double>(p.topk_chunks) * p.chunk_tokens);
     const double pairs = q * (q + 1) / 2 + q * (window + sinks + selected);  // per q head and layer
     const double far_blocks = far_tokens / p.chunk_tokens;
-    std::array<double, 5> lane{};
+    const double bytes = q * kvpt;  // the block's K/V, all layers
+    // The selected far blocks must be in GPU slots before attention: those
+    // the block cache does not hold are fetched (NVMe-homed ones read first).
+    const double selected_blocks = std::min(far_blocks, static_cast<double>(p.topk_chunks)) * lists;
+    const double cached_share = before > 0 ? std::min(1.0, gpu_cache_tokens / before) : 1.0;
+    const double nvme_share = before > 0 ? std::max(0.0, before - host_tokens) / before : 0.0;
+    const double fetched = selected_blocks * (1 - cached_share);
+    const double fetch_h2d = fetched * block / big_h2d;
+    const double fetch_nvme = fetched * nvme_share * block / nvme_read;
+    // Front: stage (a copy), summaries (a read), GPU copies (one batch).
+    const double front_cpu = bytes / host_copy + bytes / host_read;
+    const double front_h2d = bytes / big_h2d;
+    // Then: scoring (mean query: a read of the block's q; far summaries at the scoring rate) and attention ...
+    const double scoring = q * q_row_bytes / host_read + far_blocks * lists * row / score;
     const double weights_s = 2.0 * static_cast<double>(in.model.parameters) * q / flops;
-    lane[static_cast<size_t>(Lane::kGpu)] =
-        4.0 * s.head_dim * s.q_heads * pairs * s.layers / attend_flops + weights_s +
-        2.0 * s.head_dim * s.q_heads * q * far_blocks * s.layers / flops +
-        q * kvpt / (m.gpu.hbm_read_gbps * 1e9);
-    lane[static_cast<size_t>(Lane::kCopyH2d)] = far_blocks * lists * row / big_h2d;
-    lane[static_cast<size_t>(Lane::kCopyD2h)] = q * kvpt / big_d2h;
+    const double attention = 4.0 * s.head_dim * s.q_heads * pairs * s.layers / attend_flops;
+    // ... beside the home write of the block's chunks: host homes copied, the rest to NVMe.
     const double to_nvme = std::clamp(before + q - std::max(before, host_tokens), 0.0, q);
-    lane[static_cast<size_t>(Lane::kNvme)] = to_nvme * kvpt / nvme_write;
-    for (size_t i = 0; i < lane.size(); ++i) busy[i] += lane[i];
-    total += *std::max_element(lane.begin(), lane.end());
-    std::array<double, 5> attention_only = lane;
-    attention_only[static_cast<size_t>(Lane::kGpu)] -= weights_s;
-    total_attention += *std::max_element(attention_only.begin(), attention_only.end());
+    const double home_host = (q - to_nvme) * kvpt / host_copy;
+    const double home_nvme = to_nvme * kvpt / nvme_write;
+    busy[static_cast<size_t>(Lane::kCpu)] += front_cpu + scoring + home_host;
+    busy[static_cast<size_t>(Lane::kCopyH2d)] += front_h2d + fetch_h2d;
+    busy[static_cast<size_t>(Lane::kGpu)] += attention + weights_s;
+    busy[static_cast<size_t>(Lane::kNvme)] += home_nvme + fetch_nvme;
+    const double front = front_cpu + front_h2d;
+    const double fetch = fetch_nvme + fetch_h2d;
+    total += front + std::max(scoring + fetch + attention + weights_s, home_host + home_nvme);
+    total_attention += front + std::max(scoring + fetch + attention, home_host + home_nvme);
   }
   r.prefill_seconds = total;
   r.prefill_seconds_attention = total_attention;
@@ -462,22 +489,25 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("full model: per step, the weights are read once at hbm_read_gbps while the batch's GEMMs (2 x "
               "parameters x batch FLOPs) run at bf16_tflops; the slower of the two is added to the attention "
               "step; KV append, norms, sampling and the host's share of a step are not modeled");
-  a.push_back("prefill (one sequence): query blocks of " + std::to_string(k.prefill_query_block_tokens) +
-              " tokens; per block, GPU: block-sparse attention 4 x head_dim x q_heads x pairs x layers FLOPs "
+  a.push_back("prefill (one sequence), as the executor runs it: query blocks of " +
+              std::to_string(k.prefill_query_block_tokens) +
+              " tokens; per block, first the front: the block's K/V staged into chunks (a host copy at "
+              "host.read_gbps / 2), their summaries (a read at host.read_gbps) and their GPU copies (one batch at the "
+              "32 MiB h2d rate); then scoring (the block's mean query against every far summary at "
+              "host.score_gbps), the fetch of the selected far blocks the GPU block cache does not hold (its "
+              "share of the far tokens so far; NVMe-homed ones read at the drive's block rate, then one batched "
+              "upload at the 32 MiB h2d rate), then block-sparse attention, 4 x head_dim x q_heads x pairs x layers FLOPs "
               "(pairs per query: own causal + window + sinks + topk x chunk before the block) at " +
               num(k.prefill_attention_fraction) +
-              " x bf16_tflops (our kernel vs cuBLAS, measured on the H200), model GEMMs 2 x parameters x tokens at "
-              "bf16_tflops, scoring against all far summaries as a GEMM at bf16_tflops, summary build reading the "
-              "block's KV once at hbm_read_gbps; copy_h2d: the far summaries streamed to the GPU per block; "
-              "copy_d2h: the block's KV written home at the 32 MiB copy rate; nvme: its NVMe-homed part (homes "
-              "fill host first, in token order) at " +
-              format_bytes(k.nvme_write_request_bytes) + " requests, QD " +
-              std::to_string(k.nvme_queue_depth) +
-              "; the lanes overlap, so a block takes its busiest lane's time; prefill_seconds sums the blocks as "
-              "the context grows");
+              " x bf16_tflops (our kernel vs cuBLAS, measured on the H200), plus for the full model its GEMMs, "
+              "2 x parameters x tokens at bf16_tflops; beside them the home write behind (host homes copied at "
+              "host.read_gbps / 2, NVMe homes, which fill after the host ones in token order, at " +
+              format_bytes(k.nvme_write_request_bytes) + " requests, QD " + std::to_string(k.nvme_queue_depth) +
+              "); a block takes front + the longer of the two; prefill_seconds sums the blocks as the context grows");
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
-  a.push_back("no prediction has been validated against a measured run yet (kvtier bench e2e, issue 6)");
+  a.push_back("validated against kvtier bench e2e on one H200 host (bench/results/*plan-vs-e2e*, docs/plan.md): "
+              "the measured rates of that host, not of the machine asked about");
 }
 
 void add_warnings(const SimInputs& in, PlanReport& r) {
