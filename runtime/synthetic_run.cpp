@@ -1,6 +1,9 @@
 #include "kvtier/runtime/synthetic_run.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstdio>
+#include <limits>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -376,7 +379,11 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
       KVT_RETURN_IF_ERROR(decode_step(*full, fs, 0, &qk, &ok, l).status());
       // decode_step advanced every layer; verify layer l of the last step only once per layer.
       KVT_ASSIGN_OR_RETURN(cpu::FidelityReport f, fs[0].session->verify_last_step(l, qk[0], ok[0]));
-      worst = std::max(worst, f.rel_error);
+      // NaN must stay NaN (std::max would drop it): a NaN output is a failure, not a small error.
+      if (std::isnan(worst) || std::isnan(f.rel_error))
+        worst = std::numeric_limits<double>::quiet_NaN();
+      else
+        worst = std::max(worst, f.rel_error);
     }
     rep.rel_error_full_budget = worst;
     rep.full_budget_context = fc.context_tokens;
