@@ -156,7 +156,7 @@ double needle_recall(uint64_t context, const SparsityPolicy& policy, const Chunk
 
 int run_selection(const SuiteArgs& args) {
   const uint64_t context = args.quick ? (uint64_t{1} << 16) : (uint64_t{1} << 18);
-  const SparsityPolicy policy;  // the defaults: 128 sinks, 4096 window, 64-token chunks, top-64, fp32 mean keys
+  const SparsityPolicy policy;  // the defaults: 128 sinks, 4096 window, 64-token chunks, top-64, bf16 mean keys
   const ChunkRanges r = chunk_ranges(policy, context);
   Report report("selection", {{"context_tokens", context},
                               {"shape", "one Llama-3.1-8B layer: 32 q heads, 8 KV heads, head dim 128"},

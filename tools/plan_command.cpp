@@ -34,7 +34,7 @@ po::options_description plan_options() {
                                    "sequences decoded together, each with its own context (default 1)")(
       "policy", po::value<std::string>()->default_value(""),
       "sparsity policy overrides key=value,... : sink_tokens (128), window_tokens (4096), chunk_tokens (64), "
-      "topk_chunks (64 blocks per KV head), summary (mean_f32), far_field (none)")(
+      "topk_chunks (64 blocks per KV head), summary (mean_bf16), far_field (none)")(
       "late", po::value<std::string>()->default_value("wait"),
       "NVMe blocks that cannot land in time: wait, or summary (use their summary this step)")(
       "gpu-budget", po::value<std::string>(),

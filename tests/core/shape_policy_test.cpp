@@ -40,7 +40,7 @@ TEST_CASE("the default policy is valid") {
   const SparsityPolicy p;
   CHECK(validate(p).ok());
   CHECK(to_string(p) ==
-        "sink_tokens=128 window_tokens=4096 chunk_tokens=64 topk_chunks=64 summary=mean_f32 far_field=none");
+        "sink_tokens=128 window_tokens=4096 chunk_tokens=64 topk_chunks=64 summary=mean_bf16 far_field=none");
 }
 
 TEST_CASE("invalid policies name the field and the rule") {

@@ -106,7 +106,7 @@ TEST_CASE("planner: a 1M-token context has 66 hot chunks per KV head and 16318 f
   check_invariants(in, p);
   // Sinks: chunks 0-1 (128 tokens); window: chunks 16320-16383 (4096 tokens).
   CHECK(p.hot_bytes == 66ull * 8 * kBlockBytes);
-  CHECK(only(p, TaskKind::kScore).bytes == 16318ull * 8 * 128 * 4);
+  CHECK(only(p, TaskKind::kScore).bytes == 16318ull * 8 * 128 * 2);  // bf16 mean keys (the default)
   CHECK(only(p, TaskKind::kGpuAttendSelected).blocks == 64 * 8);
   CHECK(count_kind(p, TaskKind::kUpload) == 0);
   CHECK(count_kind(p, TaskKind::kCpuAttend) == 0);
@@ -185,7 +185,7 @@ TEST_CASE("planner: a batch of sequences of different lengths is planned as a wh
   const uint64_t hot = 66 + 66 + (2 + (300000 + 63) / 64 - (300000 - 4096) / 64);
   CHECK(p.hot_bytes == hot * 8 * kBlockBytes);
   const uint64_t far = (16320 - 2) + (2048 - 64 - 2) + ((300000 - 4096) / 64 - 2);
-  CHECK(only(p, TaskKind::kScore).bytes == far * 8 * 128 * 4);
+  CHECK(only(p, TaskKind::kScore).bytes == far * 8 * 128 * 2);  // bf16 mean keys
   CHECK(only(p, TaskKind::kGpuAttendSelected).blocks + only(p, TaskKind::kCpuAttend).blocks == 64 * 8 * 2 + 32 * 8);
 }
 

@@ -50,10 +50,10 @@ PlanReport run(const SimInputs& in) {
 TEST_CASE("capacity of llama-3.1-8b at 1M on rtx4090,ddr5-128g,nvme-gen4, by hand") {
   const PlanReport r = run(inputs());
   const Capacity& c = r.cap;
-  // 32 layers x 8 KV heads x 16384 blocks of 32 KiB; summaries 512 B (128 fp32) per block and head.
+  // 32 layers x 8 KV heads x 16384 blocks of 32 KiB; summaries 256 B (128 bf16, the default) per block and head.
   CHECK(c.block_bytes == 32768);
   CHECK(c.kv_bytes == 128 * kGiB);
-  CHECK(c.summary_bytes == 2 * kGiB);
+  CHECK(c.summary_bytes == 1 * kGiB);
   CHECK(r.weights_bytes == 16'060'522'496);  // ~16 GB
   // GPU: 24564 MiB - weights - (2 GiB + 10%) = 4973492633 B for KV.
   const Placement& p = c.placement;
@@ -64,8 +64,8 @@ TEST_CASE("capacity of llama-3.1-8b at 1M on rtx4090,ddr5-128g,nvme-gen4, by han
   CHECK(p.gpu_hot_bytes == 67ull * 256 * 32768);
   CHECK(p.gpu_cache_blocks == (4'973'492'633 - 67ull * 256 * 32768) / 32768);
   CHECK(p.gpu_cache_blocks == 134626);
-  // Host: 80% of 128 GiB minus the 2 GiB of summaries = 100.4 GiB = 3289907 blocks.
-  CHECK(p.host.blocks == 3'289'907);
+  // Host: 80% of 128 GiB minus the 1 GiB of summaries = 101.4 GiB = 3322675 blocks.
+  CHECK(p.host.blocks == 3'322'675);
   CHECK(p.gpu.blocks == 67ull * 256 + 134626);
   CHECK(p.nvme.blocks == 4'194'304 - p.gpu.blocks - p.host.blocks);
   CHECK(p.gpu.bytes + p.host.bytes + p.nvme.bytes == c.kv_bytes);
