@@ -153,22 +153,22 @@ void gpu_host_config(E2eConfig& c) {
   c.prefill_block = 8192;
 }
 
-// The main context from KVTIER_E2E_CONTEXT, when set.
-Result<std::optional<uint64_t>> context_override() {
-  const char* text = std::getenv(kContextEnv);
-  if (text == nullptr || *text == '\0') return std::optional<uint64_t>();
-  Result<uint64_t> tokens = parse_tokens(text);
-  if (!tokens.ok() || *tokens == 0)
-    return invalid_argument(std::string(kContextEnv) + "=" + text +
-                            ": give the main context in tokens, at least one (e.g. 65536 or 64K)");
-  return std::optional<uint64_t>(*tokens);
-}
-
 // The value of environment variable `name`, or nothing when it is unset or empty.
 std::optional<std::string> env_text(const char* name) {
   const char* text = std::getenv(name);
   if (text == nullptr || *text == '\0') return std::nullopt;
   return std::string(text);
+}
+
+// The main context from KVTIER_E2E_CONTEXT, when set.
+Result<std::optional<uint64_t>> context_override() {
+  const std::optional<std::string> text = env_text(kContextEnv);
+  if (!text) return std::optional<uint64_t>();
+  Result<uint64_t> tokens = parse_tokens(*text);
+  if (!tokens.ok() || *tokens == 0)
+    return invalid_argument(std::string(kContextEnv) + "=" + *text +
+                            ": give the main context in tokens, at least one (e.g. 65536 or 64K)");
+  return std::optional<uint64_t>(*tokens);
 }
 
 // A byte budget from the environment (e.g. 8GiB) into `out`, when set.

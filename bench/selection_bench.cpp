@@ -74,9 +74,8 @@ cpu::SummaryTable summaries(const runtime::SyntheticModel& model, uint64_t conte
   return table;
 }
 
-// Top-k of every KV head for decode step `step`'s query.
-std::vector<std::vector<uint32_t>> select(const runtime::SyntheticModel& model, const cpu::SummaryTable& table,
-                                          const SparsityPolicy& policy, const ChunkRanges& r, uint64_t step) {
+// Summary scores of every (KV head, block) for decode step `step`'s query.
+std::vector<float> step_scores(const runtime::SyntheticModel& model, const cpu::SummaryTable& table, uint64_t step) {
   const ModelShape& s = model.shape();
   std::vector<bf16> q(size_t{s.q_heads} * s.head_dim);
   model.decode_query(0, step, q);
@@ -84,11 +83,22 @@ std::vector<std::vector<uint32_t>> select(const runtime::SyntheticModel& model, 
   cpu::score_summaries(cpu::best_isa(), Bf16View<2>(q, {s.q_heads, s.head_dim}), table,
                        static_cast<float>(model.softmax_scale()), cpu::ScoreRule::kMaxDot, 0, table.blocks(),
                        MutF32View<2>(scores, {s.kv_heads, table.blocks()}));
-  std::vector<std::vector<uint32_t>> out(s.kv_heads);
-  for (uint32_t h = 0; h < s.kv_heads; ++h)
-    cpu::select_topk(F32View<2>(scores, {s.kv_heads, table.blocks()}), h, policy.topk_chunks, r.far_begin, r.far_end,
-                     out[h]);
+  return scores;
+}
+
+// Top-k of every KV head from `scores`.
+std::vector<std::vector<uint32_t>> top(const std::vector<float>& scores, const cpu::SummaryTable& table,
+                                       uint32_t kv_heads, uint32_t k, const ChunkRanges& r) {
+  std::vector<std::vector<uint32_t>> out(kv_heads);
+  for (uint32_t h = 0; h < kv_heads; ++h)
+    cpu::select_topk(F32View<2>(scores, {kv_heads, table.blocks()}), h, k, r.far_begin, r.far_end, out[h]);
   return out;
+}
+
+// Top-k of every KV head for decode step `step`'s query.
+std::vector<std::vector<uint32_t>> select(const runtime::SyntheticModel& model, const cpu::SummaryTable& table,
+                                          const SparsityPolicy& policy, const ChunkRanges& r, uint64_t step) {
+  return top(step_scores(model, table, step), table, model.shape().kv_heads, policy.topk_chunks, r);
 }
 
 // Mean over KV heads and steps of the share of a step's selection kept from the previous step.
@@ -110,12 +120,12 @@ double mean_overlap(const runtime::SyntheticModel& model, const cpu::SummaryTabl
 // takes NVMe reads off the next step's critical path.
 double runner_up_hit_rate(const runtime::SyntheticModel& model, const cpu::SummaryTable& table,
                           const SparsityPolicy& policy, const ChunkRanges& r, uint32_t extra) {
-  SparsityPolicy wide = policy;
-  wide.topk_chunks = policy.topk_chunks + extra;
+  const uint32_t heads = model.shape().kv_heads;
   uint64_t fresh = 0, hits = 0;
   std::vector<std::vector<uint32_t>> previous, previous_wide;
   for (uint64_t step = 0; step < kDecodeSteps; ++step) {
-    const auto selected = select(model, table, policy, r, step);
+    const std::vector<float> scores = step_scores(model, table, step);
+    const auto selected = top(scores, table, heads, policy.topk_chunks, r);
     if (!previous.empty()) {
       for (size_t h = 0; h < selected.size(); ++h) {
         for (uint32_t b : selected[h]) {
@@ -126,7 +136,7 @@ double runner_up_hit_rate(const runtime::SyntheticModel& model, const cpu::Summa
       }
     }
     previous = selected;
-    previous_wide = select(model, table, wide, r, step);
+    previous_wide = top(scores, table, heads, policy.topk_chunks + extra, r);
   }
   return fresh == 0 ? 0.0 : static_cast<double>(hits) / static_cast<double>(fresh);
 }

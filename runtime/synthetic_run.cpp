@@ -1,9 +1,6 @@
 #include "kvtier/runtime/synthetic_run.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstdio>
-#include <limits>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -158,12 +155,18 @@ Result<std::vector<Sequence>> make_sequences(Engine& engine, const SyntheticRunC
   return seqs;
 }
 
+// The share of the selected blocks kept from the previous step.
+double kept_share(const scheduler::ExecutorStats& st) {
+  return st.selection_compared > 0 ? double(st.kept_from_previous) / double(st.selection_compared) : 0;
+}
+
 // The timed steps of one decode phase, after its warm-up: step indices
 // first_step + warmup_steps + i; every verify_every-th step one layer
 // (rotating) is checked against dense fp64 outside the timing.
 struct PhaseResult {
   std::vector<double> step_seconds, rel_error, mass_recall;
   uint32_t verified = 0;
+  double steps_per_s() const { return 1.0 / std::max(percentile(step_seconds, 0.5), 1e-12); }  // median
   double rel_error_p50() const { return percentile(rel_error, 0.5); }
   double mass_recall_p10() const { return percentile(mass_recall, 0.1); }
   double mass_recall_mean() const {
@@ -258,21 +261,19 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
   };
   phase("decode (first phase)");
   double trace_from = 0;
-  KVT_ASSIGN_OR_RETURN(const PhaseResult first, timed_phase(*engine, seqs, c, 0, true, [&] { trace_from = trace->now_us(); }));
-  rep.step_seconds = first.step_seconds;
-  rep.verified = first.verified;
+  KVT_ASSIGN_OR_RETURN(const PhaseResult timed, timed_phase(*engine, seqs, c, 0, true, [&] { trace_from = trace->now_us(); }));
+  rep.step_seconds = timed.step_seconds;
+  rep.verified = timed.verified;
   rep.stats = engine->stats();
-  const double median = percentile(rep.step_seconds, 0.5);
-  rep.decode_steps_per_s = 1.0 / std::max(median, 1e-12);
+  rep.decode_steps_per_s = timed.steps_per_s();
   rep.decode_tokens_per_s = rep.decode_steps_per_s * c.batch;
-  rep.selection_overlap =
-      rep.stats.selection_compared > 0 ? double(rep.stats.kept_from_previous) / double(rep.stats.selection_compared) : 0;
+  rep.selection_overlap = kept_share(rep.stats);
   rep.late_blocks_per_step = double(rep.stats.late_blocks) / c.decode_steps;
-  if (!first.rel_error.empty()) {
-    rep.rel_error_p50 = first.rel_error_p50();
-    rep.rel_error_max = *std::max_element(first.rel_error.begin(), first.rel_error.end());
-    rep.mass_recall_p10 = first.mass_recall_p10();
-    rep.mass_recall_mean = first.mass_recall_mean();
+  if (!timed.rel_error.empty()) {
+    rep.rel_error_p50 = timed.rel_error_p50();
+    rep.rel_error_max = *std::max_element(timed.rel_error.begin(), timed.rel_error.end());
+    rep.mass_recall_p10 = timed.mass_recall_p10();
+    rep.mass_recall_mean = timed.mass_recall_mean();
   }
   {
     std::vector<std::vector<scheduler::TraceInterval>> lanes;
@@ -301,10 +302,8 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
     }
     KVT_ASSIGN_OR_RETURN(const PhaseResult second, timed_phase(*engine, seqs, c, 0, false, nullptr));
     rep.stats_second = engine->stats();
-    rep.decode_steps_per_s_second = 1.0 / std::max(percentile(second.step_seconds, 0.5), 1e-12);
-    rep.selection_overlap_second = rep.stats_second.selection_compared > 0
-                                       ? double(rep.stats_second.kept_from_previous) / double(rep.stats_second.selection_compared)
-                                       : 0;
+    rep.decode_steps_per_s_second = second.steps_per_s();
+    rep.selection_overlap_second = kept_share(rep.stats_second);
     rep.late_blocks_per_step_second = double(rep.stats_second.late_blocks) / c.decode_steps;
     for (size_t b = 0; b < seqs.size(); ++b) seqs[b].model = std::move(first[b]);
   }
@@ -319,7 +318,7 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
                          timed_phase(*engine, seqs, c, first_needle_step + needles.size(), true, nullptr));
     rep.verified_late = late.verified;
     rep.stats_late = engine->stats();
-    rep.decode_steps_per_s_late = 1.0 / std::max(percentile(late.step_seconds, 0.5), 1e-12);
+    rep.decode_steps_per_s_late = late.steps_per_s();
     rep.late_blocks_per_step_late = double(rep.stats_late.late_blocks) / c.decode_steps;
     if (!late.rel_error.empty()) {
       rep.rel_error_p50_late = late.rel_error_p50();
@@ -379,11 +378,9 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
       KVT_RETURN_IF_ERROR(decode_step(*full, fs, 0, &qk, &ok, l).status());
       // decode_step advanced every layer; verify layer l of the last step only once per layer.
       KVT_ASSIGN_OR_RETURN(cpu::FidelityReport f, fs[0].session->verify_last_step(l, qk[0], ok[0]));
-      // NaN must stay NaN (std::max would drop it): a NaN output is a failure, not a small error.
-      if (std::isnan(worst) || std::isnan(f.rel_error))
-        worst = std::numeric_limits<double>::quiet_NaN();
-      else
-        worst = std::max(worst, f.rel_error);
+      // A NaN output is a failure, not a small error: std::max(worst, NaN)
+      // would drop it, std::max(NaN, x) keeps it.
+      worst = std::isnan(f.rel_error) ? f.rel_error : std::max(worst, f.rel_error);
     }
     rep.rel_error_full_budget = worst;
     rep.full_budget_context = fc.context_tokens;
