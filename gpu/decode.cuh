@@ -6,16 +6,33 @@
 //
 // Work split: one thread block (CTA) per (list, split), where a list is the
 // hot set of one (sequence, KV head) and a split a run of at most
-// blocks_per_split of its blocks. The CTA streams its blocks through shared
-// memory in tiles of 16 KiB of K plus 16 KiB of V, kStages tiles deep with
-// cp.async, and attends all G q heads of the KV head's group to each tile, so
-// that every block is read from memory once. Within a tile, D/8 lanes share
-// one token row (16 bytes each); each row group (those lanes) keeps its own
-// online-softmax state for the G heads, and the row groups are merged through
-// shared memory at the end. The split's (o, lse) goes straight to the output
-// when there is one split, else to the workspace for the merge kernel.
+// blocks_per_split of its blocks. The CTA streams its tokens through shared
+// memory in tiles of 64 tokens (K then V), kStages tiles deep with cp.async,
+// and attends all G q heads of the KV head's group to each tile, so that
+// every block is read from memory once.
+//
+// The arithmetic runs on tensor cores (mma.sync, sm_80+). Each of the 8
+// warps owns 8 token rows of every tile: it copies them itself (so it needs
+// no CTA barrier, only __syncwarp) and keeps its own online-softmax state.
+// The G q heads are the rows of the 16-row mma tiles (rows G..15 are zero):
+//   scores  S[16 x 8 tokens] = Q[16 x D] . K^T          (m16n8k16, fp32 acc)
+//   output  O[16 x D]       += P[16 x 8 tokens] . V     (m16n8k8, fp32 acc)
+// S's accumulator layout is the A-operand layout of the second product, so P
+// never leaves registers. P is in [0, 256] (see kLazyRescale) and goes to the
+// tensor core as two bf16 terms, hi = bf16(P) and lo = bf16(P - hi), so it
+// carries ~16 significant bits instead of bf16's 8: the result stays within
+// a few 1e-6 of fp32 arithmetic, at the cost of a second PV product, which is
+// cheap next to the bytes read. Q and K are bf16 already, so S is exact up to
+// fp32 accumulation.
+//
+// The warps' states are merged through shared memory at the end. With
+// several splits per list, the splits of a list form a thread block cluster
+// on sm_90 and merge through distributed shared memory in the same kernel;
+// otherwise each split writes its (o, lse) to the workspace for the merge
+// kernel in decode.cu.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,6 +40,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "cuda_check.h"
@@ -31,10 +49,19 @@
 namespace kvtier::gpu::decode_detail {
 
 constexpr int kThreads = 256;
-// K bytes of one pipeline tile (V adds as many): 64 tokens at head dim 128.
-constexpr uint32_t kTileKBytes = 16 * 1024;
+constexpr int kWarps = kThreads / 32;
+// Tokens of one pipeline tile: 8 rows per warp.
+constexpr int kTileTokens = 64;
+constexpr int kWarpRows = kTileTokens / kWarps;
 // A split's slot indices are staged in shared memory; this bounds its length.
 constexpr uint32_t kMaxSplitBlocks = 256;
+// The most splits of one list that merge inside the kernel: a cluster of 16
+// is the largest Hopper schedules (non-portable; 8 is the portable limit).
+constexpr uint32_t kMaxClusterSplits = 16;
+// A warp keeps a running maximum that may trail the true one by up to this
+// much (base 2) and rescales only when a score exceeds it by more: P <= 2^8,
+// and most tiles skip the 2 * D / 8 multiplies of a rescale.
+constexpr float kLazyRescale = 8.f;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Device ids whose launch facts are cached (more devices are computed each time).
@@ -44,22 +71,21 @@ template <int D, int G>
 struct DecodeConfig {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
   static_assert(G == 1 || G == 2 || G == 4 || G == 8, "GQA group 1, 2, 4 or 8");
-  // Each lane reads 16 bytes (8 bf16) of a token row.
-  static constexpr int kLanesPerRow = D / 8;
-  static constexpr int kRowGroups = kThreads / kLanesPerRow;
-  static constexpr int kTileTokens = static_cast<int>(kTileKBytes) / (D * 2);
-  static constexpr int kRowsPerThread = kTileTokens / kRowGroups;
-  // With 8 heads a thread holds 64 q and 64 o floats, so one CTA per SM;
-  // a fourth stage then keeps enough bytes in flight.
-  static constexpr int kStages = G >= 8 ? 4 : 3;
-  static constexpr int kMinCtasPerSm = G >= 8 ? 1 : 2;
+  // 16-byte pieces (8 bf16) of one token row.
+  static constexpr int kPieces = D / 8;
+  static constexpr uint32_t kTileKBytes = kTileTokens * D * 2;
   static constexpr uint32_t kStageBytes = 2 * kTileKBytes;
+  // 64 KiB of K and V in flight per CTA at either head dim, two CTAs per SM.
+  static constexpr int kStages = D == 128 ? 3 : 5;
+  static constexpr int kMinCtasPerSm = 2;
   static constexpr uint32_t kPipelineBytes = kStages * kStageBytes;
-  // End of the CTA: m and l [row group][G], then o [row group][G][D], fp32.
-  static constexpr uint32_t kMergeBytes = kRowGroups * G * (D + 2) * 4;
+  // End of the CTA: the warps' m and l [warp][G] and o [warp][G][D], then
+  // the split's merged o [G][D] and lse [G], all fp32.
+  static constexpr uint32_t kWarpStateBytes = kWarps * G * (D + 2) * 4;
+  static constexpr uint32_t kSplitStateBytes = G * (D + 1) * 4;
+  static constexpr uint32_t kMergeBytes = kWarpStateBytes + kSplitStateBytes;
   static constexpr uint32_t kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
-  static_assert(kRowsPerThread * kRowGroups == kTileTokens, "a tile splits evenly over the row groups");
-  static_assert(32 % kLanesPerRow == 0, "a row group lies inside one warp");
+  static_assert(kPieces * kWarpRows % 32 == 0, "a warp's rows split evenly over its lanes");
 };
 
 // Kernel arguments, resolved on the host from DecodeArgs and the split plan.
@@ -75,8 +101,11 @@ struct DecodeParams {
   const uint32_t* last_tokens = nullptr;
   uint32_t blocks_per_split = 0;
   float scale_log2 = 0;  // softmax scale * log2(e): scores are kept in base 2
-  // Split s writes o + s * o_split_stride and lse + s * lse_split_stride;
-  // strides are 0 when there is one split and o, lse are the final output.
+  // True when grid.y splits form one cluster and merge in the kernel: o and
+  // lse are then the final output. Otherwise split s writes o + s *
+  // o_split_stride and lse + s * lse_split_stride; strides are 0 when there
+  // is one split and o, lse are the final output.
+  bool cluster_merge = false;
   float* o = nullptr;
   float* lse = nullptr;
   uint64_t o_split_stride = 0;
@@ -105,10 +134,9 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 // 16 bytes global -> shared without passing through registers or L1. With
 // valid == false nothing is read and the 16 bytes are zero-filled, so masked
 // rows hold zeros (never a stale NaN that 0 * NaN would spread).
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src, bool valid) {
   const uint32_t src_bytes = valid ? 16u : 0u;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src), "r"(src_bytes)
                : "memory");
 }
 
@@ -120,204 +148,261 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // 2^x in one MUFU instruction (relative error ~2^-22, ex2(-inf) = +0).
-// Arguments are scores minus their running max, so never large enough for
-// flushed denormal results to matter next to the max's weight of 1.
+// Arguments are scores minus a running max, so never large enough for
+// flushed denormal results to matter next to the max's weight of >= 1.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 
-// Eight bf16 (one uint4) to fp32: a bf16 is the top half of a binary32.
-__device__ __forceinline__ void bf16x8_to_float(const uint4 v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
+// Four 8x8 bf16 matrices from shared memory; lane l gives the address of row
+// l % 8 of matrix l / 8 and receives, per matrix, row l / 4 elements
+// 2 (l % 4) and 2 (l % 4) + 1 (transposed: those rows, column l / 4).
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t smem_addr, uint32_t (&r)[4]) {
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr));
 }
 
-// Starts the copy of tile `tile` of the split into `stage`: K rows at
-// [0, kTileKBytes), V rows after them. Thread t copies the 16-byte pieces
-// that it will itself read in attend_tile (row t / kLanesPerRow + k *
-// kRowGroups, piece t % kLanesPerRow), so the pipeline needs no barrier:
-// cp.async.wait_group alone makes a thread's own copies visible to it.
+// c[0..1] += rows 0..7 of A[16 x 16] . B[16 x 8], where A's rows 8..15 are
+// zero: a0 holds row lane / 4, k 2 (lane % 4) + {0, 1}; a2 the same row, k + 8.
+// The zero rows' results are discarded, so they need no registers of ours.
+__device__ __forceinline__ void mma_16816_top(float (&c)[2], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  [[maybe_unused]] float d2, d3;  // rows 8..15, zero and discarded
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %12};\n"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(d2), "=f"(d3)
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(0.f));
+}
+
+// c[0..1] += rows 0..7 of A[16 x 8] . B[8 x 8], A's rows 8..15 zero.
+__device__ __forceinline__ void mma_1688_top(float (&c)[2], uint32_t a0, uint32_t b0) {
+  [[maybe_unused]] float d2, d3;  // rows 8..15, zero and discarded
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %9};\n"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(d2), "=f"(d3)
+      : "r"(a0), "r"(0u), "r"(b0), "f"(c[0]), "f"(c[1]), "f"(0.f));
+}
+
+// Two floats as bf16x2 (round to nearest even), x in the low half.
+__device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(y), "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ float bf16_lo_to_float(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi_to_float(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+
+// Shared-memory byte offset of 16-byte piece `piece` of row `row` in a
+// [rows][D] bf16 tile. Pieces are XOR-swizzled by the row's low three bits,
+// so the 8 rows an ldmatrix reads at one piece index hit 8 different bank
+// groups instead of one.
+template <int D>
+__device__ __forceinline__ uint32_t tile_offset(uint32_t row, uint32_t piece) {
+  return row * (D * 2) + ((piece ^ (row & 7)) * 16);
+}
+
+// Starts the copy of this warp's 8 rows of tile `tile` of the split into
+// `stage` (a shared-memory address): K rows, then V rows kTileKBytes later.
+// Consecutive lanes copy consecutive 16-byte pieces of a row.
 template <int D, int G>
-__device__ __forceinline__ void issue_tile(unsigned char* stage, uint32_t tile, const DecodeParams& p,
-                                           const uint32_t* slot_table, uint32_t valid_tokens) {
+__device__ __forceinline__ void issue_tile(uint32_t stage, uint32_t tile, const DecodeParams& p,
+                                           const uint32_t* slot_table, uint32_t valid_tokens, uint32_t warp,
+                                           uint32_t lane) {
   using Cfg = DecodeConfig<D, G>;
-  const uint32_t lane = threadIdx.x % Cfg::kLanesPerRow;
-  const uint32_t row0 = threadIdx.x / Cfg::kLanesPerRow;
   const uint64_t v_offset = uint64_t{p.chunk_tokens} * D * 2;
 #pragma unroll
-  for (int k = 0; k < Cfg::kRowsPerThread; ++k) {
-    const uint32_t row = row0 + k * Cfg::kRowGroups;
-    const uint32_t token = tile * Cfg::kTileTokens + row;
+  for (int k = 0; k < Cfg::kPieces * kWarpRows / 32; ++k) {
+    const uint32_t index = lane + 32 * k;
+    const uint32_t row = warp * kWarpRows + index / Cfg::kPieces, piece = index % Cfg::kPieces;
+    const uint32_t token = tile * kTileTokens + row;
     const bool valid = token < valid_tokens;
     // An invalid piece reads nothing, but cp.async still wants an address.
     const std::byte* k_src = p.arena;
     const std::byte* v_src = p.arena;
     if (valid) {
       const uint64_t slot = slot_table[token >> p.chunk_shift];
-      k_src = p.arena + slot * p.slot_bytes + uint64_t{token & (p.chunk_tokens - 1)} * (D * 2) + lane * 16;
+      k_src = p.arena + slot * p.slot_bytes + uint64_t{token & (p.chunk_tokens - 1)} * (D * 2) + piece * 16;
       v_src = k_src + v_offset;
     }
-    unsigned char* dst = stage + (row * D + lane * 8) * 2;
+    const uint32_t dst = stage + tile_offset<D>(row, piece);
     cp_async_16(dst, k_src, valid);
-    cp_async_16(dst + kTileKBytes, v_src, valid);
+    cp_async_16(dst + Cfg::kTileKBytes, v_src, valid);
   }
 }
 
-// Online-softmax state of one row group for the G heads: this lane's 8 dims
-// of the unnormalised output, and the running max / sum (base 2), which all
-// lanes of the row group hold identically.
-template <int G>
-struct RowGroupState {
-  float o[G][8];
-  float m[G];
-  float l[G];
+// Online-softmax state of one warp for the row (q head) lane / 4: the
+// unnormalised output at dims 8 n + 2 (lane % 4) + {0, 1} for n < D / 8, the
+// running max (base 2, equal on the 4 lanes of a row) and this lane's part
+// of the sum (the 4 lanes' parts are added at the end).
+template <int D>
+struct WarpState {
+  float o[D / 8][2];
+  float m;
+  float l;
 };
 
-// Attends the G heads to the tile in `stage` (kRowsPerThread rows per row
-// group), folding the rows into the state with one rescale per tile.
+// Attends the warp's rows of the tile in `stage` (q heads as mma rows),
+// folding them into the state.
 template <int D, int G>
-__device__ __forceinline__ void attend_tile(const unsigned char* stage, uint32_t tile, uint32_t valid_tokens,
-                                            const float (&q)[G][8], RowGroupState<G>& st) {
+__device__ __forceinline__ void attend_tile(uint32_t stage, uint32_t tile, uint32_t valid_tokens,
+                                            const uint32_t (&qa)[D / 16][2], float scale_log2, uint32_t warp,
+                                            uint32_t lane, WarpState<D>& st) {
   using Cfg = DecodeConfig<D, G>;
-  constexpr int R = Cfg::kRowsPerThread;
-  const uint32_t lane = threadIdx.x % Cfg::kLanesPerRow;
-  const uint32_t row0 = threadIdx.x / Cfg::kLanesPerRow;
-  const uint16_t* ks = reinterpret_cast<const uint16_t*>(stage);
-  const uint16_t* vs = reinterpret_cast<const uint16_t*>(stage + kTileKBytes);
+  const uint32_t row0 = warp * kWarpRows;
+  // ldmatrix addresses: lane l names row l % 8 of matrix l / 8 (a piece).
+  const uint32_t my_row = row0 + (lane & 7), my_piece = lane >> 3;
 
-  float s[R][G];
+  // S = Q . K^T over this warp's 8 tokens: two accumulators break the mma chain.
+  float s[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
-  for (int k = 0; k < R; ++k) {
-    const uint32_t row = row0 + k * Cfg::kRowGroups;
-    float kf[8];
-    bf16x8_to_float(*reinterpret_cast<const uint4*>(ks + row * D + lane * 8), kf);
+  for (int m = 0; m < D / 32; ++m) {
+    uint32_t kb[4];  // pieces 4m..4m+3: (b0, b1) of k-steps 2m and 2m + 1
+    ldmatrix_x4<false>(stage + tile_offset<D>(my_row, 4 * m + my_piece), kb);
+    mma_16816_top(s[0], qa[2 * m][0], qa[2 * m][1], kb[0], kb[1]);
+    mma_16816_top(s[1], qa[2 * m + 1][0], qa[2 * m + 1][1], kb[2], kb[3]);
+  }
+  // This lane's two tokens: 2 (lane % 4) and + 1 of the warp's 8 rows.
+  const uint32_t token0 = tile * kTileTokens + row0 + 2 * (lane & 3);
+  float x0 = token0 < valid_tokens ? (s[0][0] + s[1][0]) * scale_log2 : -INFINITY;
+  float x1 = token0 + 1 < valid_tokens ? (s[0][1] + s[1][1]) * scale_log2 : -INFINITY;
+  float tile_max = fmaxf(x0, x1);
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+  // The 4 lanes of a row agree on tile_max and st.m, so on the branch.
+  // (-inf) + 8 = -inf: the first tile with a valid score always rescales,
+  // with alpha = 2^-inf = 0 on an empty state.
+  if (tile_max > st.m + kLazyRescale) {
+    const float alpha = fast_exp2(st.m - tile_max);
+    st.l *= alpha;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float acc = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc = fmaf(q[g][j], kf[j], acc);
-      s[k][g] = acc;
+    for (int n = 0; n < D / 8; ++n) {
+      st.o[n][0] *= alpha;
+      st.o[n][1] *= alpha;
     }
+    st.m = tile_max;
   }
-  // Sum the partial dots over the row group's lanes. The xor butterfly adds
-  // the same two numbers on both partners, so every lane ends with the same
-  // bits and the lanes' softmax states never drift apart.
-#pragma unroll
-  for (int offset = Cfg::kLanesPerRow / 2; offset > 0; offset /= 2) {
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) s[k][g] += __shfl_xor_sync(0xffffffffu, s[k][g], offset);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    const bool valid = tile * Cfg::kTileTokens + row0 + k * Cfg::kRowGroups < valid_tokens;
-#pragma unroll
-    for (int g = 0; g < G; ++g) s[k][g] = valid ? s[k][g] : -INFINITY;
-  }
+  // While every score so far is masked, st.m is -inf and (-inf) - (-inf)
+  // would be NaN; subtracting 0 instead gives 2^-inf = 0.
+  const float m_use = st.m == -INFINITY ? 0.f : st.m;
+  const float p0 = fast_exp2(x0 - m_use), p1 = fast_exp2(x1 - m_use);
+  st.l += p0 + p1;
+  const uint32_t p_hi = pack_bf16x2(p0, p1);
+  const uint32_t p_lo = pack_bf16x2(p0 - bf16_lo_to_float(p_hi), p1 - bf16_hi_to_float(p_hi));
 
-  float p[R][G];
+  // O += P . V: V's rows are the k dimension, so ldmatrix transposes.
+  const uint32_t v_stage = stage + Cfg::kTileKBytes;
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float tile_max = s[0][g];
+  for (int m = 0; m < D / 32; ++m) {
+    uint32_t vb[4];  // b0 of n-tiles 4m..4m+3 (dims 32m..32m+31)
+    ldmatrix_x4<true>(v_stage + tile_offset<D>(my_row, 4 * m + my_piece), vb);
 #pragma unroll
-    for (int k = 1; k < R; ++k) tile_max = fmaxf(tile_max, s[k][g]);
-    const float m_new = fmaxf(st.m[g], tile_max);
-    // While every score so far is masked, m_new is -inf and (-inf) - (-inf)
-    // would be NaN; subtracting 0 instead gives exp2(-inf) = 0 everywhere.
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    float l = st.l[g];
-    // Once the running max settles, most tiles leave it unchanged and the
-    // rescale (8 multiplies per head) is skipped.
-    if (m_new != st.m[g]) {
-      const float alpha = fast_exp2(st.m[g] - m_use);
-      l *= alpha;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) st.o[g][j] *= alpha;
-      st.m[g] = m_new;
-    }
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      p[k][g] = fast_exp2(s[k][g] - m_use);
-      l += p[k][g];
-    }
-    st.l[g] = l;
-  }
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    const uint32_t row = row0 + k * Cfg::kRowGroups;
-    float vf[8];
-    bf16x8_to_float(*reinterpret_cast<const uint4*>(vs + row * D + lane * 8), vf);
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) st.o[g][j] = fmaf(p[k][g], vf[j], st.o[g][j]);
+    for (int j = 0; j < 4; ++j) {
+      mma_1688_top(st.o[4 * m + j], p_hi, vb[j]);
+      mma_1688_top(st.o[4 * m + j], p_lo, vb[j]);
     }
   }
 }
 
-// Writes the empty state (0, -inf) of the G heads.
+// Merges the warps' states through shared memory (which the pipeline no
+// longer uses) into the split's normalised o [G][D] and natural-log lse [G]
+// in `split_o` / `split_lse` (shared or global).
 template <int D, int G>
-__device__ __forceinline__ void write_empty(float* o, float* lse) {
-  for (uint32_t i = threadIdx.x; i < G * D; i += kThreads) o[i] = 0.f;
-  if (threadIdx.x < G) lse[threadIdx.x] = -INFINITY;
-}
-
-// Merges the row groups' states through shared memory (which the pipeline no
-// longer uses) and writes the normalised o and the natural-log lse.
-template <int D, int G>
-__device__ __forceinline__ void merge_row_groups(unsigned char* smem, const RowGroupState<G>& st, float* o,
-                                                 float* lse) {
-  using Cfg = DecodeConfig<D, G>;
-  constexpr int RG = Cfg::kRowGroups;
-  const uint32_t lane = threadIdx.x % Cfg::kLanesPerRow;
-  const uint32_t rg = threadIdx.x / Cfg::kLanesPerRow;
-  float* ms = reinterpret_cast<float*>(smem);  // [RG][G]
-  float* ls = ms + RG * G;                     // [RG][G]
-  float* os = ls + RG * G;                     // [RG][G][D]
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      ms[rg * G + g] = st.m[g];
-      ls[rg * G + g] = st.l[g];
+__device__ __forceinline__ void merge_warps(unsigned char* smem, const WarpState<D>& st, uint32_t warp,
+                                            uint32_t lane, float* split_o, float* split_lse) {
+  float* ms = reinterpret_cast<float*>(smem);  // [kWarps][G]
+  float* ls = ms + kWarps * G;                 // [kWarps][G]
+  float* os = ls + kWarps * G;                 // [kWarps][G][D]
+  const uint32_t row = lane >> 2, quad = lane & 3;
+  float l = st.l;
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  if (row < G) {
+    if (quad == 0) {
+      ms[warp * G + row] = st.m;
+      ls[warp * G + row] = l;
     }
-  }
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float4* dst = reinterpret_cast<float4*>(os + (rg * G + g) * D + lane * 8);
-    dst[0] = make_float4(st.o[g][0], st.o[g][1], st.o[g][2], st.o[g][3]);
-    dst[1] = make_float4(st.o[g][4], st.o[g][5], st.o[g][6], st.o[g][7]);
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(os + (warp * G + row) * D + 8 * n + 2 * quad) = make_float2(st.o[n][0], st.o[n][1]);
   }
   __syncthreads();
   for (uint32_t i = threadIdx.x; i < G * D; i += kThreads) {
     const uint32_t g = i / D;
     float m = -INFINITY;
-#pragma unroll 8
-    for (int r = 0; r < RG; ++r) m = fmaxf(m, ms[r * G + g]);
-    if (m == -INFINITY) {  // every token of the split masked: cannot happen, kept total
-      o[i] = 0.f;
-      if (i % D == 0) lse[g] = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, ms[w * G + g]);
+    if (m == -INFINITY) {  // every token of the split masked, or no tokens
+      split_o[i] = 0.f;
+      if (i % D == 0) split_lse[g] = -INFINITY;
       continue;
     }
-    float l = 0.f, acc = 0.f;
-#pragma unroll 8
-    for (int r = 0; r < RG; ++r) {
-      // A row group that saw only masked rows has m = -inf: weight 0, o 0.
-      const float w = exp2f(ms[r * G + g] - m);
-      l = fmaf(w, ls[r * G + g], l);
-      acc = fmaf(w, os[(r * G + g) * D + i % D], acc);
+    float lsum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      // A warp that saw only masked rows has m = -inf: weight 0, o 0.
+      const float wt = exp2f(ms[w * G + g] - m);
+      lsum = fmaf(wt, ls[w * G + g], lsum);
+      acc = fmaf(wt, os[(w * G + g) * D + i % D], acc);
     }
-    // l >= 1: the row group holding the maximum contributes exp2(0) = 1.
-    o[i] = acc / l;
-    if (i % D == 0) lse[g] = (m + log2f(l)) * kLn2;
+    // lsum >= 1: the warp holding the maximum kept a score within 0 of it.
+    split_o[i] = acc / lsum;
+    if (i % D == 0) split_lse[g] = (m + log2f(lsum)) * kLn2;
   }
+}
+
+// Cluster form of the split merge: every CTA of the cluster (the splits of
+// one list) has its split's (o, lse) in shared memory; CTA r merges output
+// elements r * kThreads + t, stepping by splits * kThreads, reading its
+// peers' states through distributed shared memory. Every peer's value is
+// loaded before any is used, so one element costs two remote round trips,
+// not two per split. Natural-log lse throughout.
+template <int D, int G>
+__device__ __forceinline__ void merge_cluster(float* split_o, float* split_lse, float* o, float* lse) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const uint32_t parts = cluster.num_blocks(), rank = cluster.block_rank();
+  if (parts > kMaxClusterSplits) __trap();
+  cluster.sync();  // every split's state is in its shared memory
+  for (uint32_t i = rank * kThreads + threadIdx.x; i < G * D; i += parts * kThreads) {
+    const uint32_t g = i / D;
+    float part_lse[kMaxClusterSplits], part_o[kMaxClusterSplits];
+#pragma unroll
+    for (uint32_t r = 0; r < kMaxClusterSplits; ++r) {
+      part_lse[r] = r < parts ? cluster.map_shared_rank(split_lse, r)[g] : -INFINITY;
+      part_o[r] = r < parts ? cluster.map_shared_rank(split_o, r)[i] : 0.f;
+    }
+    float m = -INFINITY;
+#pragma unroll
+    for (uint32_t r = 0; r < kMaxClusterSplits; ++r) m = fmaxf(m, part_lse[r]);
+    float out = 0.f, out_lse = -INFINITY;
+    if (m != -INFINITY) {  // only empty splits: keep the empty state, never NaN
+      float w_sum = 0.f, acc = 0.f;
+#pragma unroll
+      for (uint32_t r = 0; r < kMaxClusterSplits; ++r) {
+        const float w = expf(part_lse[r] - m);
+        w_sum += w;
+        acc = w > 0.f ? fmaf(w, part_o[r], acc) : acc;  // an empty split's o adds nothing
+      }
+      // w_sum >= 1: the split holding the maximum has weight e^0 = 1.
+      out = acc / w_sum;
+      out_lse = m + logf(w_sum);
+    }
+    o[i] = out;
+    if (i % D == 0) lse[g] = out_lse;
+  }
+  cluster.sync();  // peers read this CTA's shared memory until here
+#else
+  __trap();  // the host asks for cluster merging on sm_90+ only
+#endif
 }
 
 // ---- The kernel ---------------------------------------------------------------
@@ -329,7 +414,7 @@ template <int D, int G>
 __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
     decode_kernel(const DecodeParams p) {
   using Cfg = DecodeConfig<D, G>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint32_t slot_table[kMaxSplitBlocks];
 
   // The merge kernel that may follow only prepares; it waits for our results.
@@ -337,20 +422,16 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
 
   const uint32_t list = blockIdx.x;
   const uint32_t split = blockIdx.y;
-  float* o = p.o + split * p.o_split_stride + uint64_t{list} * G * D;
-  float* lse = p.lse + split * p.lse_split_stride + uint64_t{list} * G;
-
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t begin = p.list_begin[list];
   const uint32_t end = p.list_begin[list + 1];
   if (end < begin || end - begin > uint64_t{gridDim.y} * p.blocks_per_split) __trap();
   const uint32_t first = split * p.blocks_per_split;
-  if (first >= end - begin) {
-    write_empty<D, G>(o, lse);
-    return;
-  }
-  const uint32_t blocks = min(end - begin - first, p.blocks_per_split);
+  // A split past the list's end has no tokens and gives the empty state; in
+  // a cluster it must still take part in the merge.
+  const uint32_t blocks = first < end - begin ? min(end - begin - first, p.blocks_per_split) : 0;
   uint32_t valid_tokens = blocks << p.chunk_shift;
-  if (first + blocks == end - begin) {  // this split holds the list's tail block
+  if (blocks > 0 && first + blocks == end - begin) {  // this split holds the list's tail block
     const uint32_t last = p.last_tokens[list];
     if (last == 0 || last > p.chunk_tokens) __trap();
     valid_tokens -= p.chunk_tokens - last;
@@ -362,87 +443,163 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
   }
   __syncthreads();
 
-  const uint32_t tiles = (valid_tokens + Cfg::kTileTokens - 1) / Cfg::kTileTokens;
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t tiles = (valid_tokens + kTileTokens - 1) / kTileTokens;
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (static_cast<uint32_t>(s) < tiles) issue_tile<D, G>(smem + s * Cfg::kStageBytes, s, p, slot_table, valid_tokens);
+    if (static_cast<uint32_t>(s) < tiles)
+      issue_tile<D, G>(smem_base + s * Cfg::kStageBytes, s, p, slot_table, valid_tokens, warp, lane);
     cp_async_commit();  // empty groups too, so that wait_group counts tiles
   }
 
-  // This lane's 8 dims of each q head of the group, pre-scaled into base 2.
-  float q[G][8];
-  const uint32_t lane = threadIdx.x % Cfg::kLanesPerRow;
+  // Q as the mma A operand, rows = q heads: this lane's row lane / 4 (zero
+  // past G), k = 2 (lane % 4) + {0, 1} of each k-step (qa[.][0]) and + 8
+  // (qa[.][1]). Unscaled bf16, so that Q . K is exact up to accumulation.
+  uint32_t qa[D / 16][2];
+  {
+    const uint32_t row = lane >> 2;
+    const uint32_t* qrow =
+        reinterpret_cast<const uint32_t*>(p.q + (uint64_t{list} * G + min(row, uint32_t{G - 1})) * D);
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p.q + (uint64_t{list} * G + g) * D + lane * 8));
-    bf16x8_to_float(raw, q[g]);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) q[g][j] *= p.scale_log2;
+    for (int k = 0; k < D / 16; ++k) {
+      qa[k][0] = row < G ? __ldg(qrow + 8 * k + (lane & 3)) : 0u;
+      qa[k][1] = row < G ? __ldg(qrow + 8 * k + 4 + (lane & 3)) : 0u;
+    }
   }
-  RowGroupState<G> st;
+  WarpState<D> st;
+  st.m = -INFINITY;
+  st.l = 0.f;
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    st.m[g] = -INFINITY;
-    st.l[g] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) st.o[g][j] = 0.f;
-  }
+  for (int n = 0; n < D / 8; ++n) st.o[n][0] = st.o[n][1] = 0.f;
 
   for (uint32_t t = 0; t < tiles; ++t) {
-    // Refill the stage read in iteration t - 1 (this thread's own pieces
-    // only, already consumed), keeping kStages - 1 tiles in flight.
+    // Every lane of the warp is past its ldmatrix reads of the stage read
+    // in iteration t - 1 before any lane refills it.
+    __syncwarp();
     const uint32_t ahead = t + Cfg::kStages - 1;
     if (ahead < tiles)
-      issue_tile<D, G>(smem + (ahead % Cfg::kStages) * Cfg::kStageBytes, ahead, p, slot_table, valid_tokens);
+      issue_tile<D, G>(smem_base + (ahead % Cfg::kStages) * Cfg::kStageBytes, ahead, p, slot_table, valid_tokens,
+                       warp, lane);
     cp_async_commit();
-    cp_async_wait<Cfg::kStages - 1>();  // tile t has landed
-    attend_tile<D, G>(smem + (t % Cfg::kStages) * Cfg::kStageBytes, t, valid_tokens, q, st);
+    cp_async_wait<Cfg::kStages - 1>();  // this lane's pieces of tile t have landed
+    __syncwarp();                       // and so have the other lanes' pieces of the warp's rows
+    attend_tile<D, G>(smem_base + (t % Cfg::kStages) * Cfg::kStageBytes, t, valid_tokens, qa, p.scale_log2, warp,
+                      lane, st);
   }
   cp_async_wait<0>();
-  __syncthreads();  // every thread is done with the stages before they are reused
-  merge_row_groups<D, G>(smem, st, o, lse);
+  __syncthreads();  // every warp is done with the stages before they are reused
+
+  if (p.cluster_merge) {
+    float* split_o = reinterpret_cast<float*>(smem + Cfg::kWarpStateBytes);
+    float* split_lse = split_o + G * D;
+    merge_warps<D, G>(smem, st, warp, lane, split_o, split_lse);
+    merge_cluster<D, G>(split_o, split_lse, p.o + uint64_t{list} * G * D, p.lse + uint64_t{list} * G);
+  } else {
+    merge_warps<D, G>(smem, st, warp, lane, p.o + split * p.o_split_stride + uint64_t{list} * G * D,
+                      p.lse + split * p.lse_split_stride + uint64_t{list} * G);
+  }
 }
 
 // ---- Host side ------------------------------------------------------------------
 
-// CTAs of decode_kernel<D, G> resident per SM on `device`, after allowing its
-// dynamic shared memory (cached per device; the attribute is per device).
+// What decode_kernel<D, G> can do on one device, after allowing its dynamic
+// shared memory and non-portable clusters (both are per-device attributes).
+struct DecodeLaunchFacts {
+  int ctas_per_sm = 0;  // resident CTAs per SM
+  // clusters_max[s]: clusters of s CTAs the GPU holds at once (s = 2..16);
+  // 0 where clusters of s cannot be placed, and everywhere before sm_90.
+  std::array<int, kMaxClusterSplits + 1> clusters_max{};
+};
+
+// Asks the occupancy calculator how many clusters of `size` CTAs of
+// decode_kernel<D, G> fit the current device at once; 0 when none (or when
+// the size is refused: an unsupported size is an answer, not a failure).
 template <int D, int G>
-Result<int> decode_ctas_per_sm(int device) {
+int decode_clusters_max(uint32_t size) {
   using Cfg = DecodeConfig<D, G>;
-  static std::array<std::atomic<int>, kCachedDevices> cache{};
-  const bool cacheable = device >= 0 && device < kCachedDevices;
-  if (cacheable) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, size);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1;
+  attr.val.clusterDim.y = size;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, decode_kernel<D, G>, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
   }
+  return clusters;
+}
+
+// Queries (once per device; later calls read the cache) the launch facts of
+// decode_kernel<D, G> on `device`, which must be the current device.
+template <int D, int G>
+Result<DecodeLaunchFacts> decode_launch_facts(int device, int cc_major) {
+  using Cfg = DecodeConfig<D, G>;
+  static std::array<std::atomic<bool>, kCachedDevices> cached{};
+  static std::array<DecodeLaunchFacts, kCachedDevices> cache{};
+  const bool cacheable = device >= 0 && device < kCachedDevices;
+  if (cacheable && cached[device].load(std::memory_order_acquire)) return cache[device];
   // Workstation GPUs (sm_86/89/120) let a block opt into 99 KiB, Hopper 227 KiB.
   int optin_bytes = 0;
   KVT_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   if (Cfg::kSmemBytes + sizeof(uint32_t) * kMaxSplitBlocks > static_cast<uint32_t>(optin_bytes))
     return unavailable("decode_attention: head_dim " + std::to_string(D) + " with GQA group " + std::to_string(G) +
                        " needs " + std::to_string(Cfg::kSmemBytes) + " bytes of shared memory per block; this GPU "
-                       "allows " + std::to_string(optin_bytes) + " (cudaDevAttrMaxSharedMemoryPerBlockOptin). Groups "
-                       "up to 4 fit every supported GPU; a 3-stage group-8 variant is not built yet");
+                       "allows " + std::to_string(optin_bytes) + " (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
   KVT_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_kernel<D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(Cfg::kSmemBytes)));
-  int ctas = 0;
+  DecodeLaunchFacts facts;
   KVT_CUDA_RETURN_IF_ERROR(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, decode_kernel<D, G>, kThreads, Cfg::kSmemBytes));
-  if (ctas < 1)
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&facts.ctas_per_sm, decode_kernel<D, G>, kThreads, Cfg::kSmemBytes));
+  if (facts.ctas_per_sm < 1)
     return internal_error("decode_kernel<" + std::to_string(D) + ", " + std::to_string(G) + "> does not fit an SM (" +
                           std::to_string(Cfg::kSmemBytes) + " bytes of shared memory)");
-  if (cacheable) cache[device].store(ctas, std::memory_order_relaxed);
-  return ctas;
+  if (cc_major >= 9) {
+    // Clusters over 8 CTAs are non-portable and must be allowed first.
+    KVT_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_kernel<D, G>,
+                                                  cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    for (uint32_t size = 2; size <= kMaxClusterSplits; ++size) facts.clusters_max[size] = decode_clusters_max<D, G>(size);
+  }
+  if (cacheable) {
+    // Racing first calls compute the same facts; the flag publishes them.
+    static std::mutex mutex;
+    const std::lock_guard<std::mutex> lock(mutex);
+    cache[device] = facts;
+    cached[device].store(true, std::memory_order_release);
+  }
+  return facts;
 }
 
-// Launches decode_kernel<D, G> on grid (lists, splits). decode_ctas_per_sm
-// must have succeeded on this device first (it allows the shared memory).
+// Launches decode_kernel<D, G> on grid (lists, splits), the splits of a list
+// as one cluster when params.cluster_merge. decode_launch_facts must have
+// succeeded on this device first (it sets the kernel's attributes).
 template <int D, int G>
 Status launch_decode_kernel(const DecodeParams& params, uint32_t lists, uint32_t splits, cudaStream_t stream) {
   using Cfg = DecodeConfig<D, G>;
-  decode_kernel<D, G><<<dim3(lists, splits), kThreads, Cfg::kSmemBytes, stream>>>(params);
-  KVT_CUDA_RETURN_IF_LAUNCH_FAILED("decode_kernel<" + std::to_string(D) + ", " + std::to_string(G) + ">");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(lists, splits);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr = {};
+  if (params.cluster_merge) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = 1;
+    attr.val.clusterDim.y = splits;
+    attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  const std::string name = "decode_kernel<" + std::to_string(D) + ", " + std::to_string(G) + ">";
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, decode_kernel<D, G>, params);
+  if (err != cudaSuccess) return cuda_failure(("launch of " + name).c_str(), err);
+  KVT_CUDA_RETURN_IF_LAUNCH_FAILED(name);
   return Status::ok_status();
 }
 
@@ -450,12 +607,12 @@ Status launch_decode_kernel(const DecodeParams& params, uint32_t lists, uint32_t
 #define KVT_DECODE_CONFIGS(X) \
   X(64, 1) X(64, 2) X(64, 4) X(64, 8) X(128, 1) X(128, 2) X(128, 4) X(128, 8)
 
-#define KVT_DECODE_INSTANTIATE(D, G)                  \
-  template Result<int> decode_ctas_per_sm<D, G>(int); \
+#define KVT_DECODE_INSTANTIATE(D, G)                                           \
+  template Result<DecodeLaunchFacts> decode_launch_facts<D, G>(int, int); \
   template Status launch_decode_kernel<D, G>(const DecodeParams&, uint32_t, uint32_t, cudaStream_t);
 
-#define KVT_DECODE_EXTERN(D, G)                              \
-  extern template Result<int> decode_ctas_per_sm<D, G>(int); \
+#define KVT_DECODE_EXTERN(D, G)                                                       \
+  extern template Result<DecodeLaunchFacts> decode_launch_facts<D, G>(int, int); \
   extern template Status launch_decode_kernel<D, G>(const DecodeParams&, uint32_t, uint32_t, cudaStream_t);
 
 }  // namespace kvtier::gpu::decode_detail

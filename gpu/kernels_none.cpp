@@ -13,6 +13,7 @@ Status no_cuda() {
 }
 }  // namespace
 
+Result<DecodeLaunchPlan> decode_launch_plan(const DecodeArgs&) { return no_cuda(); }
 uint64_t decode_workspace_bytes(const DecodeArgs&) { return 0; }
 Status decode_attention(const DecodeArgs&, void*, uint64_t, cudaStream_t) { return no_cuda(); }
 Status merge_partials(const MergeArgs&, cudaStream_t) { return no_cuda(); }

@@ -24,6 +24,7 @@
 #include "gpu_test_util.h"
 #include "kvtier/cpu/partial_state.h"
 #include "kvtier/cpu/reference.h"
+#include "kvtier/gpu/device_query.h"
 #include "kvtier/gpu/kernels.h"
 #include "random.h"
 
@@ -113,6 +114,9 @@ struct GpuState {
   std::vector<float> o, lse;
 };
 
+// The split merge run_decode asks for; kAuto merges in a cluster on sm_90.
+gpu::DecodeSplitMerge g_split_merge = gpu::DecodeSplitMerge::kAuto;
+
 // Uploads everything, poisons o, lse and the workspace, runs decode_attention
 // and downloads its (o, lse).
 GpuState run_decode(const Shape& s, const HostArena& arena, const std::vector<bf16>& q, const Lists& lists,
@@ -136,6 +140,7 @@ GpuState run_decode(const Shape& s, const HostArena& arena, const std::vector<bf
   a.scale = scale;
   a.o = d_o.get();
   a.lse = d_lse.get();
+  a.split_merge = g_split_merge;
   const uint64_t ws_bytes = gpu::decode_workspace_bytes(a);
   DeviceBuffer<float> ws(ctx, ws_bytes / sizeof(float));
   ws.poison();
@@ -285,19 +290,68 @@ TEST_CASE("decode matches the fp64 reference for every head dim, group and chunk
   auto gen = test::rng(1);
   const std::vector<uint32_t> chunk_sizes =
       quick() ? std::vector<uint32_t>{16, 64, 256} : std::vector<uint32_t>{16, 32, 64, 128, 256};
-  for (uint32_t head_dim : {64u, 128u}) {
-    for (uint32_t group : {1u, 2u, 4u, 8u}) {
-      for (uint32_t chunk : chunk_sizes) {
-        // batch 3 x 2 KV heads: six lists of 0, 1, 17 and 97 blocks and two
-        // others, shuffled so each length meets several split positions.
-        const Shape s{3, 2 * group, 2, head_dim, chunk};
-        std::vector<uint32_t> lengths = {0, 1, 17, 97, 5, 33};
-        if (quick() && chunk == 256) lengths = {0, 1, 17, 40, 5, 9};
-        std::shuffle(lengths.begin(), lengths.end(), gen);
-        check_random_lists(s, lengths, chunk % 3, gen);
+  // Both ways of merging splits: in a cluster (sm_90) and by the merge kernel.
+  for (gpu::DecodeSplitMerge merge : {gpu::DecodeSplitMerge::kAuto, gpu::DecodeSplitMerge::kMergeKernel}) {
+    g_split_merge = merge;
+    for (uint32_t head_dim : {64u, 128u}) {
+      for (uint32_t group : {1u, 2u, 4u, 8u}) {
+        for (uint32_t chunk : chunk_sizes) {
+          // batch 3 x 2 KV heads: six lists of 0, 1, 17 and 97 blocks and two
+          // others, shuffled so each length meets several split positions.
+          const Shape s{3, 2 * group, 2, head_dim, chunk};
+          std::vector<uint32_t> lengths = {0, 1, 17, 97, 5, 33};
+          if (quick() && chunk == 256) lengths = {0, 1, 17, 40, 5, 9};
+          std::shuffle(lengths.begin(), lengths.end(), gen);
+          check_random_lists(s, lengths, chunk % 3, gen);
+        }
       }
     }
   }
+  g_split_merge = gpu::DecodeSplitMerge::kAuto;
+}
+
+TEST_CASE("the split plan merges in a cluster on sm_90 only where every list's cluster fits at once") {
+  gpu::CudaContext& ctx = cuda_context_or_skip();
+  const auto gpus = gpu::list_gpus();
+  REQUIRE_MESSAGE(gpus.ok(), gpus.status().to_string());
+  const gpu::GpuDevice& dev = gpus->at(static_cast<size_t>(ctx.device()));
+  // Llama-3.1-8B decode: 8 KV heads, groups of 4, 130 blocks of 64 tokens per list.
+  gpu::DecodeArgs a;
+  a.q_heads = 32;
+  a.kv_heads = 8;
+  a.arena = {reinterpret_cast<std::byte*>(uintptr_t{256}), 64 * 128 * 4, 1 << 16, 64, 128};
+  a.max_list_blocks = 130;
+  a.scale = 0.088f;
+  for (uint32_t batch : {1u, 4u, 16u, 64u}) {
+    a.batch = batch;
+    a.split_merge = gpu::DecodeSplitMerge::kAuto;
+    const auto plan = gpu::decode_launch_plan(a);
+    REQUIRE_MESSAGE(plan.ok(), plan.status().to_string());
+    const uint64_t ctas = uint64_t{plan->splits} * batch * a.kv_heads;
+    MESSAGE("batch ", batch, ": ", plan->splits, " splits of ", plan->blocks_per_split, " blocks, ", ctas, " CTAs on ",
+            dev.sm_count, " SMs, ", std::string(plan->cluster_merge ? "cluster merge" : "no cluster merge"));
+    CHECK(uint64_t{plan->splits} * plan->blocks_per_split >= a.max_list_blocks);
+    CHECK(plan->splits <= 16);
+    if (plan->cluster_merge) {
+      CHECK(dev.cc_major >= 9);
+      CHECK(plan->workspace_bytes == 0);
+    }
+    // At batch 1 and 4 a Hopper GPU splits every list and merges in clusters.
+    if (dev.cc_major >= 9 && batch <= 4) CHECK(plan->cluster_merge);
+    a.split_merge = gpu::DecodeSplitMerge::kMergeKernel;
+    const auto forced = gpu::decode_launch_plan(a);
+    REQUIRE(forced.ok());
+    CHECK_FALSE(forced->cluster_merge);
+    CHECK((forced->splits > 1) == (forced->workspace_bytes > 0));
+  }
+}
+
+TEST_CASE("a list too long for one cluster of splits merges through the workspace") {
+  cuda_context_or_skip();
+  auto gen = test::rng(6);
+  // 4200 blocks need more than 16 splits of at most 256 blocks.
+  check_random_lists(Shape{1, 2, 1, 64, 16}, {4200}, 0, gen);
+  check_random_lists(Shape{2, 8, 2, 128, 16}, {4100, 3, 0, 4099}, 1, gen);
 }
 
 TEST_CASE("decode of a single sequence and a single list, one block or many") {
@@ -497,9 +551,10 @@ TEST_CASE("bad arguments are invalid_argument errors that name the field") {
     expect_invalid(a, "batch=0");
   }
   {
-    // A list long enough to need splits needs a workspace.
+    // A list long enough to need splits merged by the merge kernel needs a workspace.
     gpu::DecodeArgs a = good;
     a.max_list_blocks = 4000;
+    a.split_merge = gpu::DecodeSplitMerge::kMergeKernel;
     REQUIRE(gpu::decode_workspace_bytes(a) > 0);
     expect_invalid(a, "workspace_bytes", gpu::decode_workspace_bytes(a) - 4);
   }
