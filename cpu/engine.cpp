@@ -109,7 +109,10 @@ std::vector<BitmapPtr> cores_inside(hwloc_topology_t topo, hwloc_const_cpuset_t 
 // The threads' cores: those of one NUMA node (bound), or a count of the
 // machine's cores (unbound, no topology kept).
 struct CoreSet {
-  TopologyPtr topo;              // set only when binding
+  // Set only when binding; shared with every thread's ScopedBinding, which
+  // can outlive the engine (a oneTBB worker that leaves the arena after the
+  // observer stopped keeps its binding until the thread exits).
+  std::shared_ptr<hwloc_topology> topo;
   std::vector<BitmapPtr> cores;  // one cpuset per core of the node
   uint32_t available = 0;        // cores threads may use
   std::string where;             // for describe()
@@ -148,15 +151,16 @@ Result<CoreSet> node_cores(int numa_node) {
 // an engine method, oneTBB workers shared with other arenas).
 class ScopedBinding {
  public:
-  ScopedBinding(hwloc_topology_t topo, hwloc_const_cpuset_t core) : topo_(topo), saved_(hwloc_bitmap_alloc()) {
-    if (hwloc_get_cpubind(topo_, saved_.get(), HWLOC_CPUBIND_THREAD) != 0 ||
-        hwloc_set_cpubind(topo_, core, HWLOC_CPUBIND_THREAD) != 0) {
+  ScopedBinding(std::shared_ptr<hwloc_topology> topo, hwloc_const_cpuset_t core)
+      : topo_(std::move(topo)), saved_(hwloc_bitmap_alloc()) {
+    if (hwloc_get_cpubind(topo_.get(), saved_.get(), HWLOC_CPUBIND_THREAD) != 0 ||
+        hwloc_set_cpubind(topo_.get(), core, HWLOC_CPUBIND_THREAD) != 0) {
       warn_once();
       saved_.reset();
     }
   }
   ~ScopedBinding() {
-    if (saved_ && hwloc_set_cpubind(topo_, saved_.get(), HWLOC_CPUBIND_THREAD) != 0) warn_once();
+    if (saved_ && hwloc_set_cpubind(topo_.get(), saved_.get(), HWLOC_CPUBIND_THREAD) != 0) warn_once();
   }
   ScopedBinding(const ScopedBinding&) = delete;
   ScopedBinding& operator=(const ScopedBinding&) = delete;
@@ -169,7 +173,9 @@ class ScopedBinding {
     if (!warned.exchange(true))
       KVT_LOG_WARN("cpu engine: hwloc_set_cpubind failed (", std::strerror(errno), "); threads run unbound");
   }
-  hwloc_topology_t topo_;
+  // Owned in part: a thread's binding may be undone at thread exit, after
+  // the engine that made it is gone.
+  std::shared_ptr<hwloc_topology> topo_;
   BitmapPtr saved_;
 };
 
@@ -186,7 +192,7 @@ class CoreBinder final : public tbb::task_scheduler_observer {
   void on_scheduler_entry(bool) override {
     const int slot = tbb::this_task_arena::current_thread_index();
     if (slot < 0 || static_cast<size_t>(slot) >= cores_.cores.size()) return;
-    binding() = std::make_unique<ScopedBinding>(cores_.topo.get(), cores_.cores[static_cast<size_t>(slot)].get());
+    binding() = std::make_unique<ScopedBinding>(cores_.topo, cores_.cores[static_cast<size_t>(slot)].get());
   }
   void on_scheduler_exit(bool) override { binding().reset(); }
 
@@ -610,7 +616,7 @@ class OmpTeam {
   OmpTeam(unsigned threads, const CoreSet& cores) : saved_threads_(omp_get_max_threads()) {
     omp_set_num_threads(static_cast<int>(threads));
     if (!cores.topo) return;
-    caller_ = std::make_unique<ScopedBinding>(cores.topo.get(), cores.cores[0].get());
+    caller_ = std::make_unique<ScopedBinding>(cores.topo, cores.cores[0].get());
     // libgomp keeps a team's threads for the next region of the same size
     // from this thread, so the region oneDNN opens next runs on these.
 #pragma omp parallel num_threads(static_cast<int>(threads))
