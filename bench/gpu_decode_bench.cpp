@@ -149,10 +149,8 @@ std::function<Status()> head_start(gpu::CudaContext& ctx, DeviceMemory& scratch,
 
 // Median milliseconds of one decode_attention call at `batch`, launch i
 // reading slot set i % (sets this batch has).
-Result<double> decode_ms(gpu::CudaContext& ctx, DecodeSetup& s, uint32_t batch, gpu::DecodeSplitMerge merge,
-                         const SuiteArgs& args) {
+Result<double> decode_ms(gpu::CudaContext& ctx, DecodeSetup& s, uint32_t batch, const SuiteArgs& args) {
   gpu::DecodeArgs a = decode_args(s, batch);
-  a.split_merge = merge;
   const uint64_t ws = gpu::decode_workspace_bytes(a);
   if (ws > s.workspace_bytes) {
     KVT_ASSIGN_OR_RETURN(s.workspace, ctx.allocate(ws));
@@ -206,28 +204,18 @@ Status add_decode(Report& report, gpu::CudaContext& ctx, const SuiteArgs& args) 
   report.set_config("decode_slots", "scattered at random in a " + std::to_string(arena_bytes >> 20) +
                                         " MiB arena; launch i reads disjoint slot set i mod (sets for its batch), "
                                         "so every timed launch reads HBM, not L2");
-  report.set_config("decode_timing", "events around each decode_attention call (kernel, and the merge kernel "
-                                     "where the splits do not merge in a cluster), launches queued back to back "
-                                     "behind copies that put the host ahead of the device, median");
-  report.set_config("decode_split_merge", "decode_sparse_b*: splits of a list merge in a thread block cluster "
-                                          "(sm_90); *_merge_kernel: through the workspace and a second kernel");
+  report.set_config("decode_timing", "events around each decode_attention call (kernel + split merge), "
+                                     "launches queued back to back behind copies that put the host ahead of the device, median");
   double b1_ms = 0;
   for (uint32_t batch : {1u, 4u, 16u}) {
-    const double kv_bytes = static_cast<double>(batch) * kKvHeads * kListBlocks * kBlockBytes;
     const std::string name = "decode_sparse_b" + std::to_string(batch);
-    gpu::DecodeArgs shape = decode_args(setup, batch);
-    for (gpu::DecodeSplitMerge merge : {gpu::DecodeSplitMerge::kAuto, gpu::DecodeSplitMerge::kMergeKernel}) {
-      shape.split_merge = merge;
-      KVT_ASSIGN_OR_RETURN(const gpu::DecodeLaunchPlan plan, gpu::decode_launch_plan(shape));
-      report.set_config(name + (merge == gpu::DecodeSplitMerge::kAuto ? "_plan" : "_merge_kernel_plan"),
-                        std::to_string(plan.splits) + " splits of " + std::to_string(plan.blocks_per_split) +
-                            " blocks per list, " + (plan.cluster_merge ? "merged in a cluster" : "merge kernel"));
-    }
-    KVT_ASSIGN_OR_RETURN(const double ms, decode_ms(ctx, setup, batch, gpu::DecodeSplitMerge::kAuto, args));
+    KVT_ASSIGN_OR_RETURN(const gpu::DecodeLaunchPlan plan, gpu::decode_launch_plan(decode_args(setup, batch)));
+    report.set_config(name + "_plan", std::to_string(plan.splits) + " splits of " +
+                                          std::to_string(plan.blocks_per_split) + " blocks per list" +
+                                          (plan.splits > 1 ? " + merge kernel" : ""));
+    KVT_ASSIGN_OR_RETURN(const double ms, decode_ms(ctx, setup, batch, args));
+    const double kv_bytes = static_cast<double>(batch) * kKvHeads * kListBlocks * kBlockBytes;
     report.add(name, kv_bytes / (ms * 1e6), "GB/s", "hbm_copy_bw");
-    KVT_ASSIGN_OR_RETURN(const double ms_kernel,
-                         decode_ms(ctx, setup, batch, gpu::DecodeSplitMerge::kMergeKernel, args));
-    report.add(name + "_merge_kernel", kv_bytes / (ms_kernel * 1e6), "GB/s", "hbm_copy_bw");
     if (batch == 1) b1_ms = ms;
   }
   report.add("decode_sparse_b1_latency_us", b1_ms * 1e3, "us");

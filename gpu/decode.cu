@@ -152,71 +152,46 @@ Status check_decode_shape(const DecodeArgs& a) {
   return Status::ok_status();
 }
 
-// How the lists are cut into splits (grid.y), how the splits merge, and the
-// workspace that needs.
+// How the lists are cut into splits (grid.y) and the workspace that needs:
+// the splits' o [splits][rows][D], then their lse [splits][rows].
 struct DecodePlan {
   int device = 0;
   int cc_major = 0;
   uint32_t splits = 1;
   uint32_t blocks_per_split = 1;
-  bool cluster_merge = false;
   uint64_t workspace_bytes = 0;
 };
 
-// Blocks per split of lists up to `list_blocks` long cut into about `want`
-// splits: whole 64-token tiles where blocks are smaller than a tile, at most
-// kMaxSplitBlocks blocks (a split's slot table).
-uint32_t split_blocks(uint32_t list_blocks, uint64_t want, uint32_t granule) {
-  const uint32_t granules = (list_blocks + granule - 1) / granule;
-  const uint64_t per_split = (granules + want - 1) / want * granule;
-  return static_cast<uint32_t>(std::clamp<uint64_t>(per_split, granule, kMaxSplitBlocks));
-}
-
-uint64_t split_count(uint32_t list_blocks, uint32_t blocks_per_split) {
-  return std::max<uint64_t>(1, (uint64_t{list_blocks} + blocks_per_split - 1) / blocks_per_split);
-}
-
-// Enough CTAs to fill every SM once (the occupancy the kernel allows), no
-// more: a second partial wave would cost more than it spreads. The splits of
-// a list merge in a cluster when the GPU holds a cluster per list at once
-// (the most splits that allows, up to `want`); else through the workspace.
+// About one CTA per SM: with 64 KiB in flight a CTA nearly saturates its
+// SM's share of memory bandwidth, and on the H200 one CTA per SM beat two
+// (and beat 1.2-1.9, where some SMs hold two) at batch 1, 4 and 16. Splits
+// hold whole 64-token tiles where blocks are smaller than a tile, and at
+// most kMaxSplitBlocks blocks (a split's slot table).
 Result<DecodePlan> plan_decode(const DecodeArgs& a) {
   KVT_RETURN_IF_ERROR(check_decode_shape(a));
   KVT_ASSIGN_OR_RETURN(const DeviceFacts facts, current_device_facts());
   const uint32_t head_dim = a.arena.head_dim, group = a.q_heads / a.kv_heads;
-  KVT_ASSIGN_OR_RETURN(const DecodeLaunchFacts launch, dispatch_decode(head_dim, group, [&](auto d, auto g) {
-                         return decode_launch_facts<decltype(d)::value, decltype(g)::value>(facts.device,
-                                                                                            facts.cc_major);
-                       }));
+  // Also allows the kernel's shared memory on this device, before any launch.
+  KVT_RETURN_IF_ERROR(dispatch_decode(head_dim, group, [&](auto d, auto g) {
+                        return decode_ctas_per_sm<decltype(d)::value, decltype(g)::value>(facts.device);
+                      }).status());
   const uint64_t lists = uint64_t{a.batch} * a.kv_heads;
   const uint32_t granule = std::max(1u, static_cast<uint32_t>(kTileTokens) / a.arena.chunk_tokens);
   const uint32_t granules = (a.max_list_blocks + granule - 1) / granule;
-  const uint64_t target_ctas = uint64_t(facts.sm_count) * uint64_t(launch.ctas_per_sm);
-  const uint64_t want = std::min<uint64_t>(std::max<uint64_t>(1, target_ctas / lists), std::max(granules, 1u));
+  const uint64_t want = std::min<uint64_t>(std::max<uint64_t>(1, uint64_t(facts.sm_count) / lists), std::max(granules, 1u));
+  const uint64_t per_split = (granules + want - 1) / want * granule;
+  const uint32_t blocks_per_split = static_cast<uint32_t>(std::clamp<uint64_t>(per_split, granule, kMaxSplitBlocks));
+  const uint64_t splits = std::max<uint64_t>(1, (uint64_t{a.max_list_blocks} + blocks_per_split - 1) / blocks_per_split);
+  if (splits > 65535)
+    return invalid_field("decode_attention", "max_list_blocks", a.max_list_blocks,
+                         "needs more than 65535 splits of " + std::to_string(blocks_per_split) + " blocks");
   DecodePlan plan;
   plan.device = facts.device;
   plan.cc_major = facts.cc_major;
-  plan.blocks_per_split = split_blocks(a.max_list_blocks, want, granule);
-  uint64_t splits = split_count(a.max_list_blocks, plan.blocks_per_split);
-  if (a.split_merge == DecodeSplitMerge::kAuto && splits > 1) {
-    // Clusters of a GPC's SMs: 8 of 8 CTAs may not fit where 8 of 7 do.
-    for (uint64_t s = std::min<uint64_t>(want, kMaxClusterSplits); s >= 2; --s) {
-      const uint32_t bps = split_blocks(a.max_list_blocks, s, granule);
-      const uint64_t n = split_count(a.max_list_blocks, bps);
-      if (n >= 2 && n <= kMaxClusterSplits && uint64_t(launch.clusters_max[n]) >= lists) {
-        plan.blocks_per_split = bps;
-        splits = n;
-        plan.cluster_merge = true;
-        break;
-      }
-    }
-  }
-  if (splits > 65535)
-    return invalid_field("decode_attention", "max_list_blocks", a.max_list_blocks,
-                         "needs more than 65535 splits of " + std::to_string(plan.blocks_per_split) + " blocks");
   plan.splits = static_cast<uint32_t>(splits);
+  plan.blocks_per_split = blocks_per_split;
   const uint64_t rows = uint64_t{a.batch} * a.q_heads;
-  if (plan.splits > 1 && !plan.cluster_merge) plan.workspace_bytes = splits * rows * (head_dim + 1) * sizeof(float);
+  if (plan.splits > 1) plan.workspace_bytes = splits * rows * (head_dim + 1) * sizeof(float);
   return plan;
 }
 
@@ -253,9 +228,8 @@ DecodeParams decode_params(const DecodeArgs& a, const DecodePlan& plan, void* wo
   p.last_tokens = a.last_tokens;
   p.blocks_per_split = plan.blocks_per_split;
   p.scale_log2 = a.scale * kLog2e;
-  p.cluster_merge = plan.cluster_merge;
   const uint64_t rows = uint64_t{a.batch} * a.q_heads;
-  if (plan.splits == 1 || plan.cluster_merge) {
+  if (plan.splits == 1) {
     p.o = a.o;
     p.lse = a.lse;
   } else {
@@ -273,7 +247,7 @@ using namespace decode_detail;
 
 Result<DecodeLaunchPlan> decode_launch_plan(const DecodeArgs& args) {
   KVT_ASSIGN_OR_RETURN(const DecodePlan plan, plan_decode(args));
-  return DecodeLaunchPlan{plan.splits, plan.blocks_per_split, plan.cluster_merge, plan.workspace_bytes};
+  return DecodeLaunchPlan{plan.splits, plan.blocks_per_split, plan.workspace_bytes};
 }
 
 uint64_t decode_workspace_bytes(const DecodeArgs& args) {
@@ -298,7 +272,7 @@ Status decode_attention(const DecodeArgs& args, void* workspace, uint64_t worksp
   KVT_RETURN_IF_ERROR(dispatch_decode(args.arena.head_dim, args.q_heads / args.kv_heads, [&](auto d, auto g) {
     return launch_decode_kernel<decltype(d)::value, decltype(g)::value>(params, lists, plan.splits, stream);
   }));
-  if (plan.splits == 1 || plan.cluster_merge) return Status::ok_status();
+  if (plan.splits == 1) return Status::ok_status();
   MergeParams m;
   m.o_parts = params.o;
   m.lse_parts = params.lse;

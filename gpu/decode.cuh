@@ -26,13 +26,12 @@
 // fp32 accumulation.
 //
 // The warps' states are merged through shared memory at the end. With
-// several splits per list, the splits of a list form a thread block cluster
-// on sm_90 and merge through distributed shared memory in the same kernel;
-// otherwise each split writes its (o, lse) to the workspace for the merge
-// kernel in decode.cu.
+// several splits per list, each split writes its (o, lse) to the workspace
+// and the merge kernel in decode.cu combines them. (Merging in the decode
+// kernel instead, by thread block clusters or by the split that finishes
+// last, measured slower on the H200: bench/results/2026-11-28-gpu-h200-tc.json.)
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -40,7 +39,6 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
 #include <string>
 
 #include "cuda_check.h"
@@ -55,9 +53,6 @@ constexpr int kTileTokens = 64;
 constexpr int kWarpRows = kTileTokens / kWarps;
 // A split's slot indices are staged in shared memory; this bounds its length.
 constexpr uint32_t kMaxSplitBlocks = 256;
-// The most splits of one list that merge inside the kernel: a cluster of 16
-// is the largest Hopper schedules (non-portable; 8 is the portable limit).
-constexpr uint32_t kMaxClusterSplits = 16;
 // A warp keeps a running maximum that may trail the true one by up to this
 // much (base 2) and rescales only when a score exceeds it by more: P <= 2^8,
 // and most tiles skip the 2 * D / 8 multiplies of a rescale.
@@ -101,11 +96,8 @@ struct DecodeParams {
   const uint32_t* last_tokens = nullptr;
   uint32_t blocks_per_split = 0;
   float scale_log2 = 0;  // softmax scale * log2(e): scores are kept in base 2
-  // True when grid.y splits form one cluster and merge in the kernel: o and
-  // lse are then the final output. Otherwise split s writes o + s *
-  // o_split_stride and lse + s * lse_split_stride; strides are 0 when there
-  // is one split and o, lse are the final output.
-  bool cluster_merge = false;
+  // Split s writes o + s * o_split_stride and lse + s * lse_split_stride;
+  // strides are 0 when there is one split and o, lse are the final output.
   float* o = nullptr;
   float* lse = nullptr;
   uint64_t o_split_stride = 0;
@@ -358,53 +350,6 @@ __device__ __forceinline__ void merge_warps(unsigned char* smem, const WarpState
   }
 }
 
-// Cluster form of the split merge: every CTA of the cluster (the splits of
-// one list) has its split's (o, lse) in shared memory; CTA r merges output
-// elements r * kThreads + t, stepping by splits * kThreads, reading its
-// peers' states through distributed shared memory. Every peer's value is
-// loaded before any is used, so one element costs two remote round trips,
-// not two per split. Natural-log lse throughout.
-template <int D, int G>
-__device__ __forceinline__ void merge_cluster(float* split_o, float* split_lse, float* o, float* lse) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const uint32_t parts = cluster.num_blocks(), rank = cluster.block_rank();
-  if (parts > kMaxClusterSplits) __trap();
-  cluster.sync();  // every split's state is in its shared memory
-  for (uint32_t i = rank * kThreads + threadIdx.x; i < G * D; i += parts * kThreads) {
-    const uint32_t g = i / D;
-    float part_lse[kMaxClusterSplits], part_o[kMaxClusterSplits];
-#pragma unroll
-    for (uint32_t r = 0; r < kMaxClusterSplits; ++r) {
-      part_lse[r] = r < parts ? cluster.map_shared_rank(split_lse, r)[g] : -INFINITY;
-      part_o[r] = r < parts ? cluster.map_shared_rank(split_o, r)[i] : 0.f;
-    }
-    float m = -INFINITY;
-#pragma unroll
-    for (uint32_t r = 0; r < kMaxClusterSplits; ++r) m = fmaxf(m, part_lse[r]);
-    float out = 0.f, out_lse = -INFINITY;
-    if (m != -INFINITY) {  // only empty splits: keep the empty state, never NaN
-      float w_sum = 0.f, acc = 0.f;
-#pragma unroll
-      for (uint32_t r = 0; r < kMaxClusterSplits; ++r) {
-        const float w = expf(part_lse[r] - m);
-        w_sum += w;
-        acc = w > 0.f ? fmaf(w, part_o[r], acc) : acc;  // an empty split's o adds nothing
-      }
-      // w_sum >= 1: the split holding the maximum has weight e^0 = 1.
-      out = acc / w_sum;
-      out_lse = m + logf(w_sum);
-    }
-    o[i] = out;
-    if (i % D == 0) lse[g] = out_lse;
-  }
-  cluster.sync();  // peers read this CTA's shared memory until here
-#else
-  __trap();  // the host asks for cluster merging on sm_90+ only
-#endif
-}
-
 // ---- The kernel ---------------------------------------------------------------
 
 // grid (lists, splits). Device-side contract violations (a list longer than
@@ -427,8 +372,7 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
   const uint32_t end = p.list_begin[list + 1];
   if (end < begin || end - begin > uint64_t{gridDim.y} * p.blocks_per_split) __trap();
   const uint32_t first = split * p.blocks_per_split;
-  // A split past the list's end has no tokens and gives the empty state; in
-  // a cluster it must still take part in the merge.
+  // A split past the list's end has no tokens and gives the empty state.
   const uint32_t blocks = first < end - begin ? min(end - begin - first, p.blocks_per_split) : 0;
   uint32_t valid_tokens = blocks << p.chunk_shift;
   if (blocks > 0 && first + blocks == end - begin) {  // this split holds the list's tail block
@@ -489,62 +433,23 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stages before they are reused
 
-  if (p.cluster_merge) {
-    float* split_o = reinterpret_cast<float*>(smem + Cfg::kWarpStateBytes);
-    float* split_lse = split_o + G * D;
-    merge_warps<D, G>(smem, st, warp, lane, split_o, split_lse);
-    merge_cluster<D, G>(split_o, split_lse, p.o + uint64_t{list} * G * D, p.lse + uint64_t{list} * G);
-  } else {
-    merge_warps<D, G>(smem, st, warp, lane, p.o + split * p.o_split_stride + uint64_t{list} * G * D,
-                      p.lse + split * p.lse_split_stride + uint64_t{list} * G);
-  }
+  merge_warps<D, G>(smem, st, warp, lane, p.o + split * p.o_split_stride + uint64_t{list} * G * D,
+                    p.lse + split * p.lse_split_stride + uint64_t{list} * G);
 }
 
 // ---- Host side ------------------------------------------------------------------
 
-// What decode_kernel<D, G> can do on one device, after allowing its dynamic
-// shared memory and non-portable clusters (both are per-device attributes).
-struct DecodeLaunchFacts {
-  int ctas_per_sm = 0;  // resident CTAs per SM
-  // clusters_max[s]: clusters of s CTAs the GPU holds at once (s = 2..16);
-  // 0 where clusters of s cannot be placed, and everywhere before sm_90.
-  std::array<int, kMaxClusterSplits + 1> clusters_max{};
-};
-
-// Asks the occupancy calculator how many clusters of `size` CTAs of
-// decode_kernel<D, G> fit the current device at once; 0 when none (or when
-// the size is refused: an unsupported size is an answer, not a failure).
+// Resident CTAs of decode_kernel<D, G> per SM on `device`, after allowing
+// its dynamic shared memory (cached per device; the attribute is per device).
 template <int D, int G>
-int decode_clusters_max(uint32_t size) {
+Result<int> decode_ctas_per_sm(int device) {
   using Cfg = DecodeConfig<D, G>;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(1, size);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
-  cudaLaunchAttribute attr = {};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1;
-  attr.val.clusterDim.y = size;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, decode_kernel<D, G>, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return clusters;
-}
-
-// Queries (once per device; later calls read the cache) the launch facts of
-// decode_kernel<D, G> on `device`, which must be the current device.
-template <int D, int G>
-Result<DecodeLaunchFacts> decode_launch_facts(int device, int cc_major) {
-  using Cfg = DecodeConfig<D, G>;
-  static std::array<std::atomic<bool>, kCachedDevices> cached{};
-  static std::array<DecodeLaunchFacts, kCachedDevices> cache{};
+  static std::array<std::atomic<int>, kCachedDevices> cache{};
   const bool cacheable = device >= 0 && device < kCachedDevices;
-  if (cacheable && cached[device].load(std::memory_order_acquire)) return cache[device];
+  if (cacheable) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   // Workstation GPUs (sm_86/89/120) let a block opt into 99 KiB, Hopper 227 KiB.
   int optin_bytes = 0;
   KVT_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -554,52 +459,23 @@ Result<DecodeLaunchFacts> decode_launch_facts(int device, int cc_major) {
                        "allows " + std::to_string(optin_bytes) + " (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
   KVT_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_kernel<D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(Cfg::kSmemBytes)));
-  DecodeLaunchFacts facts;
+  int ctas = 0;
   KVT_CUDA_RETURN_IF_ERROR(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&facts.ctas_per_sm, decode_kernel<D, G>, kThreads, Cfg::kSmemBytes));
-  if (facts.ctas_per_sm < 1)
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, decode_kernel<D, G>, kThreads, Cfg::kSmemBytes));
+  if (ctas < 1)
     return internal_error("decode_kernel<" + std::to_string(D) + ", " + std::to_string(G) + "> does not fit an SM (" +
                           std::to_string(Cfg::kSmemBytes) + " bytes of shared memory)");
-  if (cc_major >= 9) {
-    // Clusters over 8 CTAs are non-portable and must be allowed first.
-    KVT_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_kernel<D, G>,
-                                                  cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    for (uint32_t size = 2; size <= kMaxClusterSplits; ++size) facts.clusters_max[size] = decode_clusters_max<D, G>(size);
-  }
-  if (cacheable) {
-    // Racing first calls compute the same facts; the flag publishes them.
-    static std::mutex mutex;
-    const std::lock_guard<std::mutex> lock(mutex);
-    cache[device] = facts;
-    cached[device].store(true, std::memory_order_release);
-  }
-  return facts;
+  if (cacheable) cache[device].store(ctas, std::memory_order_relaxed);
+  return ctas;
 }
 
-// Launches decode_kernel<D, G> on grid (lists, splits), the splits of a list
-// as one cluster when params.cluster_merge. decode_launch_facts must have
-// succeeded on this device first (it sets the kernel's attributes).
+// Launches decode_kernel<D, G> on grid (lists, splits). decode_ctas_per_sm
+// must have succeeded on this device first (it allows the shared memory).
 template <int D, int G>
 Status launch_decode_kernel(const DecodeParams& params, uint32_t lists, uint32_t splits, cudaStream_t stream) {
   using Cfg = DecodeConfig<D, G>;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(lists, splits);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr = {};
-  if (params.cluster_merge) {
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = 1;
-    attr.val.clusterDim.y = splits;
-    attr.val.clusterDim.z = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-  }
-  const std::string name = "decode_kernel<" + std::to_string(D) + ", " + std::to_string(G) + ">";
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, decode_kernel<D, G>, params);
-  if (err != cudaSuccess) return cuda_failure(("launch of " + name).c_str(), err);
-  KVT_CUDA_RETURN_IF_LAUNCH_FAILED(name);
+  decode_kernel<D, G><<<dim3(lists, splits), kThreads, Cfg::kSmemBytes, stream>>>(params);
+  KVT_CUDA_RETURN_IF_LAUNCH_FAILED("decode_kernel<" + std::to_string(D) + ", " + std::to_string(G) + ">");
   return Status::ok_status();
 }
 
@@ -607,12 +483,12 @@ Status launch_decode_kernel(const DecodeParams& params, uint32_t lists, uint32_t
 #define KVT_DECODE_CONFIGS(X) \
   X(64, 1) X(64, 2) X(64, 4) X(64, 8) X(128, 1) X(128, 2) X(128, 4) X(128, 8)
 
-#define KVT_DECODE_INSTANTIATE(D, G)                                           \
-  template Result<DecodeLaunchFacts> decode_launch_facts<D, G>(int, int); \
+#define KVT_DECODE_INSTANTIATE(D, G)                  \
+  template Result<int> decode_ctas_per_sm<D, G>(int); \
   template Status launch_decode_kernel<D, G>(const DecodeParams&, uint32_t, uint32_t, cudaStream_t);
 
-#define KVT_DECODE_EXTERN(D, G)                                                       \
-  extern template Result<DecodeLaunchFacts> decode_launch_facts<D, G>(int, int); \
+#define KVT_DECODE_EXTERN(D, G)                              \
+  extern template Result<int> decode_ctas_per_sm<D, G>(int); \
   extern template Status launch_decode_kernel<D, G>(const DecodeParams&, uint32_t, uint32_t, cudaStream_t);
 
 }  // namespace kvtier::gpu::decode_detail

@@ -114,9 +114,6 @@ struct GpuState {
   std::vector<float> o, lse;
 };
 
-// The split merge run_decode asks for; kAuto merges in a cluster on sm_90.
-gpu::DecodeSplitMerge g_split_merge = gpu::DecodeSplitMerge::kAuto;
-
 // Uploads everything, poisons o, lse and the workspace, runs decode_attention
 // and downloads its (o, lse).
 GpuState run_decode(const Shape& s, const HostArena& arena, const std::vector<bf16>& q, const Lists& lists,
@@ -140,10 +137,12 @@ GpuState run_decode(const Shape& s, const HostArena& arena, const std::vector<bf
   a.scale = scale;
   a.o = d_o.get();
   a.lse = d_lse.get();
-  a.split_merge = g_split_merge;
+  const auto plan = gpu::decode_launch_plan(a);
+  REQUIRE_MESSAGE(plan.ok(), plan.status().to_string());
   const uint64_t ws_bytes = gpu::decode_workspace_bytes(a);
+  REQUIRE(ws_bytes == plan->workspace_bytes);
   DeviceBuffer<float> ws(ctx, ws_bytes / sizeof(float));
-  ws.poison();
+  ws.poison();  // every split must write all of its partial
   require_ok(gpu::decode_attention(a, ws_bytes > 0 ? ws.get() : nullptr, ws_bytes, ctx.compute_stream()));
   test::sync_or_fail(ctx);
   return {d_o.download(), d_lse.download()};
@@ -290,27 +289,22 @@ TEST_CASE("decode matches the fp64 reference for every head dim, group and chunk
   auto gen = test::rng(1);
   const std::vector<uint32_t> chunk_sizes =
       quick() ? std::vector<uint32_t>{16, 64, 256} : std::vector<uint32_t>{16, 32, 64, 128, 256};
-  // Both ways of merging splits: in a cluster (sm_90) and by the merge kernel.
-  for (gpu::DecodeSplitMerge merge : {gpu::DecodeSplitMerge::kAuto, gpu::DecodeSplitMerge::kMergeKernel}) {
-    g_split_merge = merge;
-    for (uint32_t head_dim : {64u, 128u}) {
-      for (uint32_t group : {1u, 2u, 4u, 8u}) {
-        for (uint32_t chunk : chunk_sizes) {
-          // batch 3 x 2 KV heads: six lists of 0, 1, 17 and 97 blocks and two
-          // others, shuffled so each length meets several split positions.
-          const Shape s{3, 2 * group, 2, head_dim, chunk};
-          std::vector<uint32_t> lengths = {0, 1, 17, 97, 5, 33};
-          if (quick() && chunk == 256) lengths = {0, 1, 17, 40, 5, 9};
-          std::shuffle(lengths.begin(), lengths.end(), gen);
-          check_random_lists(s, lengths, chunk % 3, gen);
-        }
+  for (uint32_t head_dim : {64u, 128u}) {
+    for (uint32_t group : {1u, 2u, 4u, 8u}) {
+      for (uint32_t chunk : chunk_sizes) {
+        // batch 3 x 2 KV heads: six lists of 0, 1, 17 and 97 blocks and two
+        // others, shuffled so each length meets several split positions.
+        const Shape s{3, 2 * group, 2, head_dim, chunk};
+        std::vector<uint32_t> lengths = {0, 1, 17, 97, 5, 33};
+        if (quick() && chunk == 256) lengths = {0, 1, 17, 40, 5, 9};
+        std::shuffle(lengths.begin(), lengths.end(), gen);
+        check_random_lists(s, lengths, chunk % 3, gen);
       }
     }
   }
-  g_split_merge = gpu::DecodeSplitMerge::kAuto;
 }
 
-TEST_CASE("the split plan merges in a cluster on sm_90 only where every list's cluster fits at once") {
+TEST_CASE("the split plan: about one CTA per SM, no empty split") {
   gpu::CudaContext& ctx = cuda_context_or_skip();
   const auto gpus = gpu::list_gpus();
   REQUIRE_MESSAGE(gpus.ok(), gpus.status().to_string());
@@ -324,32 +318,24 @@ TEST_CASE("the split plan merges in a cluster on sm_90 only where every list's c
   a.scale = 0.088f;
   for (uint32_t batch : {1u, 4u, 16u, 64u}) {
     a.batch = batch;
-    a.split_merge = gpu::DecodeSplitMerge::kAuto;
     const auto plan = gpu::decode_launch_plan(a);
     REQUIRE_MESSAGE(plan.ok(), plan.status().to_string());
-    const uint64_t ctas = uint64_t{plan->splits} * batch * a.kv_heads;
+    const uint64_t lists = uint64_t{batch} * a.kv_heads, ctas = plan->splits * lists;
     MESSAGE("batch ", batch, ": ", plan->splits, " splits of ", plan->blocks_per_split, " blocks, ", ctas, " CTAs on ",
-            dev.sm_count, " SMs, ", std::string(plan->cluster_merge ? "cluster merge" : "no cluster merge"));
+            dev.sm_count, " SMs");
     CHECK(uint64_t{plan->splits} * plan->blocks_per_split >= a.max_list_blocks);
-    CHECK(plan->splits <= 16);
-    if (plan->cluster_merge) {
-      CHECK(dev.cc_major >= 9);
-      CHECK(plan->workspace_bytes == 0);
-    }
-    // At batch 1 and 4 a Hopper GPU splits every list and merges in clusters.
-    if (dev.cc_major >= 9 && batch <= 4) CHECK(plan->cluster_merge);
-    a.split_merge = gpu::DecodeSplitMerge::kMergeKernel;
-    const auto forced = gpu::decode_launch_plan(a);
-    REQUIRE(forced.ok());
-    CHECK_FALSE(forced->cluster_merge);
-    CHECK((forced->splits > 1) == (forced->workspace_bytes > 0));
+    CHECK(uint64_t{plan->splits - 1} * plan->blocks_per_split < a.max_list_blocks);
+    CHECK((ctas <= dev.sm_count || plan->splits == 1));
+    if (lists * 2 <= dev.sm_count) CHECK(ctas * 2 > dev.sm_count);  // more than half the SMs busy
+    CHECK((plan->splits > 1) == (plan->workspace_bytes > 0));
+    CHECK(plan->workspace_bytes == gpu::decode_workspace_bytes(a));
   }
 }
 
-TEST_CASE("a list too long for one cluster of splits merges through the workspace") {
+TEST_CASE("lists longer than the SMs can split evenly: splits of at most 256 blocks") {
   cuda_context_or_skip();
   auto gen = test::rng(6);
-  // 4200 blocks need more than 16 splits of at most 256 blocks.
+  // 4200 blocks in splits of at most 256 blocks (a split's slot table).
   check_random_lists(Shape{1, 2, 1, 64, 16}, {4200}, 0, gen);
   check_random_lists(Shape{2, 8, 2, 128, 16}, {4100, 3, 0, 4099}, 1, gen);
 }
@@ -551,10 +537,9 @@ TEST_CASE("bad arguments are invalid_argument errors that name the field") {
     expect_invalid(a, "batch=0");
   }
   {
-    // A list long enough to need splits merged by the merge kernel needs a workspace.
+    // A list long enough to need splits needs a workspace.
     gpu::DecodeArgs a = good;
     a.max_list_blocks = 4000;
-    a.split_merge = gpu::DecodeSplitMerge::kMergeKernel;
     REQUIRE(gpu::decode_workspace_bytes(a) > 0);
     expect_invalid(a, "workspace_bytes", gpu::decode_workspace_bytes(a) - 4);
   }

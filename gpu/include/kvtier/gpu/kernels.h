@@ -43,12 +43,6 @@ struct SlotArenaView {
 // list gives its q heads the empty state (o = 0, lse = -inf). GQA: q head g of
 // a sequence reads KV head g / (q_heads / kv_heads); the q heads of a group
 // are processed together so that each block is read from memory once.
-// How decode_attention merges the splits of a long list (split-KV). kAuto:
-// inside the decode kernel, the splits of a list forming a thread block
-// cluster (sm_90+, at most 16 splits), else kMergeKernel: each split writes
-// its partial to the workspace and a second small kernel merges them.
-enum class DecodeSplitMerge : uint8_t { kAuto, kMergeKernel };
-
 struct DecodeArgs {
   const bf16* q = nullptr;  // [batch][q_heads][head_dim]
   uint32_t batch = 0;       // 1..64 (more is allowed; the bench uses 1, 4, 16)
@@ -65,15 +59,13 @@ struct DecodeArgs {
   float scale = 0;          // softmax scale, usually 1/sqrt(head_dim)
   float* o = nullptr;       // [batch][q_heads][head_dim] fp32, normalised
   float* lse = nullptr;     // [batch][q_heads], natural log
-  DecodeSplitMerge split_merge = DecodeSplitMerge::kAuto;
 };
 
 // How decode_attention will run these arguments on the current device.
 struct DecodeLaunchPlan {
-  uint32_t splits = 1;            // CTAs per list (split-KV)
+  uint32_t splits = 1;           // CTAs per list (split-KV); > 1: a merge kernel follows
   uint32_t blocks_per_split = 1;
-  bool cluster_merge = false;     // splits merge in a thread block cluster
-  uint64_t workspace_bytes = 0;   // > 0 when a merge kernel follows
+  uint64_t workspace_bytes = 0;  // the splits' partials; 0 with one split
 };
 Result<DecodeLaunchPlan> decode_launch_plan(const DecodeArgs& args);
 
