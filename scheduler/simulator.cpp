@@ -165,7 +165,7 @@ uint64_t max_context_that_fits(SimInputs in) {
 }  // namespace
 
 double gpu_attend_fraction(uint32_t batch) {
-  constexpr std::array<std::pair<double, double>, 3> kMeasured{{{1, 0.252}, {4, 0.669}, {16, 0.907}}};
+  constexpr std::array<std::pair<double, double>, 3> kMeasured{{{1, 0.394}, {4, 0.764}, {16, 0.981}}};
   const double x = std::log2(std::max<double>(batch, 1));
   if (x >= std::log2(kMeasured.back().first)) return kMeasured.back().second;
   for (size_t i = 1; i < kMeasured.size(); ++i) {
@@ -472,9 +472,9 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               "is multiplied by layers; the tail block completes one step in chunk_tokens (plans with and without "
               "write-back averaged 1:" + std::to_string(in.policy.chunk_tokens - 1) + ")");
   a.push_back("gpu_attend_gbps = hbm_read_gbps x " + num(gpu_attend_fraction(in.batch)) +
-              ": the decode kernel's measured share of the HBM copy rate at this batch (H200: 0.252 at batch 1, "
-              "0.669 at 4, 0.907 at 16, 130 blocks per (sequence, KV head); linear in log2(batch) between, "
-              "clamped), bench/results/2026-11-28-gpu-h200-final.json; hot-set and selected-block kernels are "
+              ": the decode kernel's measured share of the HBM copy rate at this batch (H200: 0.394 at batch 1, "
+              "0.764 at 4, 0.981 at 16, 130 blocks per (sequence, KV head); linear in log2(batch) between, "
+              "clamped), bench/results/2026-11-28-gpu-h200-tc.json; hot-set and selected-block kernels are "
               "costed separately at the same rate");
   a.push_back("h2d_gbps = " + num(k.gather_fraction_of_copy) + " x the link's single-copy rate at " +
               format_bytes(k.link_large_copy_bytes) +

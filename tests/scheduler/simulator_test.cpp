@@ -185,12 +185,12 @@ TEST_CASE("lanes: the bottleneck is a lane, utilisations lie in [0, 1], traffic 
 TEST_CASE("rates follow the profile with the stated fractions") {
   const SimInputs in = inputs();
   const CostRates r = rates_from_profile(in.machine, in.model.shape, in.policy, 1);
-  CHECK(r.gpu_attend_gbps == doctest::Approx(1008 * 0.252));
-  CHECK(rates_from_profile(in.machine, in.model.shape, in.policy, 16).gpu_attend_gbps == doctest::Approx(1008 * 0.907));
-  CHECK(gpu_attend_fraction(4) == doctest::Approx(0.669));
-  CHECK(gpu_attend_fraction(2) > 0.252);
-  CHECK(gpu_attend_fraction(2) < 0.669);
-  CHECK(gpu_attend_fraction(64) == doctest::Approx(0.907));
+  CHECK(r.gpu_attend_gbps == doctest::Approx(1008 * 0.394));
+  CHECK(rates_from_profile(in.machine, in.model.shape, in.policy, 16).gpu_attend_gbps == doctest::Approx(1008 * 0.981));
+  CHECK(gpu_attend_fraction(4) == doctest::Approx(0.764));
+  CHECK(gpu_attend_fraction(2) > 0.394);
+  CHECK(gpu_attend_fraction(2) < 0.764);
+  CHECK(gpu_attend_fraction(64) == doctest::Approx(0.981));
   CHECK(r.h2d_gbps == doctest::Approx(0.9 * in.machine.link.gbps_at(LinkDirection::kHostToDevice, 32 * kMiB)));
   CHECK(r.nvme_read_gbps == doctest::Approx(in.machine.nvme.read_gbps_at(32768, 32)));
   CHECK(r.launch_us == 5.0);

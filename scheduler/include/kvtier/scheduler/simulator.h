@@ -71,7 +71,7 @@ CostRates rates_from_profile(const MachineProfile& machine, const ModelShape& sh
                              uint32_t batch = 1, const SimConstants& constants = {});
 
 // Decode kernel's KV read rate as a share of the HBM copy rate at a batch
-// size: measured 0.252 / 0.669 / 0.907 at batch 1 / 4 / 16 on the H200
+// size: measured 0.394 / 0.764 / 0.981 at batch 1 / 4 / 16 on the H200
 // (130 blocks per (sequence, KV head)), linear in log2(batch) between, clamped.
 double gpu_attend_fraction(uint32_t batch);
 
