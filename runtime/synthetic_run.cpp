@@ -436,7 +436,12 @@ nlohmann::json SyntheticRunReport::to_json() const {
                 {"upload_wait_us", st.upload_wait_us},
                 {"read_wait_us", st.read_wait_us},
                 {"merge_us", st.merge_us},
-                {"decode_us", st.decode_us}};
+                {"decode_us", st.decode_us},
+                {"prepare_us", st.prepare_us},
+                {"graph_us", st.graph_us},
+                {"plan_us", st.plan_us},
+                {"plan_residency_us", st.plan_residency_us},
+                {"plan_planner_us", st.plan_planner_us}};
   return j;
 }
 

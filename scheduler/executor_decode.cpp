@@ -204,6 +204,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     KVT_RETURN_IF_ERROR(gpu_->attend(0, hot_lists(), B, qh, kvh, arena, scale));
   }
 
+  stats_.prepare_us += wall_us() - t_step;
+
   // 3. CPU: scoring and top-k, one task per sequence.
   auto score_one = [&](uint32_t b) {
     TraceScope scope(tr, lane_cpu_, "score + top-k");
@@ -224,6 +226,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   // Where the selected blocks are, the plan, and the I/O it starts (serial).
   LayerPlan plan;
   auto plan_step = [&]() -> Status {
+  const double t_plan = wall_us();
   std::vector<SequenceStep> plan_in(B);
   uint32_t upload_room = UINT32_MAX;
   for (uint32_t b = 0; b < B; ++b) {
@@ -243,26 +246,33 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     plan_in[b].context_tokens = st[b].tokens;
     plan_in[b].tail_block_completed = st[b].completed;
     plan_in[b].selected.assign(kvh, {});
+    // Where every selected block is, asked of the store in one call.
+    std::vector<uint32_t> flat;
+    for (uint32_t h = 0; h < kvh; ++h)
+      for (uint32_t c : st[b].selected[h]) flat.push_back(seq.flat(layer, h, c));
+    std::vector<Tier> tier(flat.size());
+    seq.store_->residency(flat, tier);
+    size_t i = 0;
     for (uint32_t h = 0; h < kvh; ++h) {
-      const auto& prev = seq.last_selection_[layer][h];
+      std::vector<uint32_t> prev = seq.last_selection_[layer][h];
+      std::sort(prev.begin(), prev.end());
       for (uint32_t c : st[b].selected[h]) {
-        const uint32_t f = seq.flat(layer, h, c);
-        Residency where = Residency::kNvme;
-        if (seq.store_->resident(f, Tier::kGpu))
-          where = Residency::kGpu;
-        else if (seq.store_->resident(f, Tier::kHost))
-          where = Residency::kHost;
-        else if (seq.reading_.count(f) != 0)
-          where = Residency::kNvmeReading;
+        const uint32_t f = flat[i];
+        const Tier t = tier[i++];
+        const Residency where = t == Tier::kGpu                ? Residency::kGpu
+                                : t == Tier::kHost             ? Residency::kHost
+                                : seq.reading_.count(f) != 0   ? Residency::kNvmeReading
+                                                               : Residency::kNvme;
         plan_in[b].selected[h].push_back({c, where});
         if (!prev.empty()) {
           ++stats_.selection_compared;
-          if (std::find(prev.begin(), prev.end(), c) != prev.end()) ++stats_.kept_from_previous;
+          if (std::binary_search(prev.begin(), prev.end(), c)) ++stats_.kept_from_previous;
         }
       }
       stats_.selected_blocks += st[b].selected[h].size();
     }
   }
+  stats_.plan_residency_us += wall_us() - t_plan;
   PlanInputs pin_in;
   pin_in.shape = s;
   pin_in.policy = p;
@@ -275,8 +285,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   // (The planner's room is for the batch; each sequence has its own quota,
   // so the smallest room of any sequence is what every one can surely use.)
   pin_in.upload_slots_free = upload_room > kvh ? upload_room - kvh : 0;
+  const double t_planner = wall_us();
   KVT_ASSIGN_OR_RETURN(plan, plan_layer(pin_in));
   stats_.late_blocks += plan.late_blocks;
+  stats_.plan_planner_us += wall_us() - t_planner;
 
   // 4. Issue the copy engine's uploads and the NVMe reads (store movers).
   for (uint32_t b = 0; b < B; ++b) {
@@ -554,12 +566,17 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     status[slot] = fn();
     if (!status[slot].ok()) failed = true;
   };
+  const double t_graph = wall_us();
   cpu_.run([&] {
     namespace flow = tbb::flow;
     using Node = flow::continue_node<flow::continue_msg>;
     flow::graph g;
     flow::broadcast_node<flow::continue_msg> start(g);
-    Node plan_node(g, [&](const flow::continue_msg&) { guarded(B, plan_step); });
+    Node plan_node(g, [&](const flow::continue_msg&) {
+      const double t0 = wall_us();
+      guarded(B, plan_step);
+      stats_.plan_us += wall_us() - t0;
+    });
     Node gpu_node(g, [&](const flow::continue_msg&) { guarded(B + 1, gpu_step); });
     flow::make_edge(plan_node, gpu_node);
     std::vector<std::unique_ptr<Node>> nodes;
@@ -582,6 +599,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     start.try_put(flow::continue_msg());
     g.wait_for_all();
   });
+  stats_.graph_us += wall_us() - t_graph;
   for (const SeqStep& x : st) {
     stats_.score_us += x.score_us;
     stats_.cpu_attend_us += x.cpu_attend_us;
@@ -625,14 +643,13 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       // Prefetch ahead: the next layer's previous selection into host staging,
       // where this step's reads have not already put it.
       const uint32_t next = layer + 1 == s.layers ? 0 : layer + 1;
-      std::vector<uint32_t> ahead;
+      std::vector<uint32_t> next_flat, ahead;
       for (uint32_t h = 0; h < kvh; ++h)
-        for (uint32_t c : seq.last_selection_[next][h]) {
-          const uint32_t f = seq.flat(next, h, c);
-          if (seq.reading_.count(f) == 0 && !seq.store_->resident(f, Tier::kHost) &&
-              !seq.store_->resident(f, Tier::kGpu))
-            ahead.push_back(f);
-        }
+        for (uint32_t c : seq.last_selection_[next][h]) next_flat.push_back(seq.flat(next, h, c));
+      std::vector<Tier> where(next_flat.size());
+      seq.store_->residency(next_flat, where);
+      for (size_t i = 0; i < next_flat.size(); ++i)
+        if (where[i] == Tier::kNvme && seq.reading_.count(next_flat[i]) == 0) ahead.push_back(next_flat[i]);
       if (!ahead.empty()) {
         const storage::Ticket t = seq.store_->prefetch(ahead, Tier::kHost);
         seq.pending_tickets_.push_back(t);

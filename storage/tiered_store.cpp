@@ -819,6 +819,17 @@ bool TieredStore::resident(uint32_t block, Tier tier) const {
   return false;
 }
 
+void TieredStore::residency(std::span<const uint32_t> blocks, std::span<Tier> out) const {
+  KVT_ASSERT(out.size() == blocks.size(), "residency: ", blocks.size(), " blocks but ", out.size(), " outputs");
+  std::lock_guard lock(impl_->mu);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const BlockEntry& e = impl_->table[blocks[i]];
+    out[i] = e.gpu_ready                                                    ? Tier::kGpu
+             : (e.home == Tier::kHost && e.home_valid) || e.host_cache_ready ? Tier::kHost
+                                                                             : Tier::kNvme;
+  }
+}
+
 uint32_t TieredStore::block_count() const { return impl_->table.size(); }
 const BlockGeometry& TieredStore::geometry() const { return impl_->geometry; }
 uint32_t TieredStore::chunks_per_head() const { return impl_->chunks_per_head; }

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <functional>
 #include <thread>
+#include <numeric>
 #include <vector>
 
 #include "kvtier/cpu/cpu_backend.h"
@@ -287,6 +288,20 @@ TEST_CASE("pinned, sink and window blocks survive eviction churn; blocks leaving
   CHECK(old_window_left == 0);  // least recent: gone first
   for (uint32_t b : chunk_range(960, 1023)) CHECK(s.resident(b, Tier::kGpu));
   for (uint32_t b : chunk_range(0, 1)) CHECK(s.resident(b, Tier::kGpu));
+  // The batched query agrees with resident() on every block, whatever the churn left where.
+  std::vector<uint32_t> all(s.block_count());
+  std::iota(all.begin(), all.end(), 0u);
+  std::vector<Tier> where(all.size());
+  s.residency(all, where);
+  size_t per_tier[3] = {0, 0, 0};
+  for (uint32_t b : all) {
+    const Tier want = s.resident(b, Tier::kGpu) ? Tier::kGpu : s.resident(b, Tier::kHost) ? Tier::kHost : Tier::kNvme;
+    CHECK_MESSAGE(where[b] == want, "block " << b);
+    ++per_tier[where[b] == Tier::kGpu ? 0 : where[b] == Tier::kHost ? 1 : 2];
+  }
+  CHECK(per_tier[0] > 0);  // the churn leaves blocks in more than one tier
+  CHECK(per_tier[0] + per_tier[1] + per_tier[2] == all.size());
+  CHECK((per_tier[1] > 0 || per_tier[2] > 0));
 }
 
 TEST_CASE("many threads prefetching, pinning and reading at once see only right bytes") {

@@ -77,6 +77,15 @@ struct ExecutorStats {
   uint64_t reread_blocks = 0;     // host copies evicted between landing and use, read again
   double score_us = 0, gpu_wait_us = 0, cpu_attend_us = 0, upload_wait_us = 0, read_wait_us = 0, merge_us = 0;
   double decode_us = 0;           // wall time inside decode_layer
+  // Where decode_layer's wall time goes, serially: the appends, hot-set pins
+  // and GPU launches before the step's graph (prepare), the graph itself
+  // (graph: scoring, plan, attention, merge, on the CPU engine's threads;
+  // plan_us of it is the serial plan node: residency, planner, pins, I/O
+  // issue), and the write-back after it (merge_us above).
+  double prepare_us = 0, graph_us = 0, plan_us = 0;
+  // Of plan_us: where the selected blocks are (store and read queries), and
+  // the planner itself; the rest is pins and starting uploads and reads.
+  double plan_residency_us = 0, plan_planner_us = 0;
   double prefill_us = 0;
   // Prefill's home writes run behind its scoring and attention; this is the
   // time prefill still waited for them (at its end, or to re-read a block).

@@ -197,6 +197,10 @@ class TieredStore {
 
   Tier home_of(uint32_t block) const;
   bool resident(uint32_t block, Tier tier) const;
+  // Where each of `blocks` is now, under one lock (a decode step asks this
+  // of hundreds of blocks): out[i] = kGpu if blocks[i] is GPU-resident, else
+  // kHost if host-resident, else kNvme. out.size() == blocks.size().
+  void residency(std::span<const uint32_t> blocks, std::span<Tier> out) const;
   uint32_t block_count() const;
   const BlockGeometry& geometry() const;
   uint32_t chunks_per_head() const;
