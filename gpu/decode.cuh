@@ -74,11 +74,8 @@ struct DecodeConfig {
   static constexpr int kStages = D == 128 ? 3 : 5;
   static constexpr int kMinCtasPerSm = 2;
   static constexpr uint32_t kPipelineBytes = kStages * kStageBytes;
-  // End of the CTA: the warps' m and l [warp][G] and o [warp][G][D], then
-  // the split's merged o [G][D] and lse [G], all fp32.
-  static constexpr uint32_t kWarpStateBytes = kWarps * G * (D + 2) * 4;
-  static constexpr uint32_t kSplitStateBytes = G * (D + 1) * 4;
-  static constexpr uint32_t kMergeBytes = kWarpStateBytes + kSplitStateBytes;
+  // End of the CTA: the warps' m and l [warp][G] and o [warp][G][D], fp32.
+  static constexpr uint32_t kMergeBytes = kWarps * G * (D + 2) * 4;
   static constexpr uint32_t kSmemBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
   static_assert(kPieces * kWarpRows % 32 == 0, "a warp's rows split evenly over its lanes");
 };

@@ -92,7 +92,24 @@ struct TieredStore::Impl {
   void free_gpu_slot(uint32_t slot) {
     gpu_arena->free(slot);
     --gpu_held;
+  }  // After a batched upload into slots taken for `blocks`: the copies become
+  // GPU-resident when it succeeded (and count in the stats), else their
+  // slots go back. Under the lock.
+  void settle_gpu_copies(std::span<const uint32_t> blocks, bool copied) {
+    for (uint32_t b : blocks) {
+      if (copied) {
+        table.gpu_cached(b);
+      } else {
+        free_gpu_slot(table[b].gpu_slot);
+        table[b].gpu_slot = kNoSlot;
+      }
+    }
+    if (copied && !blocks.empty()) {
+      stats.h2d_blocks += blocks.size();
+      ++stats.h2d_batches;
+    }
   }
+
   uint32_t gpu_held = 0;  // arena slots this store holds (its quota's use)
   std::byte* host_copy(const BlockEntry& e) const;
   void release_host_pins(const std::vector<uint32_t>& blocks);
@@ -399,18 +416,7 @@ Status TieredStore::Impl::copy_to_gpu(const std::vector<uint32_t>& blocks) {
   }
   const Status st = backend.copy_to_device(copies);
   std::lock_guard lock(mu);
-  for (uint32_t b : blocks) {
-    if (st.ok()) {
-      table.gpu_cached(b);
-    } else {
-      free_gpu_slot(table[b].gpu_slot);
-      table[b].gpu_slot = kNoSlot;
-    }
-  }
-  if (st.ok()) {
-    stats.h2d_blocks += blocks.size();
-    ++stats.h2d_batches;
-  }
+  settle_gpu_copies(blocks, st.ok());
   return st.with_context("uploading " + std::to_string(blocks.size()) + " blocks to the gpu tier");
 }
 
@@ -588,18 +594,7 @@ Status TieredStore::Impl::cache_written_on_gpu(std::span<const BlockWrite> write
     copies.push_back(BlockCopy{w.data, gpu_arena->slot_data(*gpu_slot), geometry.block_bytes()});
   }
   const Status st = backend.copy_to_device(copies);
-  for (uint32_t b : cached) {
-    if (st.ok()) {
-      table.gpu_cached(b);
-    } else {
-      free_gpu_slot(table[b].gpu_slot);
-      table[b].gpu_slot = kNoSlot;
-    }
-  }
-  if (st.ok() && !cached.empty()) {
-    stats.h2d_blocks += cached.size();
-    ++stats.h2d_batches;
-  }
+  settle_gpu_copies(cached, st.ok());
   return st.with_context("caching " + std::to_string(cached.size()) + " written blocks on the gpu tier");
 }
 
@@ -808,12 +803,19 @@ Tier TieredStore::home_of(uint32_t block) const {
   return impl_->table[block].home;
 }
 
+namespace {
+
+// A valid host home, or a copy in the host staging cache.
+bool host_resident(const BlockEntry& e) { return (e.home == Tier::kHost && e.home_valid) || e.host_cache_ready; }
+
+}  // namespace
+
 bool TieredStore::resident(uint32_t block, Tier tier) const {
   std::lock_guard lock(impl_->mu);
   const BlockEntry& e = impl_->table[block];
   switch (tier) {
     case Tier::kGpu: return e.gpu_ready;
-    case Tier::kHost: return (e.home == Tier::kHost && e.home_valid) || e.host_cache_ready;
+    case Tier::kHost: return host_resident(e);
     case Tier::kNvme: return impl_->file->written(block);
   }
   return false;
@@ -824,9 +826,7 @@ void TieredStore::residency(std::span<const uint32_t> blocks, std::span<Tier> ou
   std::lock_guard lock(impl_->mu);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const BlockEntry& e = impl_->table[blocks[i]];
-    out[i] = e.gpu_ready                                                    ? Tier::kGpu
-             : (e.home == Tier::kHost && e.home_valid) || e.host_cache_ready ? Tier::kHost
-                                                                             : Tier::kNvme;
+    out[i] = e.gpu_ready ? Tier::kGpu : host_resident(e) ? Tier::kHost : Tier::kNvme;
   }
 }
 
