@@ -61,6 +61,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Device ids whose launch facts are cached (more devices are computed each time).
 constexpr int kCachedDevices = 16;
+#ifndef KVT_DECODE_STAGES_D128
+#define KVT_DECODE_STAGES_D128 3
+#endif
+#ifndef KVT_DECODE_STAGES_D64
+#define KVT_DECODE_STAGES_D64 5
+#endif
 
 template <int D, int G>
 struct DecodeConfig {
@@ -71,7 +77,8 @@ struct DecodeConfig {
   static constexpr uint32_t kTileKBytes = kTileTokens * D * 2;
   static constexpr uint32_t kStageBytes = 2 * kTileKBytes;
   // 64 KiB of K and V in flight per CTA at either head dim, two CTAs per SM.
-  static constexpr int kStages = D == 128 ? 3 : 5;
+  // (A probe may override the depths to sweep them: bench/probes.)
+  static constexpr int kStages = D == 128 ? KVT_DECODE_STAGES_D128 : KVT_DECODE_STAGES_D64;
   static constexpr int kMinCtasPerSm = 2;
   static constexpr uint32_t kPipelineBytes = kStages * kStageBytes;
   // End of the CTA: the warps' m and l [warp][G] and o [warp][G][D], fp32.

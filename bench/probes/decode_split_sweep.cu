@@ -7,6 +7,8 @@
 // repository root, after building build-gpu:
 //   nvcc -O3 -arch=sm_90 -std=c++20 -Igpu -Igpu/include -Iruntime/core/include \
 //     bench/probes/decode_split_sweep.cu build-gpu/lib/libkvtier_core.a -o /tmp/sweep && /tmp/sweep
+// Add -DKVT_DECODE_STAGES_D128=N to try another pipeline depth, and the
+// argument "plan" to time only the planned splits.
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -73,6 +75,9 @@ double time_us(cudaStream_t st, Setup& s, int reps, F launch) {
 
 int main(int argc, char** argv) {
   const bool ncu = argc > 1 && std::string(argv[1]) == "ncu";
+  // "plan": only the splits gpu/decode.cu plans on a 132-SM H200 (9, 33 and
+  // 130 blocks per split at batch 1, 4 and 16), for a pipeline-depth sweep.
+  const bool plan_only = argc > 1 && std::string(argv[1]) == "plan";
   cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   Setup s{};
   const uint64_t arena_bytes = 2ull << 30;
@@ -96,7 +101,7 @@ int main(int argc, char** argv) {
   auto ctas = decode_ctas_per_sm<128, 4>(0);
   if (!ctas.ok()) { fprintf(stderr, "%s\n", ctas.status().to_string().c_str()); return 1; }
   CK(cudaFuncSetAttribute(read_kernel<128, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  printf("{\"ctas_per_sm\": %d,\n\"rows\": [\n", *ctas);
+  printf("{\"stages_d128\": %d, \"ctas_per_sm\": %d,\n\"rows\": [\n", Cfg::kStages, *ctas);
   const int reps = ncu ? 1 : 200;
   bool firstrow = true;
   for (uint32_t batch : {1u, 4u, 16u}) {
@@ -105,6 +110,7 @@ int main(int argc, char** argv) {
       const uint32_t splits = (LB + bps - 1) / bps;
       if (uint64_t(splits) * nl > 4 * 264 || uint64_t(splits) * nl < 64) continue;
       if (ncu && !(batch == 4 && bps == 33)) continue;  // "ncu": one config, for a profiler
+      if (plan_only && bps != (batch == 1 ? 9u : batch == 4 ? 33u : 130u)) continue;
       {
         DecodeParams p;
         p.q = s.q; p.arena = s.arena; p.slot_bytes = BB; p.arena_slots = s.slots; p.chunk_tokens = CT; p.chunk_shift = 6;
