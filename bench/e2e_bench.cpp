@@ -228,26 +228,6 @@ Result<E2eConfig> e2e_config(const SuiteArgs& args, bool gpu) {
   return c;
 }
 
-// A fresh directory for NVMe files, removed with everything in it when it
-// goes out of scope, so that each run's files are gone before the next run.
-class WorkDir {
- public:
-  explicit WorkDir(fs::path path) : path_(std::move(path)) {
-    std::error_code ec;
-    fs::create_directories(path_, ec);
-  }
-  WorkDir(const WorkDir&) = delete;
-  WorkDir& operator=(const WorkDir&) = delete;
-  ~WorkDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
 // Report::add with a baseline that is dropped when its part failed, so that
 // one failed part does not take the rest of the report with it; remembers
 // values for figures computed from two results.

@@ -4,8 +4,10 @@
 // ratio = value / that result's value.
 #pragma once
 
+#include <filesystem>
 #include <functional>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -46,6 +48,26 @@ class Report {
   std::string bench_;
   nlohmann::json config_;
   std::vector<Row> rows_;
+};
+
+// A fresh directory for NVMe files, removed with everything in it when it
+// goes out of scope, so that each run's files are gone before the next run.
+class WorkDir {
+ public:
+  explicit WorkDir(std::filesystem::path path) : path_(std::move(path)) {
+    std::error_code ec;
+    std::filesystem::create_directories(path_, ec);
+  }
+  WorkDir(const WorkDir&) = delete;
+  WorkDir& operator=(const WorkDir&) = delete;
+  ~WorkDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
 };
 
 // CPU model, cores, memory, GPUs and versions: enough to tell machines apart.

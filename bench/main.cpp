@@ -25,6 +25,9 @@ constexpr Suite kSuites[] = {
     {"gpu", "GPU kernels: sparse paged decode, block-sparse prefill, gather, append, summaries", kvtier::bench::run_gpu},
     {"selection", "step-to-step top-k overlap by query correlation, needle recall (synthetic model)",
      kvtier::bench::run_selection},
+    {"executor", "the decode executor's own host time per layer step (prepare, plan, the rest): kvtier calibrate's "
+                 "host.*_us (a 2-layer Llama-3.1-8B-shaped run at 32K tokens)",
+     kvtier::bench::run_executor},
     {"e2e", "the whole system on the synthetic model: decode steps/s against dense offload, batch 8, prefill, "
             "overlap, fidelity (minutes; --quick: small shape at 256K tokens)",
      kvtier::bench::run_e2e},

@@ -33,6 +33,12 @@ constexpr ScalarRule kHbmRule{"gpu.hbm_read_gbps", "gpu", "hbm_copy_bw", "GB/s"}
 constexpr ScalarRule kTflopsRule{"gpu.bf16_tflops", "gpu", "cublas_bf16_gemm", "TFLOP/s"};
 constexpr ScalarRule kDuplexRule{"link.duplex_factor", "storage", "h2d_d2h_duplex_32mib", "GB/s"};
 constexpr ScalarRule kLatencyRule{"nvme.latency_us", "storage", "uring_rand_block_read_qd1", "GB/s"};
+// The executor's host time (executor suite, per layer step): prepare per
+// list, plan per selected block, and the rest of the step beyond what the
+// model already prices (scoring at score_gbps, the device waits).
+constexpr ScalarRule kPrepareRule{"host.prepare_us_per_list", "executor", "executor_prepare_us", "us"};
+constexpr ScalarRule kPlanRule{"host.plan_us_per_block", "executor", "executor_plan_us", "us"};
+constexpr ScalarRule kStepRule{"host.step_overhead_us", "executor", "executor_layer_step_us", "us"};
 
 // The link curve: one pinned copy of `bytes` each way (storage suite, h2d_bench.cpp).
 struct LinkPointRule {
@@ -166,8 +172,27 @@ Result<uint32_t> host_cores(const MachineFacts& facts, const SuiteReport& cpu) {
                           ") and the cpu report's config has no \"threads\"");
 }
 
+// host.*_us from the executor report: per list, per block, and the step's
+// remainder after prepare, plan, scoring at h.score_gbps and the device waits.
+Status executor_part(const SuiteReport& ex, HostProfile& h) {
+  KVT_ASSIGN_OR_RETURN(const double step, ex.value(kStepRule));
+  KVT_ASSIGN_OR_RETURN(const double prepare, ex.value(kPrepareRule));
+  KVT_ASSIGN_OR_RETURN(const double plan, ex.value(kPlanRule));
+  KVT_ASSIGN_OR_RETURN(const double waits, ex.value("executor_device_wait_us", "us", "host.step_overhead_us"));
+  KVT_ASSIGN_OR_RETURN(const double lists, ex.value("executor_lists_per_layer_step", "lists", "host.prepare_us_per_list"));
+  KVT_ASSIGN_OR_RETURN(const double blocks,
+                       ex.value("executor_selected_blocks_per_layer_step", "blocks", "host.plan_us_per_block"));
+  KVT_ASSIGN_OR_RETURN(const double score_bytes,
+                       ex.value("executor_score_bytes_per_layer_step", "bytes", "host.step_overhead_us"));
+  h.prepare_us_per_list = prepare / lists;
+  h.plan_us_per_block = plan / blocks;
+  const double score_at_rate_us = score_bytes / (h.score_gbps * 1e3);
+  h.step_overhead_us = std::max(0.0, step - prepare - plan - score_at_rate_us - waits);
+  return Status::ok_status();
+}
+
 Result<HostProfile> host_part(const MachineFacts& facts, const SuiteReport& memory, const SuiteReport& cpu,
-                              const CalibrationInputs& in) {
+                              const SuiteReport& executor, const CalibrationInputs& in) {
   HostProfile h;
   if (facts.memory_bytes == 0) return invalid_argument("host.memory_bytes: the machine facts report no RAM");
   h.memory_bytes = facts.memory_bytes;
@@ -175,12 +200,20 @@ Result<HostProfile> host_part(const MachineFacts& facts, const SuiteReport& memo
   KVT_ASSIGN_OR_RETURN(h.read_gbps, memory.value(kReadRule));
   KVT_ASSIGN_OR_RETURN(h.score_gbps, cpu.value(kScoreRule));
   KVT_ASSIGN_OR_RETURN(h.attend_gbps, cpu.value(kAttendRule));
+  KVT_RETURN_IF_ERROR(executor_part(executor, h));
   const std::string model = facts.cpu.model_name.empty() ? "host" : facts.cpu.model_name;
   h.name = model + ", " + format_bytes(h.memory_bytes);
   h.source = "measured by " + in.origin + ": " +
              rule_list({rule_of(kReadRule), rule_of(kScoreRule), rule_of(kAttendRule)}) +
              " (each with all of the suite's threads); host.memory_bytes = physical RAM (sysconf), host.cores = "
-             "physical cores (hwloc)";
+             "physical cores (hwloc); the decode executor's host time per layer step from the executor suite ("
+             "executor.config.context_tokens = " + executor.config_text("context_tokens", "?") +
+             ", backend " + executor.config_text("backend", "?") +
+             ", every selected block GPU-resident): host.prepare_us_per_list = executor_prepare_us / "
+             "executor_lists_per_layer_step, host.plan_us_per_block = executor_plan_us / "
+             "executor_selected_blocks_per_layer_step, host.step_overhead_us = executor_layer_step_us - "
+             "executor_prepare_us - executor_plan_us - executor_device_wait_us - executor_score_bytes_per_layer_step "
+             "/ host.score_gbps (clamped at 0): what the simulator's other terms do not already price";
   return h;
 }
 
@@ -289,7 +322,9 @@ Status no_gpu_error(const MachineFacts& facts) {
 
 std::vector<CalibrationRule> calibration_rules() {
   std::vector<CalibrationRule> rules;
-  for (const ScalarRule& r : {kReadRule, kScoreRule, kAttendRule, kHbmRule, kTflopsRule}) rules.push_back(rule_of(r));
+  for (const ScalarRule& r : {kReadRule, kScoreRule, kAttendRule, kPrepareRule, kPlanRule, kStepRule, kHbmRule,
+                              kTflopsRule})
+    rules.push_back(rule_of(r));
   for (const LinkPointRule& p : kLinkRules) {
     rules.push_back({link_field("h2d", p.bytes), "storage", p.h2d, "GB/s"});
     rules.push_back({link_field("d2h", p.bytes), "storage", p.d2h, "GB/s"});
@@ -307,7 +342,8 @@ Result<MachineProfile> profile_from_reports(const MachineFacts& facts, const Ben
   KVT_ASSIGN_OR_RETURN(const SuiteReport memory, SuiteReport::open("memory", reports.memory));
   KVT_ASSIGN_OR_RETURN(const SuiteReport storage, SuiteReport::open("storage", reports.storage));
   KVT_ASSIGN_OR_RETURN(const SuiteReport cpu, SuiteReport::open("cpu", reports.cpu));
-  KVT_ASSIGN_OR_RETURN(m.host, host_part(facts, memory, cpu, inputs));
+  KVT_ASSIGN_OR_RETURN(const SuiteReport executor, SuiteReport::open("executor", reports.executor));
+  KVT_ASSIGN_OR_RETURN(m.host, host_part(facts, memory, cpu, executor, inputs));
   KVT_ASSIGN_OR_RETURN(m.nvme, nvme_part(storage, inputs));
   if (!inputs.gpu_preset.empty()) {
     KVT_ASSIGN_OR_RETURN(auto parts, preset_parts(inputs.gpu_preset, inputs));

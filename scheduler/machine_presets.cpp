@@ -144,6 +144,16 @@ struct DdrHost {
 // are memory-bound on the measured host (83 GB/s scoring and block attention
 // at 104 GB/s read, 16 threads: 0.8 of read, 5.2 GB/s per core), so they are
 // modeled as min(0.8 x read, 5.2 GB/s x cores).
+// The decode executor's host time per layer step on the H200 host (16
+// threads, Llama-3.1-8B attention shape, every selected block GPU-resident).
+constexpr double kPrepareUsPerList = 12.4;
+constexpr double kPlanUsPerBlock = 0.484;
+constexpr double kStepOverheadUs = 424;
+constexpr const char* kExecutorSource =
+    "kvtier bench e2e at 128K tokens: prepare 98.9 us / 8 lists, plan 247.8 us / 512 blocks, and 839.8 us per "
+    "layer step less those, less scoring at score_gbps and the device waits, "
+    "bench/results/2026-11-28-e2e-h200-128k-host-overhead.json";
+
 HostProfile ddr_host(const DdrHost& h) {
   const double theoretical_gbps = h.channels * 8.0 * h.mts / 1000.0;
   const double read_gbps = round3(0.75 * theoretical_gbps);
@@ -155,7 +165,10 @@ HostProfile ddr_host(const DdrHost& h) {
   p.cores = h.cores;
   p.score_gbps = cpu_gbps;
   p.attend_gbps = cpu_gbps;
-  char source[2048];
+  p.prepare_us_per_list = kPrepareUsPerList;
+  p.plan_us_per_block = kPlanUsPerBlock;
+  p.step_overhead_us = kStepOverheadUs;
+  char source[4096];
   std::snprintf(
       source, sizeof source,
       "%s. [assumption] %llu GiB RAM, %u cores, %u channels of %s; [spec] JEDEC peak %u x 8 B x %u MT/s = "
@@ -163,9 +176,11 @@ HostProfile ddr_host(const DdrHost& h) {
       "score_gbps = attend_gbps = min(0.8 x read_gbps, 5.2 GB/s x cores), scaled from [measured] 83 GB/s "
       "summary scoring and 83 GB/s block attention at 104 GB/s read with 16 threads and AVX-512 bf16 "
       "(bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json); CPUs without AVX-512 bf16 will be "
-      "slower. Measure with kvtier calibrate.",
+      "slower. [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us: the decode executor's "
+      "host time on the H200 host's 16-vCPU Xeon (%s); a desktop CPU with faster cores will likely spend less. "
+      "Measure with kvtier calibrate.",
       h.platform, static_cast<unsigned long long>(h.memory_gib), h.cores, h.channels, h.ddr, h.channels, h.mts,
-      theoretical_gbps);
+      theoretical_gbps, kExecutorSource);
   p.source = source;
   return p;
 }

@@ -66,6 +66,12 @@ Status check_rate(std::string_view path, double v) {
   return Status::ok_status();
 }
 
+Status check_time(std::string_view path, double v) {
+  if (!std::isfinite(v)) return field_error(path, format_number(v), "must be a finite number");
+  if (v < 0) return field_error(path, format_number(v), "must be >= 0");
+  return Status::ok_status();
+}
+
 Status check_count(std::string_view path, uint64_t v) {
   if (v == 0) return field_error(path, "0", "must be > 0");
   return Status::ok_status();
@@ -303,7 +309,8 @@ Result<LinkProfile> read_link(const json& j) {
 
 Result<HostProfile> read_host(const json& j) {
   KVT_ASSIGN_OR_RETURN(const Fields f, Fields::open(j, "host"));
-  KVT_RETURN_IF_ERROR(f.only({"name", "source", "memory_bytes", "read_gbps", "cores", "score_gbps", "attend_gbps"}));
+  KVT_RETURN_IF_ERROR(f.only({"name", "source", "memory_bytes", "read_gbps", "cores", "score_gbps", "attend_gbps",
+                              "prepare_us_per_list", "plan_us_per_block", "step_overhead_us"}));
   HostProfile h;
   KVT_ASSIGN_OR_RETURN(h.name, f.string("name"));
   KVT_ASSIGN_OR_RETURN(h.source, f.string("source"));
@@ -312,6 +319,16 @@ Result<HostProfile> read_host(const json& j) {
   KVT_ASSIGN_OR_RETURN(h.cores, f.u32("cores"));
   KVT_ASSIGN_OR_RETURN(h.score_gbps, f.number("score_gbps"));
   KVT_ASSIGN_OR_RETURN(h.attend_gbps, f.number("attend_gbps"));
+  // Profiles written before these were measured lack them: say how to get them.
+  for (const char* key : {"prepare_us_per_list", "plan_us_per_block", "step_overhead_us"})
+    if (!j.contains(key))
+      return invalid_argument("machine profile " + f.path(key) +
+                              " is missing (the executor's host time, added to profiles after 2026-11-28): run "
+                              "kvtier calibrate again, or copy the three host.*_us fields from a host preset "
+                              "(kvtier plan --machine ddr5-128g,... uses them)");
+  KVT_ASSIGN_OR_RETURN(h.prepare_us_per_list, f.number("prepare_us_per_list"));
+  KVT_ASSIGN_OR_RETURN(h.plan_us_per_block, f.number("plan_us_per_block"));
+  KVT_ASSIGN_OR_RETURN(h.step_overhead_us, f.number("step_overhead_us"));
   KVT_RETURN_IF_ERROR(validate(h));
   return h;
 }
@@ -596,7 +613,10 @@ Status validate(const HostProfile& h) {
   KVT_RETURN_IF_ERROR(check_rate("host.read_gbps", h.read_gbps));
   KVT_RETURN_IF_ERROR(check_count("host.cores", h.cores));
   KVT_RETURN_IF_ERROR(check_rate("host.score_gbps", h.score_gbps));
-  return check_rate("host.attend_gbps", h.attend_gbps);
+  KVT_RETURN_IF_ERROR(check_rate("host.attend_gbps", h.attend_gbps));
+  KVT_RETURN_IF_ERROR(check_time("host.prepare_us_per_list", h.prepare_us_per_list));
+  KVT_RETURN_IF_ERROR(check_time("host.plan_us_per_block", h.plan_us_per_block));
+  return check_time("host.step_overhead_us", h.step_overhead_us);
 }
 
 Status validate(const NvmeProfile& n) {
@@ -656,7 +676,10 @@ json to_json(const HostProfile& h) {
           {"read_gbps", h.read_gbps},
           {"cores", h.cores},
           {"score_gbps", h.score_gbps},
-          {"attend_gbps", h.attend_gbps}};
+          {"attend_gbps", h.attend_gbps},
+          {"prepare_us_per_list", h.prepare_us_per_list},
+          {"plan_us_per_block", h.plan_us_per_block},
+          {"step_overhead_us", h.step_overhead_us}};
 }
 
 json to_json(const NvmeProfile& n) {

@@ -146,6 +146,11 @@ Status validate(const CostRates& r) {
       return invalid_argument(std::string("cost rates: ") + name + " = " + std::to_string(v) + ": must be > 0");
   if (!std::isfinite(r.nvme_latency_us) || r.nvme_latency_us < 0)
     return invalid_argument("cost rates: nvme_latency_us = " + std::to_string(r.nvme_latency_us) + ": must be >= 0");
+  const std::array<std::pair<const char*, double>, 3> host{
+      {{"host_list_us", r.host_list_us}, {"host_block_us", r.host_block_us}, {"host_step_us", r.host_step_us}}};
+  for (const auto& [name, v] : host)
+    if (!std::isfinite(v) || v < 0)
+      return invalid_argument(std::string("cost rates: ") + name + " = " + std::to_string(v) + ": must be >= 0");
   if (!std::isfinite(r.launch_us) || r.launch_us < 0)
     return invalid_argument("cost rates: launch_us = " + std::to_string(r.launch_us) + ": must be >= 0");
   return Status::ok_status();
@@ -181,6 +186,9 @@ std::string_view task_kind_name(TaskKind kind) {
     case TaskKind::kCpuAttend: return "cpu_attend";
     case TaskKind::kMerge: return "merge";
     case TaskKind::kWriteBack: return "write_back";
+    case TaskKind::kPrepare: return "prepare";
+    case TaskKind::kPlan: return "plan";
+    case TaskKind::kFinish: return "finish";
   }
   return "?";
 }
@@ -206,18 +214,28 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   LayerPlan plan;
   Census c = take_census(in, plan.heads);
 
+  // The executor's host work before anything else: one append and hot-set
+  // refresh per (sequence, KV head), which also launches the hot attention.
+  const uint32_t lists = static_cast<uint32_t>(plan.heads.size());
+  const uint32_t prepare = add(plan, TaskKind::kPrepare, Lane::kCpu, 0, 0, lists * rt.host_list_us, {});
   // Scoring reads every far block's summary; top-k reads the scores.
   const uint64_t score_bytes = c.far_blocks * summary_row_bytes(in.shape, in.policy.summary_kind);
-  const uint32_t score = add(plan, TaskKind::kScore, Lane::kCpu, score_bytes, 0, us_for(score_bytes, rt.cpu_score_gbps), {});
+  const uint32_t score =
+      add(plan, TaskKind::kScore, Lane::kCpu, score_bytes, 0, us_for(score_bytes, rt.cpu_score_gbps), {prepare});
   const uint32_t topk = add(plan, TaskKind::kTopk, Lane::kCpu, c.far_blocks * 4, 0,
                             us_for(c.far_blocks * 4, rt.cpu_score_gbps), {score});
   plan.hot_bytes = c.hot_blocks * block_bytes;
   const uint32_t hot = add(plan, TaskKind::kGpuAttendHot, Lane::kGpu, plan.hot_bytes, static_cast<uint32_t>(c.hot_blocks),
-                           rt.launch_us + us_for(plan.hot_bytes, rt.gpu_attend_gbps), {});
+                           rt.launch_us + us_for(plan.hot_bytes, rt.gpu_attend_gbps), {prepare});
+  // The plan node: where each selected block is, the plan, pins, I/O issue.
+  const uint32_t selected = c.gpu + static_cast<uint32_t>(c.host.size() + c.nvme.size() + c.reading.size());
+  const uint32_t planned =
+      add(plan, TaskKind::kPlan, Lane::kCpu, 0, selected, selected * rt.host_block_us, {topk});
 
   Timeline t;
-  t.topk_end = plan.tasks[score].cost_us + plan.tasks[topk].cost_us;
-  t.hot_end = plan.tasks[hot].cost_us;
+  t.topk_end = plan.tasks[prepare].cost_us + plan.tasks[score].cost_us + plan.tasks[topk].cost_us +
+               plan.tasks[planned].cost_us;
+  t.hot_end = plan.tasks[prepare].cost_us + plan.tasks[hot].cost_us;
   t.per_block_cpu = us_for(block_bytes, rt.cpu_attend_gbps);
   t.per_block_h2d = us_for(block_bytes, rt.h2d_gbps);
   t.per_block_gpu = us_for(block_bytes, rt.gpu_attend_gbps);
@@ -256,15 +274,15 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   std::vector<uint32_t> read_tasks;
   if (!pending.empty())
     read_tasks.push_back(add(plan, TaskKind::kNvmeRead, Lane::kNvme, plan.nvme_read_bytes, new_reads,
-                             rt.nvme_latency_us + us_for(plan.nvme_read_bytes, rt.nvme_read_gbps), {topk}));
+                             rt.nvme_latency_us + us_for(plan.nvme_read_bytes, rt.nvme_read_gbps), {planned}));
 
   std::vector<uint32_t> merge_after{hot};
   if (uploads > 0 || c.gpu > 0) {
-    std::vector<uint32_t> after{hot, topk};
+    std::vector<uint32_t> after{hot, planned};
     if (uploads > 0) {
       plan.uploaded_bytes = uint64_t{uploads} * block_bytes;
       after.push_back(add(plan, TaskKind::kUpload, Lane::kCopyH2d, plan.uploaded_bytes, uploads,
-                          rt.launch_us + us_for(plan.uploaded_bytes, rt.h2d_gbps), {topk}));
+                          rt.launch_us + us_for(plan.uploaded_bytes, rt.h2d_gbps), {planned}));
     }
     const uint64_t bytes = uint64_t{c.gpu + uploads} * block_bytes;
     merge_after.push_back(add(plan, TaskKind::kGpuAttendSelected, Lane::kGpu, bytes, c.gpu + uploads,
@@ -274,14 +292,14 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   if (host_cpu > 0) {
     const uint64_t bytes = uint64_t{host_cpu} * block_bytes;
     merge_after.push_back(add(plan, TaskKind::kCpuAttend, Lane::kCpu, bytes, host_cpu,
-                              us_for(bytes, rt.cpu_attend_gbps), {topk}));
+                              us_for(bytes, rt.cpu_attend_gbps), {planned}));
   }
   // Blocks read from NVMe in time, and the far-field term of late ones (one
   // summary row each), once the reads have landed.
   if (in_time > 0 || plan.late_blocks > 0) {
     const uint64_t bytes = uint64_t{in_time} * block_bytes +
                            uint64_t{plan.late_blocks} * summary_row_bytes(in.shape, SummaryKind::kMeanF32) * 2;
-    std::vector<uint32_t> after{topk};
+    std::vector<uint32_t> after{planned};
     if (in_time > 0) after.insert(after.end(), read_tasks.begin(), read_tasks.end());
     merge_after.push_back(add(plan, TaskKind::kCpuAttend, Lane::kCpu, bytes, in_time, us_for(bytes, rt.cpu_attend_gbps),
                               std::move(after)));
@@ -290,8 +308,9 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   // Merge: every partial state of every q head, read once on the GPU.
   const uint64_t rows = in.batch.size() * uint64_t{in.shape.q_heads};
   const uint64_t merge_bytes = merge_after.size() * rows * (in.shape.head_dim + 1) * 4;
-  add(plan, TaskKind::kMerge, Lane::kGpu, merge_bytes, 0, rt.launch_us + us_for(merge_bytes, rt.gpu_attend_gbps),
-      std::move(merge_after));
+  const uint32_t merge = add(plan, TaskKind::kMerge, Lane::kGpu, merge_bytes, 0,
+                             rt.launch_us + us_for(merge_bytes, rt.gpu_attend_gbps), std::move(merge_after));
+  add(plan, TaskKind::kFinish, Lane::kCpu, 0, 0, rt.host_step_us, {merge});
 
   // Completed tail blocks go home off the critical path.
   if (c.completed > 0) {

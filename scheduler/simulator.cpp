@@ -189,6 +189,9 @@ CostRates rates_from_profile(const MachineProfile& m, const ModelShape& shape, c
   r.nvme_write_gbps = m.nvme.write_gbps_at(block, k.nvme_queue_depth);
   r.nvme_latency_us = m.nvme.latency_us;
   r.launch_us = k.launch_us;
+  r.host_list_us = m.host.prepare_us_per_list;
+  r.host_block_us = m.host.plan_us_per_block;
+  r.host_step_us = m.host.step_overhead_us;
   return r;
 }
 
@@ -486,9 +489,16 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               num(m.nvme.latency_us) + " us per read batch");
   a.push_back("cpu_attend_gbps = host.attend_gbps, cpu_score_gbps = host.score_gbps (all cores)");
   a.push_back("launch_us = " + num(k.launch_us) + " per kernel or copy batch (merge kernel measured ~5 us)");
+  a.push_back("the executor's own host time per layer step, serial with the devices (host profile, from kvtier "
+              "calibrate running the executor): prepare " + num(m.host.prepare_us_per_list) +
+              " us per (sequence, KV head) before scoring, plan " + num(m.host.plan_us_per_block) +
+              " us per selected block between top-k and the devices, and " + num(m.host.step_overhead_us) +
+              " us per layer step after the merge (hand-offs, scoring beyond score_gbps, write-back bookkeeping); "
+              "measured with every selected block GPU-resident, so pins, uploads and read issue of blocks "
+              "elsewhere may cost more");
   a.push_back("full model: per step, the weights are read once at hbm_read_gbps while the batch's GEMMs (2 x "
               "parameters x batch FLOPs) run at bf16_tflops; the slower of the two is added to the attention "
-              "step; KV append, norms, sampling and the host's share of a step are not modeled");
+              "step; KV append, norms and sampling are not modeled");
   a.push_back("prefill (one sequence), as the executor runs it: query blocks of " +
               std::to_string(k.prefill_query_block_tokens) +
               " tokens; per block, first the front: the block's K/V staged into chunks (a host copy at "

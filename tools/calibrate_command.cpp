@@ -82,7 +82,7 @@ Result<nlohmann::json> run_suite(const std::string& bench, const std::string& su
                                  std::ostream& err) {
   std::vector<std::string> argv{bench, suite, "--json"};
   if (o.quick) argv.push_back("--quick");
-  if (suite == "storage") argv.insert(argv.end(), {"--dir", o.dir});
+  if (suite == "storage" || suite == "executor") argv.insert(argv.end(), {"--dir", o.dir});
   err << "kvtier calibrate: running kvtier-bench " << suite << (o.quick ? " --quick" : "") << "\n" << std::flush;
   const auto started = std::chrono::steady_clock::now();
   KVT_ASSIGN_OR_RETURN(const ChildResult child, run_child(argv, err, "  "));
@@ -110,6 +110,7 @@ Result<runtime::BenchReports> run_suites(const Options& o, bool measure_gpu, std
   KVT_ASSIGN_OR_RETURN(r.memory, run_suite(bench, "memory", o, err));
   KVT_ASSIGN_OR_RETURN(r.storage, run_suite(bench, "storage", o, err));
   KVT_ASSIGN_OR_RETURN(r.cpu, run_suite(bench, "cpu", o, err));
+  KVT_ASSIGN_OR_RETURN(r.executor, run_suite(bench, "executor", o, err));
   if (measure_gpu) {
     KVT_ASSIGN_OR_RETURN(r.gpu, run_suite(bench, "gpu", o, err));
   }
@@ -168,6 +169,9 @@ std::string profile_text(const runtime::MachineProfile& m, bool gpu_from_preset)
   os << "machine profile: " << m.name << "\n"
      << "  host  " << m.host.name << ": " << m.host.cores << " cores, read " << gbps(m.host.read_gbps)
      << " GB/s, score " << gbps(m.host.score_gbps) << " GB/s, attend " << gbps(m.host.attend_gbps) << " GB/s\n"
+     << "        executor host time: prepare " << gbps(m.host.prepare_us_per_list) << " us per list, plan "
+     << gbps(m.host.plan_us_per_block) << " us per block, " << gbps(m.host.step_overhead_us)
+     << " us more per layer step\n"
      << "  gpu   " << m.gpu.name << how << ": " << format_bytes(m.gpu.memory_bytes) << ", " << m.gpu.sm_count
      << " SMs, " << gbps(m.gpu.hbm_read_gbps) << " GB/s, " << gbps(m.gpu.bf16_tflops) << " bf16 TFLOP/s\n"
      << "  link  " << m.link.name << how << ", duplex " << gbps(m.link.duplex_factor) << "\n"

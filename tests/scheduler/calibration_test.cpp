@@ -70,6 +70,23 @@ json storage_report(bool with_link) {
                 {{"dir", "/data/kv"}, {"fs_type", {{"f_type", "0xef53"}, {"name", "ext4"}}}});
 }
 
+// 900 us per layer step: prepare 96 over 8 lists, plan 256 over 512 blocks,
+// device waits 20, and 4.85 MB of summaries, 100 us at the cpu report's 48.5 GB/s.
+json executor_report(double layer_step_us = 900) {
+  return report("executor",
+                {{"executor_layer_step_us", layer_step_us, "us"},
+                 {"executor_prepare_us", 96, "us"},
+                 {"executor_score_us", 300, "us"},
+                 {"executor_plan_us", 256, "us"},
+                 {"executor_device_wait_us", 20, "us"},
+                 {"executor_write_back_us", 70, "us"},
+                 {"executor_lists_per_layer_step", 8, "lists"},
+                 {"executor_selected_blocks_per_layer_step", 512, "blocks"},
+                 {"executor_gpu_resident_share", 1, "fraction"},
+                 {"executor_score_bytes_per_layer_step", 4.85e6, "bytes"}},
+                {{"context_tokens", 32768}, {"backend", "cuda:0 (NVIDIA GeForce RTX 4090)"}});
+}
+
 json gpu_report() {
   return report("gpu", {{"hbm_copy_bw", 940.0}, {"decode_sparse_b1", 300.0}, {"cublas_bf16_gemm", 150.5, "TFLOP/s"}});
 }
@@ -96,7 +113,8 @@ MachineFacts facts(bool with_gpu) {
 }
 
 BenchReports reports(bool with_gpu) {
-  return {memory_report(), storage_report(with_gpu), cpu_report(), with_gpu ? gpu_report() : json()};
+  return {memory_report(), storage_report(with_gpu), cpu_report(), with_gpu ? gpu_report() : json(),
+          executor_report()};
 }
 
 CalibrationInputs inputs(std::string gpu_preset = "") {
@@ -128,6 +146,9 @@ TEST_CASE("a GPU machine: every field comes from its rule") {
   CHECK(m.host.read_gbps == 61.0);
   CHECK(m.host.score_gbps == 48.5);
   CHECK(m.host.attend_gbps == 47.0);
+  CHECK(m.host.prepare_us_per_list == doctest::Approx(12.0));
+  CHECK(m.host.plan_us_per_block == doctest::Approx(0.5));
+  CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 100 - 20));
   CHECK(contains(m.host.name, "AMD Ryzen 9 7950X"));
 
   CHECK(m.gpu.name == "NVIDIA GeForce RTX 4090");
@@ -161,6 +182,14 @@ TEST_CASE("a GPU machine: every field comes from its rule") {
   CHECK(m.nvme.read_gbps_at(kMiB, 32) == doctest::Approx(7.0));
 }
 
+TEST_CASE("the executor's step overhead is what the other terms leave, never negative") {
+  BenchReports r = reports(true);
+  r.executor = executor_report(400);  // less than prepare + plan + scoring + waits
+  const MachineProfile m = calibrated(facts(true), r, inputs());
+  CHECK(m.host.step_overhead_us == 0.0);
+  CHECK(m.host.prepare_us_per_list == doctest::Approx(12.0));
+}
+
 TEST_CASE("every part's source names the date and the results it came from") {
   const MachineProfile m = calibrated(facts(true), reports(true), inputs());
   for (const std::string* source : {&m.gpu.source, &m.link.source, &m.host.source, &m.nvme.source}) {
@@ -169,6 +198,8 @@ TEST_CASE("every part's source names the date and the results it came from") {
   }
   CHECK(contains(m.host.source, "host.read_gbps = memory:read_gbps_all_threads"));
   CHECK(contains(m.host.source, "host.score_gbps = cpu:summary_scoring_1m"));
+  CHECK(contains(m.host.source, "host.plan_us_per_block = executor_plan_us / executor_selected_blocks_per_layer_step"));
+  CHECK(contains(m.host.source, "context_tokens = 32768"));
   CHECK(contains(m.gpu.source, "gpu.hbm_read_gbps = gpu:hbm_copy_bw"));
   CHECK(contains(m.gpu.source, "gpu.bf16_tflops = gpu:cublas_bf16_gemm"));
   CHECK(contains(m.link.source, "h2d_copy_4kib"));
@@ -199,13 +230,15 @@ TEST_CASE("a missing result is an error naming the suite and the result") {
                         Case{"cpu", "block_attention_host"}, Case{"storage", "uring_seq_read_1m_qd1"},
                         Case{"storage", "uring_block_write_qd64"}, Case{"storage", "h2d_copy_256kib"},
                         Case{"storage", "h2d_d2h_duplex_32mib"}, Case{"gpu", "hbm_copy_bw"},
-                        Case{"gpu", "cublas_bf16_gemm"}}) {
+                        Case{"gpu", "cublas_bf16_gemm"}, Case{"executor", "executor_plan_us"},
+                        Case{"executor", "executor_score_bytes_per_layer_step"}}) {
     CAPTURE(c.result);
     BenchReports r = reports(true);
-    json& target = std::string(c.suite) == "memory"    ? r.memory
-                   : std::string(c.suite) == "cpu"     ? r.cpu
-                   : std::string(c.suite) == "storage" ? r.storage
-                                                       : r.gpu;
+    json& target = std::string(c.suite) == "memory"     ? r.memory
+                   : std::string(c.suite) == "cpu"      ? r.cpu
+                   : std::string(c.suite) == "storage"  ? r.storage
+                   : std::string(c.suite) == "executor" ? r.executor
+                                                        : r.gpu;
     json& results = target["results"];
     const size_t before = results.size();
     for (auto it = results.begin(); it != results.end(); ++it)
@@ -274,8 +307,8 @@ TEST_CASE("host.cores falls back to the cpu suite's threads without a topology")
 
 TEST_CASE("calibration_rules lists every measured field once") {
   const std::vector<CalibrationRule> rules = calibration_rules();
-  // 5 scalars, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
-  CHECK(rules.size() == 5 + 10 + 1 + 16 + 1);
+  // 5 scalars, 3 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
+  CHECK(rules.size() == 5 + 3 + 10 + 1 + 16 + 1);
   for (size_t i = 0; i < rules.size(); ++i)
     for (size_t k = i + 1; k < rules.size(); ++k) CHECK(rules[i].field != rules[k].field);
   const auto has = [&](std::string_view field, std::string_view result) {
@@ -284,6 +317,7 @@ TEST_CASE("calibration_rules lists every measured field once") {
     return false;
   };
   CHECK(has("host.read_gbps", "read_gbps_all_threads"));
+  CHECK(has("host.step_overhead_us", "executor_layer_step_us"));
   CHECK(has("link.h2d[32 MiB].gbps", "h2d_single_copy_32mib"));
   CHECK(has("nvme.read[1 MiB, QD64].gbps", "ceiling_seq_read_1m_qd64"));
   CHECK(has("nvme.write[32 KiB, QD32].gbps", "uring_block_write_qd32"));

@@ -239,6 +239,8 @@ TEST_CASE("impossible machines are rejected with the field's path") {
       {"zero cores", json::json_pointer("/host/cores"), 0, "host.cores = 0: must be > 0"},
       {"string rate", json::json_pointer("/host/attend_gbps"), "fast", "host.attend_gbps = \"fast\": must be a number"},
       {"empty name", json::json_pointer("/host/name"), "", "host.name is empty"},
+      {"negative host time", json::json_pointer("/host/plan_us_per_block"), -0.5,
+       "host.plan_us_per_block = -0.5: must be >= 0"},
       {"negative curve point", json::json_pointer("/link/h2d/0/gbps"), -1, "link.h2d[0].gbps = -1: must be > 0"},
       {"zero-byte point", json::json_pointer("/link/d2h/2/bytes"), 0, "link.d2h[2].bytes = 0: must be > 0"},
       {"empty curve", json::json_pointer("/link/h2d"), json::array(), "link.h2d is empty"},
@@ -263,6 +265,10 @@ TEST_CASE("impossible machines are rejected with the field's path") {
     json j = reference_json();
     j["nvme"].erase("latency_us");
     CHECK(parse_error(j).find("machine profile nvme.latency_us is missing") != std::string::npos);
+    j = reference_json();
+    j["host"].erase("step_overhead_us");  // a profile from before the executor's host time was measured
+    CHECK(parse_error(j).find("host.step_overhead_us is missing") != std::string::npos);
+    CHECK(parse_error(j).find("run kvtier calibrate again") != std::string::npos);
     j = reference_json();
     j.erase("gpu");
     CHECK(parse_error(j).find("machine profile gpu is missing") != std::string::npos);

@@ -112,8 +112,34 @@ TEST_CASE("planner: a 1M-token context has 66 hot chunks per KV head and 16318 f
   CHECK(count_kind(p, TaskKind::kCpuAttend) == 0);
   CHECK(count_kind(p, TaskKind::kNvmeRead) == 0);
   CHECK(p.late_blocks == 0);
-  // The hot-set kernel needs no selection: nothing runs before it.
-  CHECK(only(p, TaskKind::kGpuAttendHot).after.empty());
+  // The hot-set kernel needs no selection: only the prepare step runs before it.
+  const Task& hot = only(p, TaskKind::kGpuAttendHot);
+  REQUIRE(hot.after.size() == 1);
+  CHECK(p.tasks[hot.after[0]].kind == TaskKind::kPrepare);
+}
+
+TEST_CASE("planner: the executor's host time lies on the critical path") {
+  const std::vector<SequenceStep> batch{sequence(1u << 20, 64, Residency::kGpu)};
+  PlanInputs in = inputs(batch);
+  const LayerPlan without = plan_ok(in);
+  in.rates.host_list_us = 10;
+  in.rates.host_block_us = 0.5;
+  in.rates.host_step_us = 100;
+  const LayerPlan with = plan_ok(in);
+  check_invariants(in, with);
+  CHECK(only(with, TaskKind::kPrepare).cost_us == doctest::Approx(8 * 10.0));
+  CHECK(only(with, TaskKind::kPlan).cost_us == doctest::Approx(512 * 0.5));
+  CHECK(only(with, TaskKind::kPlan).blocks == 512);
+  CHECK(only(with, TaskKind::kFinish).cost_us == doctest::Approx(100.0));
+  // Scoring 1M tokens' summaries (~420 us) outlasts the hot-set kernel, so
+  // prepare -> score -> top-k -> plan -> attend -> merge -> finish is the
+  // critical path and each host term adds to the step once.
+  CHECK(with.estimated_us == doctest::Approx(without.estimated_us + 80 + 256 + 100));
+  // Nothing but the prepare step precedes scoring; every device task after top-k waits for the plan.
+  CHECK(only(with, TaskKind::kScore).after.size() == 1);
+  CHECK(only(with, TaskKind::kGpuAttendSelected).after.size() == 2);
+  in.rates.host_block_us = -1;
+  CHECK(plan_layer(in).status().message().find("host_block_us = -1") != std::string::npos);
 }
 
 TEST_CASE("planner: host blocks are split so that the CPU and the GPU paths end together") {

@@ -25,6 +25,7 @@ struct BenchReports {
   nlohmann::json storage;  // suite storage, with its h2d/d2h link figures on a GPU host
   nlohmann::json cpu;      // suite cpu
   nlohmann::json gpu;      // suite gpu; null when it did not run (no GPU, or a GPU preset replaces it)
+  nlohmann::json executor;  // suite executor: the decode executor's host time (host.*_us)
 };
 
 struct CalibrationInputs {
@@ -41,7 +42,7 @@ struct CalibrationInputs {
 // One profile field and the bench result it comes from.
 struct CalibrationRule {
   std::string field;   // "host.read_gbps", "nvme.read[32 KiB, QD8].gbps"
-  std::string suite;   // "memory", "storage", "cpu", "gpu"
+  std::string suite;   // "memory", "storage", "cpu", "gpu", "executor"
   std::string result;  // "read_gbps_all_threads"
   std::string unit;    // the unit the report must give: "GB/s", "TFLOP/s"
 };
@@ -50,7 +51,7 @@ struct CalibrationRule {
 std::vector<CalibrationRule> calibration_rules();
 
 // The profile the reports measure. The host part comes from facts (cores,
-// RAM) and the memory and cpu reports; the nvme part from the storage report
+// RAM) and the memory, cpu and executor reports; the nvme part from the storage report
 // and inputs.nvme_capacity_bytes; the gpu part from facts (name, memory,
 // SMs) and the gpu report, the link part from the storage report's link
 // figures; or both from inputs.gpu_preset. Errors name the suite and the

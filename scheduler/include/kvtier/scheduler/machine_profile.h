@@ -14,7 +14,9 @@
 //               "h2d": [ {"bytes": uint, "gbps": number}, ... ],
 //               "d2h": [ {"bytes": uint, "gbps": number}, ... ] },
 //     "host": { "name", "source", "memory_bytes": uint, "read_gbps": number,
-//               "cores": uint, "score_gbps": number, "attend_gbps": number },
+//               "cores": uint, "score_gbps": number, "attend_gbps": number,
+//               "prepare_us_per_list": number >= 0, "plan_us_per_block": number >= 0,
+//               "step_overhead_us": number >= 0 },
 //     "nvme": { "name", "source", "capacity_bytes": uint, "latency_us": number,
 //               "read":  [ {"request_bytes": uint, "queue_depth": uint, "gbps": number}, ... ],
 //               "write": [ same ] } }
@@ -94,6 +96,11 @@ struct HostProfile {
   uint32_t cores = 0;         // physical cores kvtier may use
   double score_gbps = 0;      // summary bytes scored per second by all cores (DESIGN.md section 3)
   double attend_gbps = 0;     // bf16 K/V bytes of host-resident blocks attended per second by all cores
+  // The decode executor's own serial host time on this CPU (kvtier calibrate
+  // runs the executor to measure it; planner.h CostRates::host_*_us):
+  double prepare_us_per_list = 0;  // per (sequence, KV head) and layer step
+  double plan_us_per_block = 0;    // per selected block
+  double step_overhead_us = 0;     // per layer step
   friend bool operator==(const HostProfile&, const HostProfile&) = default;
 };
 

@@ -7,11 +7,14 @@
 //
 // The graph of one layer step:
 //
-//   score (cpu) -> top-k (cpu) -+-> nvme reads -> (late: summary) ...
-//                               +-> uploads (copy engine) -> gpu attend selected -+
-//                               +-> cpu attend host blocks (+ far field) ---------+-> merge
-//   gpu attend sinks + window (needs no selection: starts at once) --------------+
+//   prepare (host) -+-> score (cpu) -> top-k (cpu) -> plan (host) -+-> nvme reads -> (late: summary) ...
+//                   |                     +-> uploads (copy engine) -> gpu attend selected -+
+//                   |                     +-> cpu attend host blocks (+ far field) ---------+-> merge -> finish (host)
+//                   +-> gpu attend sinks + window (needs no selection) --------------------+
 //   write back a block completed by this step's append (copy d2h, then its home)
+//
+// prepare, plan and finish are the executor's own serial host work (the
+// host_*_us rates); they run on the cpu lane.
 //
 // The choice the cost model makes: each selected block that lives in host
 // memory is either attended by the CPU where it lies or uploaded and attended
@@ -70,6 +73,12 @@ struct CostRates {
   double nvme_write_gbps = 0;
   double nvme_latency_us = 0;  // one block read at that depth
   double launch_us = 0;        // fixed cost of one kernel or copy batch
+  // The executor's own host time, serial with the devices (kvtier calibrate
+  // measures it by running the executor; 0 leaves it out of the model):
+  double host_list_us = 0;   // prepare, per (sequence, KV head): append, hot-set pins, launches
+  double host_block_us = 0;  // the plan node, per selected block: residency, planning, pins, I/O issue
+  double host_step_us = 0;   // per layer step: task hand-offs, top-k and scoring beyond the scoring
+                             // rate, write-back bookkeeping
 };
 
 // Checks that every rate is finite and > 0 (latencies >= 0), naming the field.
@@ -107,6 +116,9 @@ enum class TaskKind : uint8_t {
   kCpuAttend,    // selected blocks in host memory, plus the far field of late ones
   kMerge,        // the partial states, by log-sum-exp (on the GPU)
   kWriteBack,    // completed tail blocks: GPU -> host, and on to NVMe where that is their home
+  kPrepare,      // executor host work before scoring: appends, hot-set pins, launches (host_list_us)
+  kPlan,         // executor host work between top-k and the devices (host_block_us)
+  kFinish,       // executor host work per layer step beyond the tasks' own (host_step_us)
 };
 std::string_view task_kind_name(TaskKind kind);
 

@@ -1,0 +1,101 @@
+// `kvtier bench executor`: the decode executor's own host time per layer
+// step, for kvtier calibrate (host.prepare_us_per_list, plan_us_per_block,
+// step_overhead_us of the machine profile) and for issue-6 work on it.
+//
+// One sequence of the Llama-3.1-8B attention shape, cut to two layers (every
+// layer step does the same work), at 32K tokens (16K with --quick), with
+// budgets that keep every block in GPU slots: after prefill, decode steps at
+// query correlation 0.9 are timed by the executor's phase timers. Every
+// selected block is GPU-resident, so the plan node prices its cheapest case.
+// Without a GPU the executor runs on its CPU stand-in, as kvtier does there.
+#include <unistd.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <iostream>
+#include <string>
+
+#include "harness.h"
+#include "kvtier/core/policy.h"
+#include "kvtier/core/shape.h"
+#include "kvtier/runtime/synthetic_run.h"
+#include "suites.h"
+
+namespace kvtier::bench {
+namespace {
+
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+constexpr uint32_t kLayers = 2;
+
+// Summary bytes the scorer reads per far block and KV head (docs/plan.md).
+uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
+  switch (kind) {
+    case SummaryKind::kMeanF32: return uint64_t{shape.head_dim} * 4;
+    case SummaryKind::kMeanBf16: return uint64_t{shape.head_dim} * 2;
+    case SummaryKind::kMinMaxF32: return uint64_t{shape.head_dim} * 12;
+  }
+  return uint64_t{shape.head_dim} * 4;
+}
+
+}  // namespace
+
+int run_executor(const SuiteArgs& args) {
+  runtime::SyntheticRunConfig run;
+  run.engine.shape = llama31_8b_shape();
+  run.engine.shape.layers = kLayers;
+  run.engine.gpu_bytes = kGiB;  // 32K tokens are 256 MiB of KV over two layers
+  run.engine.host_bytes = kGiB;
+  run.engine.cpu_threads = args.threads;
+  run.context_tokens = args.quick ? 16384 : 32768;
+  run.decode_steps = args.quick ? 16 : 48;
+  run.warmup_steps = 4;
+  run.prefill_block = 8192;
+  run.query_correlation = 0.9;
+  run.seed = 20261128;
+  const std::filesystem::path root =
+      std::filesystem::path(args.dir) / ("kvtier-bench-executor-" + std::to_string(::getpid()));
+  const WorkDir dir(root);
+  run.engine.nvme_dir = dir.path();
+
+  Report report("executor",
+                {{"shape", "Llama-3.1-8B attention (32 q heads, 8 KV heads, head dim 128), 2 layers"},
+                 {"context_tokens", run.context_tokens},
+                 {"policy", to_string(run.engine.policy)},
+                 {"budgets", "gpu 1 GiB, host 1 GiB: every block in GPU slots"},
+                 {"decode_steps", run.decode_steps},
+                 {"query_correlation", run.query_correlation},
+                 {"threads", args.threads},
+                 {"statistic", "the executor's phase timers summed over the timed layer steps, per layer step"}});
+  const Result<runtime::SyntheticRunReport> r = runtime::run_synthetic(run);
+  if (!r.ok()) {
+    std::cerr << "kvtier bench executor: " << r.status().to_string() << "\n";
+    return 1;
+  }
+  const scheduler::ExecutorStats& x = r->stats;
+  if (x.layer_steps == 0 || x.selected_blocks == 0) {
+    std::cerr << "kvtier bench executor: the run timed no layer step with a selection\n";
+    return 1;
+  }
+  const double n = static_cast<double>(x.layer_steps);
+  const ChunkRanges ranges = chunk_ranges(run.engine.policy, run.context_tokens + run.warmup_steps + run.decode_steps / 2);
+  const double score_bytes = static_cast<double>(ranges.far_end - ranges.far_begin) * run.engine.shape.kv_heads *
+                             summary_row_bytes(run.engine.shape, run.engine.policy.summary_kind);
+  report.set_config("backend", r->backend);
+  report.add("executor_layer_step_us", x.decode_us / n, "us");
+  report.add("executor_prepare_us", x.prepare_us / n, "us", "executor_layer_step_us");
+  report.add("executor_score_us", x.score_us / n, "us", "executor_layer_step_us");
+  report.add("executor_plan_us", x.plan_us / n, "us", "executor_layer_step_us");
+  report.add("executor_device_wait_us", (x.gpu_wait_us + x.cpu_attend_us + x.upload_wait_us + x.read_wait_us) / n,
+             "us", "executor_layer_step_us");
+  report.add("executor_write_back_us", x.merge_us / n, "us", "executor_layer_step_us");
+  report.add("executor_lists_per_layer_step", run.engine.shape.kv_heads, "lists");
+  report.add("executor_selected_blocks_per_layer_step", static_cast<double>(x.selected_blocks) / n, "blocks");
+  report.add("executor_gpu_resident_share", static_cast<double>(x.gpu_resident_blocks) / x.selected_blocks,
+             "fraction");
+  report.add("executor_score_bytes_per_layer_step", score_bytes, "bytes");
+  report.add("decode_steps_per_s", r->decode_steps_per_s, "steps/s");
+  report.print(args);
+  return 0;
+}
+
+}  // namespace kvtier::bench
