@@ -19,6 +19,7 @@
 #include "kvtier/core/policy.h"
 #include "kvtier/core/shape.h"
 #include "kvtier/runtime/synthetic_run.h"
+#include "kvtier/scheduler/planner.h"
 #include "suites.h"
 
 namespace kvtier::bench {
@@ -26,16 +27,6 @@ namespace {
 
 constexpr uint64_t kGiB = uint64_t{1} << 30;
 constexpr uint32_t kLayers = 2;
-
-// Summary bytes the scorer reads per far block and KV head (docs/plan.md).
-uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
-  switch (kind) {
-    case SummaryKind::kMeanF32: return uint64_t{shape.head_dim} * 4;
-    case SummaryKind::kMeanBf16: return uint64_t{shape.head_dim} * 2;
-    case SummaryKind::kMinMaxF32: return uint64_t{shape.head_dim} * 12;
-  }
-  return uint64_t{shape.head_dim} * 4;
-}
 
 }  // namespace
 
@@ -79,7 +70,7 @@ int run_executor(const SuiteArgs& args) {
   const double n = static_cast<double>(x.layer_steps);
   const ChunkRanges ranges = chunk_ranges(run.engine.policy, run.context_tokens + run.warmup_steps + run.decode_steps / 2);
   const double score_bytes = static_cast<double>(ranges.far_end - ranges.far_begin) * run.engine.shape.kv_heads *
-                             summary_row_bytes(run.engine.shape, run.engine.policy.summary_kind);
+                             scheduler::summary_row_bytes(run.engine.shape, run.engine.policy.summary_kind);
   report.set_config("backend", r->backend);
   report.add("executor_layer_step_us", x.decode_us / n, "us");
   report.add("executor_prepare_us", x.prepare_us / n, "us", "executor_layer_step_us");

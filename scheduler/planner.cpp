@@ -17,17 +17,6 @@ constexpr const char* kWhat = "plan_layer";
 double us_for(uint64_t bytes, double gbps) { return static_cast<double>(bytes) / (gbps * 1e3); }
 
 
-// Bytes the scorer reads per far block and KV head.
-uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
-  const uint64_t f32_row = (uint64_t{shape.head_dim} + 15) / 16 * 16 * 4;
-  switch (kind) {
-    case SummaryKind::kMeanF32: return f32_row;
-    case SummaryKind::kMeanBf16: return (uint64_t{shape.head_dim} + 31) / 32 * 32 * 2;
-    case SummaryKind::kMinMaxF32: return 3 * f32_row;
-  }
-  return f32_row;
-}
-
 Status check_inputs(const PlanInputs& in) {
   KVT_RETURN_IF_ERROR(validate(in.shape));
   KVT_RETURN_IF_ERROR(validate(in.policy));
@@ -132,6 +121,16 @@ uint32_t add(LayerPlan& plan, TaskKind kind, Lane lane, uint64_t bytes, uint32_t
 }
 
 }  // namespace
+
+uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
+  const uint64_t f32_row = (uint64_t{shape.head_dim} + 15) / 16 * 16 * 4;
+  switch (kind) {
+    case SummaryKind::kMeanF32: return f32_row;
+    case SummaryKind::kMeanBf16: return (uint64_t{shape.head_dim} + 31) / 32 * 32 * 2;
+    case SummaryKind::kMinMaxF32: return 3 * f32_row;
+  }
+  return f32_row;
+}
 
 Status validate(const CostRates& r) {
   const std::array<std::pair<const char*, double>, 7> rates{{{"gpu_attend_gbps", r.gpu_attend_gbps},

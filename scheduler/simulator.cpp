@@ -31,16 +31,6 @@ uint64_t block_bytes_of(const ModelShape& shape, const SparsityPolicy& p) {
   return 2ull * p.chunk_tokens * shape.head_dim * dtype_bytes(shape.dtype);
 }
 
-// Summary bytes per block and KV head (the planner's scoring rows).
-uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
-  switch (kind) {
-    case SummaryKind::kMeanF32: return uint64_t{shape.head_dim} * 4;
-    case SummaryKind::kMeanBf16: return uint64_t{shape.head_dim} * 2;
-    case SummaryKind::kMinMaxF32: return uint64_t{shape.head_dim} * 12;
-  }
-  return uint64_t{shape.head_dim} * 4;
-}
-
 // Blocks per (sequence, layer, KV head) that stay on the GPU: sinks, the
 // window, and one more because an unaligned window spans one extra block.
 uint64_t hot_chunks(uint64_t chunks, const SparsityPolicy& p) {

@@ -81,6 +81,10 @@ struct CostRates {
                              // rate, write-back bookkeeping
 };
 
+// Bytes the scorer reads per far block and KV head: one summary row of
+// `kind`, padded as cpu::SummaryTable stores it.
+uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind);
+
 // Checks that every rate is finite and > 0 (latencies >= 0), naming the field.
 Status validate(const CostRates& rates);
 
