@@ -104,10 +104,6 @@ struct E2eConfig {
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
-bool gpu_present() {
-  const Result<std::vector<gpu::GpuDevice>> gpus = gpu::list_gpus();
-  return gpus.ok() && !gpus->empty();
-}
 
 // --quick (and any run without a GPU): a small shape at 256K tokens whose
 // budgets force all three tiers.

@@ -6,9 +6,15 @@
 #include <iostream>
 
 #include "kvtier/core/assert.h"
+#include "kvtier/gpu/device_query.h"
 #include "kvtier/scheduler/machine.h"
 
 namespace kvtier::bench {
+
+bool gpu_present() {
+  const Result<std::vector<gpu::GpuDevice>> gpus = gpu::list_gpus();
+  return gpus.ok() && !gpus->empty();
+}
 
 Timing time_it(const std::function<void()>& fn, int warmup, int repeats) {
   KVT_ASSERT(repeats >= 1, "repeats=", repeats);

@@ -70,6 +70,9 @@ class WorkDir {
   std::filesystem::path path_;
 };
 
+// Whether a CUDA GPU can be used (the suites' GPU parts run only then).
+bool gpu_present();
+
 // CPU model, cores, memory, GPUs and versions: enough to tell machines apart.
 nlohmann::json machine_summary();
 

@@ -26,7 +26,7 @@ constexpr Suite kSuites[] = {
     {"selection", "step-to-step top-k overlap by query correlation, needle recall (synthetic model)",
      kvtier::bench::run_selection},
     {"executor", "the decode executor's own host time per layer step (prepare, plan, the rest): kvtier calibrate's "
-                 "host.*_us (a 2-layer Llama-3.1-8B-shaped run at 32K tokens)",
+                 "host.*_us (a 2-layer Llama-3.1-8B-shaped run at 256K tokens on a GPU, 64K without)",
      kvtier::bench::run_executor},
     {"e2e", "the whole system on the synthetic model: decode steps/s against dense offload, batch 8, prefill, "
             "overlap, fidelity (minutes; --quick: small shape at 256K tokens)",
