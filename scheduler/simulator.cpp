@@ -204,10 +204,16 @@ SelectionModel model_selection(const SimInputs& in, const Capacity& c) {
   if (sel.topk_blocks == 0) return sel;
   const double working_set = static_cast<double>(in.model.shape.layers) * in.model.shape.kv_heads * sel.topk_blocks *
                              in.batch;
-  sel.gpu_share = std::min(1.0, static_cast<double>(pl.gpu_cache_blocks) / working_set) * sel.overlap;
-  // New selections come from the off-GPU far blocks by their tier sizes;
+  const double cache = static_cast<double>(pl.gpu_cache_blocks);
+  // A new selection is any far block; the cache beyond the last step's
+  // selection holds that share of the other far blocks (new_gpu_share).
+  const double far = static_cast<double>(in.batch) * in.model.shape.layers * in.model.shape.kv_heads *
+                     static_cast<double>(end - begin);
+  sel.new_gpu_share = far > working_set ? std::clamp((cache - working_set) / (far - working_set), 0.0, 1.0) : 0.0;
+  sel.gpu_share = std::min(1.0, cache / working_set) * sel.overlap + (1.0 - sel.overlap) * sel.new_gpu_share;
+  // New selections off the GPU come from host and NVMe by their sizes;
   // re-selected blocks off the GPU are in host memory (home or staging cache).
-  sel.nvme_share = (1.0 - sel.overlap) * (1.0 - sel.host_homed_far_share);
+  sel.nvme_share = (1.0 - sel.overlap) * (1.0 - sel.new_gpu_share) * (1.0 - sel.host_homed_far_share);
   sel.host_share = std::max(0.0, 1.0 - sel.gpu_share - sel.nvme_share);
   return sel;
 }
@@ -451,14 +457,16 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               (in.selection_overlap ? " (given)" : " (default: measured by the synthetic model at query "
                                                    "correlation 0.9, 64K context)") +
               "; per step and KV head topk x (1 - o) selected blocks are new");
-  a.push_back("GPU-resident share of the selection = min(1, gpu_cache_blocks / (layers x kv_heads x topk x batch)) "
-              "x o = " + num(sel.gpu_share) +
-              ": the last step's selection is assumed uploaded or kept on the GPU while the cache holds it (the "
-              "planner may instead attend some host blocks on the CPU, so this is optimistic about GPU hits)");
-  a.push_back("new selections fall on host or NVMe in proportion to the off-GPU far blocks (host share " +
+  a.push_back("GPU-resident share of the selection = min(1, gpu_cache_blocks / W) x o + (1 - o) x n = " +
+              num(sel.gpu_share) + ", W = layers x kv_heads x topk x batch: the last step's selection is assumed "
+              "uploaded or kept on the GPU while the cache holds it (the planner may instead attend some host "
+              "blocks on the CPU, so this is optimistic about GPU hits), and a new selection is in the cache with "
+              "n = (gpu_cache_blocks - W) / (far blocks - W) = " + num(sel.new_gpu_share) +
+              ", the share of the other far blocks the rest of the cache holds (no reuse beyond one step modeled)");
+  a.push_back("new selections off the GPU fall on host or NVMe in proportion to their far blocks (host share " +
               num(sel.host_homed_far_share) +
               "); re-selected blocks read from NVMe earlier are in the host staging cache and count as host; NVMe "
-              "share = (1 - o) x (1 - host share) = " + num(sel.nvme_share) +
+              "share = (1 - o) x (1 - n) x (1 - host share) = " + num(sel.nvme_share) +
               "; no prefetch of NVMe blocks for future steps is modeled (all NVMe reads are issued after top-k)");
   a.push_back("decode: layers run one after another (each layer's query depends on the previous layer's "
               "output), all layers alike: one layer is planned by the real planner and its lane-schedule makespan "

@@ -182,6 +182,25 @@ TEST_CASE("lanes: the bottleneck is a lane, utilisations lie in [0, 1], traffic 
   }
 }
 
+TEST_CASE("selection: new selections hit the GPU cache by the share of far blocks it holds, by hand") {
+  SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
+  in.gpu_budget_bytes = 8 * kGiB;
+  in.host_budget_bytes = 5 * kGiB;
+  in.selection_overlap = 0.5;
+  const PlanReport r = run(in);
+  const Placement& p = r.cap.placement;
+  // 128K tokens: 2048 chunks per list, 66 hot (2 sinks + 64 window); far range [2, 1984).
+  const double lists = 32.0 * 8, far = lists * 1982, w = lists * 64;
+  const double cache = static_cast<double>(p.gpu_cache_blocks);
+  CHECK(cache == doctest::Approx((8.0 * kGiB - lists * 67 * 32768) / 32768).epsilon(1e-9));
+  const double n = (cache - w) / (far - w);
+  CHECK(r.selection.new_gpu_share == doctest::Approx(n));
+  CHECK(r.selection.gpu_share == doctest::Approx(0.5 + 0.5 * n));  // the cache holds all of last step's W
+  const double h = r.selection.host_homed_far_share;
+  CHECK(h == doctest::Approx(static_cast<double>(p.host.blocks) / static_cast<double>(p.host.blocks + p.nvme.blocks)));
+  CHECK(r.selection.nvme_share == doctest::Approx(0.5 * (1 - n) * (1 - h)));
+}
+
 TEST_CASE("rates follow the profile with the stated fractions") {
   const SimInputs in = inputs();
   const CostRates r = rates_from_profile(in.machine, in.model.shape, in.policy, 1);

@@ -123,6 +123,7 @@ struct SelectionModel {
   double overlap = 0;             // share of a step's top-k also selected last step
   uint32_t topk_blocks = 0;       // per (sequence, layer, KV head): min(topk_chunks, far blocks)
   double gpu_share = 0;           // of the selected blocks: in the GPU block cache
+  double new_gpu_share = 0;       // of the newly selected blocks: in the GPU block cache
   double host_share = 0;          // in host memory (home or NVMe staging)
   double nvme_share = 0;          // read from NVMe this step
   double host_homed_far_share = 0;  // host KV / far KV (GPU-cached far blocks excluded)
