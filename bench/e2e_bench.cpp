@@ -574,6 +574,23 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"late", x.late_blocks / n}}}};
 }
 
+// Where prefill's time went, per prefill call (one query block of one layer).
+nlohmann::json prefill_breakdown_json(const scheduler::ExecutorStats& x) {
+  const double pb = std::max(1.0, static_cast<double>(x.prefill_calls));
+  return {{"ms_per_layer_block",
+           {{"wall", x.prefill_us / pb / 1e3},
+            {"stage", x.prefill_stage_us / pb / 1e3},
+            {"score", x.prefill_score_us / pb / 1e3},
+            {"pin", x.prefill_pin_us / pb / 1e3},
+            {"home_write_wait", x.home_write_wait_us / pb / 1e3},
+            {"attention_and_rest",
+             (x.prefill_us - x.prefill_stage_us - x.prefill_score_us - x.prefill_pin_us - x.home_write_wait_us) / pb /
+                 1e3}}},
+          {"attended_blocks_per_layer_block", static_cast<double>(x.prefill_attended_blocks) / pb},
+          {"layer_blocks", x.prefill_calls},
+          {"tokens_x_layers", x.prefill_tokens}};
+}
+
 // What a run was and where its time went, for config["runs"][name].
 nlohmann::json run_json(const runtime::SyntheticRunConfig& run, const runtime::SyntheticRunReport& s,
                         double wall_s) {
@@ -596,7 +613,8 @@ nlohmann::json run_json(const runtime::SyntheticRunConfig& run, const runtime::S
         {"host_home", p.host_home_bytes},
         {"nvme_home", p.nvme_home_bytes},
         {"summaries", p.summary_bytes}}},
-      {"stats", breakdown_json(s.stats)}};
+      {"stats", breakdown_json(s.stats)},
+      {"prefill_stats", prefill_breakdown_json(s.stats_prefill)}};
   if (run.second_query_correlation >= 0) {
     j["second_query_correlation"] = run.second_query_correlation;
     j["stats_second"] = breakdown_json(s.stats_second);

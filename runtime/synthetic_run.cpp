@@ -254,6 +254,7 @@ Result<SyntheticRunReport> run_synthetic(const SyntheticRunConfig& c) {
   rep.prefill_tokens_per_s = double(c.context_tokens) * double(c.batch) / std::max(attention_s, 1e-9);
   rep.prefill_wall_seconds = now_s() - p0;
   rep.placement = seqs[0].session->placement();
+  rep.stats_prefill = engine->stats();
 
   // Decode: warm-up, then timed steps; sampled verification outside the timing.
   const auto phase = [&](const char* name) {

@@ -386,6 +386,8 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     KVT_RETURN_IF_ERROR(stage_appended(seq, layer, first_token, n, k, v, writing));
     seq.layer_tokens_[layer] = first_token + n;
   }
+  const double t_staged = wall_us();
+  stats_.prefill_stage_us += t_staged - t_start;
   const uint64_t tokens = first_token + n;
   if (layer + 1 == s.layers) seq.store_->set_sequence_tokens(tokens);
   const bool tail_partial = tokens % C != 0;
@@ -407,6 +409,8 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
                MutF32View<2>(scores, {kvh, table.blocks()}));
     cpu_.select(F32View<2>(scores, {kvh, table.blocks()}), p.topk_chunks, sink_end, window_begin, selected);
   }
+  const double t_scored = wall_us();
+  stats_.prefill_score_us += t_scored - t_staged;
   std::vector<std::vector<uint32_t>> full(kvh);  // full chunks attended, per head
   for (uint32_t h = 0; h < kvh; ++h) {
     for (uint32_t c = 0; c < sink_end; ++c) full[h].push_back(c);
@@ -449,7 +453,10 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     }
     const bool with_tail = pass == 0 && tail_partial;
     std::vector<std::vector<storage::BlockPin>> pins;
+    const double t_pin = wall_us();
     KVT_RETURN_IF_ERROR(pin_on_gpu(seq, layer, part, pins, &writing));
+    stats_.prefill_pin_us += wall_us() - t_pin;
+    stats_.prefill_attended_blocks += taken;
     float* o_dst = keep ? pass_state.o.data() : nullptr;
     float* lse_dst = keep ? pass_state.lse.data() : nullptr;
     if (cuda_ != nullptr) {
@@ -498,6 +505,7 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
                                           std::to_string(first_token) + "+" + std::to_string(n)));
   stats_.prefill_us += wall_us() - t_start;
   stats_.prefill_tokens += n;
+  ++stats_.prefill_calls;
   return Status::ok_status();
 }
 

@@ -80,6 +80,7 @@ struct SyntheticRunReport {
   uint32_t verified_late = 0;
   scheduler::ExecutorStats stats_late;
   scheduler::ExecutorStats stats;    // decode steps only (warm-up excluded)
+  scheduler::ExecutorStats stats_prefill;  // the prefill of every sequence
   std::vector<double> step_seconds;  // every timed step
   nlohmann::json to_json() const;
 };

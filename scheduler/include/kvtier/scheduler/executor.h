@@ -87,11 +87,18 @@ struct ExecutorStats {
   // the planner itself; the rest is pins and starting uploads and reads.
   double plan_residency_us = 0, plan_planner_us = 0;
   double prefill_us = 0;
+  // Where prefill's wall time goes, serially: appending the block and staging
+  // its completed chunks (GPU copies, summaries, home writes started), scoring
+  // and top-k, pinning the attended blocks in GPU slots (uploads included);
+  // the rest is the attention itself and the wait for home writes below.
+  double prefill_stage_us = 0, prefill_score_us = 0, prefill_pin_us = 0;
+  uint64_t prefill_attended_blocks = 0;  // full blocks pinned for attention, summed over query blocks and layers
   // Prefill's home writes run behind its scoring and attention; this is the
   // time prefill still waited for them (at its end, or to re-read a block).
   double home_write_wait_us = 0;
   uint64_t home_write_early_joins = 0;  // waits because a block in flight had to come back from home
   uint64_t prefill_tokens = 0;    // tokens x layers prefilled
+  uint64_t prefill_calls = 0;     // prefill calls: query blocks x layers
 };
 
 struct ExecutorOptions {
