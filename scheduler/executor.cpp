@@ -197,18 +197,29 @@ namespace {
 // The mean query of a query block, per q head: what the block's far chunks
 // are scored against. Token ranges are summed in parallel (each task reads
 // whole rows, in order), then the partial sums are added up per element.
-std::vector<bf16> mean_query(cpu::CpuEngine& cpu, std::span<const bf16> q, uint32_t n, uint32_t row) {
+// One parallel pass over a query block's rows [n][row]: copies them to
+// `copy_to` when given (the pinned staging of the GPU upload) and, when
+// want_mean, returns their mean (the block's scoring query); each row is
+// summed while it is in cache from the copy.
+std::vector<bf16> query_pass(cpu::CpuEngine& cpu, std::span<const bf16> q, uint32_t n, uint32_t row, bf16* copy_to,
+                             bool want_mean) {
+  if (copy_to == nullptr && !want_mean) return {};
   const size_t parts = std::min<size_t>(n, 64);
-  std::vector<float> partial(parts * row, 0.f);
+  std::vector<float> partial(want_mean ? parts * row : 0, 0.f);
   cpu.parallel_for(parts, 1, [&](size_t begin, size_t end) {
     for (size_t t = begin; t < end; ++t) {
+      const size_t first = t * n / parts, last = (t + 1) * n / parts;
+      if (copy_to != nullptr)
+        std::memcpy(copy_to + first * row, q.data() + first * row, (last - first) * row * sizeof(bf16));
+      if (!want_mean) continue;
       float* acc = partial.data() + t * row;
-      for (size_t i = t * n / parts; i < (t + 1) * n / parts; ++i) {
+      for (size_t i = first; i < last; ++i) {
         const bf16* r = q.data() + i * row;
         for (uint32_t j = 0; j < row; ++j) acc[j] += to_float(r[j]);
       }
     }
   });
+  if (!want_mean) return {};
   std::vector<bf16> out(row);
   cpu.parallel_for(row, 256, [&](size_t begin, size_t end) {
     for (size_t j = begin; j < end; ++j) {
@@ -400,9 +411,22 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   const uint32_t window_begin =
       std::max<uint32_t>(sink_end, first_token > p.window_tokens ? static_cast<uint32_t>((first_token - p.window_tokens) / C) : 0);
   std::vector<std::vector<uint32_t>> selected(kvh);
-  if (window_begin > sink_end && p.topk_chunks > 0) {
+  // The GPU path stages q in pinned memory for its upload, in the same
+  // parallel pass that averages it for scoring.
+  const bool want_mean = window_begin > sink_end && p.topk_chunks > 0;
+  std::span<const bf16> q_pinned;
+  if (cuda_ != nullptr) {
+    KVT_RETURN_IF_ERROR(gpu_->host_q.reserve(q.size_bytes()));
+    q_pinned = std::span<const bf16>(reinterpret_cast<const bf16*>(gpu_->host_q.data()), q.size());
+  }
+  std::vector<bf16> qmean;
+  {
+    TraceScope scope(tr, lane_cpu_, "prefill query pass (mean, pinned staging)");
+    qmean = query_pass(cpu_, q, n, static_cast<uint32_t>(qrow),
+                       cuda_ != nullptr ? reinterpret_cast<bf16*>(gpu_->host_q.data()) : nullptr, want_mean);
+  }
+  if (want_mean) {
     TraceScope scope(tr, lane_cpu_, "prefill scoring + top-k");
-    const std::vector<bf16> qmean = mean_query(cpu_, q, n, static_cast<uint32_t>(qrow));
     const cpu::SummaryTable& table = seq.summaries_[layer];
     std::vector<float> scores(size_t{kvh} * table.blocks());
     cpu_.score(Bf16View<2>(qmean, {qh, d}), table, static_cast<float>(1.0 / std::sqrt(double(d))), score_rule_for(p.summary_kind),
@@ -460,8 +484,8 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     float* o_dst = keep ? pass_state.o.data() : nullptr;
     float* lse_dst = keep ? pass_state.lse.data() : nullptr;
     if (cuda_ != nullptr) {
-      KVT_RETURN_IF_ERROR(gpu_->prefill(*this, seq, layer, first_token, n, q, part, pins, with_tail, last_chunk, scale,
-                                        o_dst, lse_dst));
+      KVT_RETURN_IF_ERROR(gpu_->prefill(*this, seq, layer, first_token, n, q_pinned, part, pins, with_tail, last_chunk,
+                                        scale, o_dst, lse_dst));
     } else {
       TraceScope scope(tr, lane_gpu_, "prefill attention (CPU stand-in)");
       // Each query: the full chunks before its own, its own chunk up to itself.

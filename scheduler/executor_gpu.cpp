@@ -131,7 +131,7 @@ Status Executor::Gpu::upload_tail(const bf16* host_block, uint32_t slot, const g
 }
 
 Status Executor::Gpu::prefill(Executor& ex, SequenceKv& seq, uint32_t layer, uint64_t first_token, uint32_t n,
-                              std::span<const bf16> q, const std::vector<std::vector<uint32_t>>& full,
+                              std::span<const bf16> q_pinned, const std::vector<std::vector<uint32_t>>& full,
                               const std::vector<std::vector<storage::BlockPin>>& pins, bool tail_partial,
                               uint32_t last_chunk, float scale, float* o_host, float* lse_host) {
   const ModelShape& s = ex.options_.shape;
@@ -163,7 +163,6 @@ Status Executor::Gpu::prefill(Executor& ex, SequenceKv& seq, uint32_t layer, uin
   }
   const size_t qrow = size_t{qh} * d;
   Packer pk;
-  const uint64_t off_q = pk.add<bf16>(size_t{n} * qrow);
   const uint64_t off_begin = pk.add<uint32_t>(begin.size());
   const uint64_t off_slots = pk.add<uint32_t>(std::max<size_t>(slots.size(), 1));
   const uint64_t off_pos = pk.add<uint64_t>(std::max<size_t>(bpos.size(), 1));
@@ -174,16 +173,17 @@ Status Executor::Gpu::prefill(Executor& ex, SequenceKv& seq, uint32_t layer, uin
   KVT_RETURN_IF_ERROR(host_big.reserve(pk.bytes()));
   KVT_RETURN_IF_ERROR(ensure(*ctx, dev_big, pk.bytes()));
   std::byte* h = host_big.data();
-  std::memcpy(at<bf16>(h, off_q), q.data(), q.size_bytes());
   std::memcpy(at<uint32_t>(h, off_begin), begin.data(), begin.size() * 4);
   std::memcpy(at<uint32_t>(h, off_slots), slots.data(), slots.size() * 4);
   std::memcpy(at<uint64_t>(h, off_pos), bpos.data(), bpos.size() * 8);
   std::memcpy(at<uint32_t>(h, off_tok), btok.data(), btok.size() * 4);
   const cudaStream_t st = ctx->compute_stream();
+  KVT_RETURN_IF_ERROR(ensure(*ctx, dev_q, q_pinned.size_bytes()));
+  KVT_RETURN_IF_ERROR(ctx->copy_async(dev_q.data(), q_pinned.data(), q_pinned.size_bytes(), st));
   KVT_RETURN_IF_ERROR(ctx->copy_async(dev_big.data(), h, in_bytes, st));
   std::byte* dv = dev_big.data();
   gpu::PrefillArgs a;
-  a.q = at<const bf16>(dv, off_q);
+  a.q = reinterpret_cast<const bf16*>(dev_q.data());
   a.nq = n;
   a.q_heads = qh;
   a.kv_heads = kvh;

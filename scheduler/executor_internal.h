@@ -37,7 +37,7 @@ struct SlotLists {
 struct Executor::Gpu {
   explicit Gpu(ComputeBackend& backend)
       : host_in(backend), host_list{detail::PinnedBuffer(backend), detail::PinnedBuffer(backend)},
-        host_out(backend), host_big(backend), write_stage(backend) {}
+        host_out(backend), host_big(backend), host_q(backend), write_stage(backend) {}
   Status init(gpu::CudaContext& context);
 
   // Decode, in the step's order. begin_step uploads q, k, v of the batch and
@@ -60,16 +60,18 @@ struct Executor::Gpu {
 
   // One pass of block-sparse prefill over `full` (per head, chunk indices,
   // pinned in `pins`) plus the tail when with_tail; o_host/lse_host (both or
-  // neither) receive [n][q_heads][head_dim] and [n][q_heads].
+  // neither) receive [n][q_heads][head_dim] and [n][q_heads]. q_pinned is the
+  // query block staged in host_q by the caller.
   Status prefill(Executor& ex, SequenceKv& seq, uint32_t layer, uint64_t first_token, uint32_t n,
-                 std::span<const bf16> q, const std::vector<std::vector<uint32_t>>& full,
+                 std::span<const bf16> q_pinned, const std::vector<std::vector<uint32_t>>& full,
                  const std::vector<std::vector<storage::BlockPin>>& pins, bool with_tail, uint32_t last_chunk,
                  float scale, float* o_host, float* lse_host);
 
   gpu::CudaContext* ctx = nullptr;
   detail::PinnedBuffer host_in, host_list[2], host_out, host_big;
+  detail::PinnedBuffer host_q;  // a prefill query block, staged for its upload
   detail::PinnedBuffer write_stage;  // completed blocks of a prefill call, pinned for the GPU copy
-  DeviceMemory dev_in, dev_list[2], dev_out, dev_big, workspace;
+  DeviceMemory dev_in, dev_list[2], dev_out, dev_big, dev_q, workspace;
   uint64_t in_off_q = 0, in_off_k = 0, in_off_v = 0, in_off_slots = 0, in_off_rows = 0;
   uint64_t list_off[2][3] = {};  // per part: begin, slots, last
   uint64_t out_off[2][2] = {};   // per part: o, lse
