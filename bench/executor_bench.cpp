@@ -15,6 +15,7 @@
 // (16K with --quick), because prefill on the CPU takes minutes.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <iostream>
@@ -92,6 +93,22 @@ int run_executor(const SuiteArgs& args) {
              "fraction");
   report.add("executor_score_bytes_per_layer_step", score_bytes, "bytes");
   report.add("decode_steps_per_s", r->decode_steps_per_s, "steps/s");
+  // Prefill, per query block and layer: staging the block's K/V (append, GPU
+  // copies, summaries, home writes started), the query pass with scoring and
+  // top-k, and the rest (pins, the attention, the wait for home writes).
+  const scheduler::ExecutorStats& pf = r->stats_prefill;
+  const double calls = static_cast<double>(std::max<uint64_t>(pf.prefill_calls, 1));
+  const double block_tokens = static_cast<double>(pf.prefill_tokens) / calls;
+  const ModelShape& shape = run.engine.shape;
+  report.add("executor_prefill_layer_block_ms", pf.prefill_us / calls / 1e3, "ms");
+  report.add("executor_prefill_stage_ms", pf.prefill_stage_us / calls / 1e3, "ms", "executor_prefill_layer_block_ms");
+  report.add("executor_prefill_query_ms", pf.prefill_score_us / calls / 1e3, "ms", "executor_prefill_layer_block_ms");
+  report.add("executor_prefill_rest_ms",
+             (pf.prefill_us - pf.prefill_stage_us - pf.prefill_score_us) / calls / 1e3, "ms",
+             "executor_prefill_layer_block_ms");
+  report.add("executor_prefill_kv_bytes_per_layer_block", block_tokens * shape.kv_heads * shape.head_dim * 2 * 2,
+             "bytes");
+  report.add("executor_prefill_q_bytes_per_layer_block", block_tokens * shape.q_heads * shape.head_dim * 2, "bytes");
   report.print(args);
   return 0;
 }

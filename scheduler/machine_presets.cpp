@@ -149,6 +149,11 @@ struct DdrHost {
 constexpr double kPrepareUsPerList = 12.4;
 constexpr double kPlanUsPerBlock = 0.484;
 constexpr double kStepOverheadUs = 424;
+// Its prefill per query block of 8192 tokens and layer at 128K (after the
+// parallel q staging): 33.5 MB of K/V staged in 7.83 ms, 67.1 MB of q through
+// the query pass and scoring in 10.17 ms (bench/results/2026-11-28-e2e-h200-prefill-breakdown.json).
+constexpr double kPrefillStageGbps = 4.29;
+constexpr double kPrefillQueryGbps = 6.60;
 constexpr const char* kExecutorSource =
     "kvtier bench e2e at 128K tokens: prepare 98.9 us / 8 lists, plan 247.8 us / 512 blocks, and 839.8 us per "
     "layer step less those, less scoring at score_gbps and the device waits, "
@@ -168,6 +173,8 @@ HostProfile ddr_host(const DdrHost& h) {
   p.prepare_us_per_list = kPrepareUsPerList;
   p.plan_us_per_block = kPlanUsPerBlock;
   p.step_overhead_us = kStepOverheadUs;
+  p.prefill_stage_gbps = kPrefillStageGbps;
+  p.prefill_query_gbps = kPrefillQueryGbps;
   char source[4096];
   std::snprintf(
       source, sizeof source,
@@ -177,7 +184,9 @@ HostProfile ddr_host(const DdrHost& h) {
       "summary scoring and 83 GB/s block attention at 104 GB/s read with 16 threads and AVX-512 bf16 "
       "(bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json); CPUs without AVX-512 bf16 will be "
       "slower. [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us: the decode executor's "
-      "host time on the H200 host's 16-vCPU Xeon (%s); a desktop CPU with faster cores will likely spend less. "
+      "host time on the H200 host's 16-vCPU Xeon (%s); prefill_stage_gbps, prefill_query_gbps: its prefill's "
+      "host passes there (bench/results/2026-11-28-e2e-h200-prefill-breakdown.json); a desktop CPU with faster "
+      "cores will likely spend less. "
       "Measure with kvtier calibrate.",
       h.platform, static_cast<unsigned long long>(h.memory_gib), h.cores, h.channels, h.ddr, h.channels, h.mts,
       theoretical_gbps, kExecutorSource);

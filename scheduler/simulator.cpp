@@ -368,8 +368,9 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
   const double nvme_write = m.nvme.write_gbps_at(k.nvme_write_request_bytes, k.nvme_queue_depth) * 1e9;
   // A host copy reads and writes each byte: half the read bandwidth.
   const double host_copy = m.host.read_gbps * 1e9 / 2;
-  const double host_read = m.host.read_gbps * 1e9;
   const double score = m.host.score_gbps * 1e9;
+  const double stage = m.host.prefill_stage_gbps * 1e9;
+  const double query = m.host.prefill_query_gbps * 1e9;
   const double row = static_cast<double>(summary_row_bytes(s, p.summary_kind));
   const double lists = static_cast<double>(s.layers) * s.kv_heads;
   const double q_row_bytes = static_cast<double>(s.q_heads) * s.head_dim * 2 * s.layers;  // bf16 q of a token
@@ -400,11 +401,14 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     const double fetched = selected_blocks * (1 - cached_share);
     const double fetch_h2d = fetched * block / big_h2d;
     const double fetch_nvme = fetched * nvme_share * block / nvme_read;
-    // Front: stage (a copy), summaries (a read), GPU copies (one batch).
-    const double front_cpu = bytes / host_copy + bytes / host_read;
+    // Front: the executor's staging of the block's K/V (append, summaries,
+    // home writes started, at the calibrated rate), and its GPU copies.
+    const double front_cpu = bytes / stage;
     const double front_h2d = bytes / big_h2d;
-    // Then: scoring (mean query: a read of the block's q; far summaries at the scoring rate) and attention ...
-    const double scoring = q * q_row_bytes / host_read + far_blocks * lists * row / score;
+    // Then: the query pass (the block's q averaged and staged for upload,
+    // scoring and top-k at the calibrated rate; far summaries beyond those
+    // the calibration scored at the scoring rate) and attention ...
+    const double scoring = q * q_row_bytes / query + far_blocks * lists * row / score;
     const double weights_s = 2.0 * static_cast<double>(in.model.parameters) * q / flops;
     const double attention = 4.0 * s.head_dim * s.q_heads * pairs * s.layers / attend_flops;
     // ... beside the home write of the block's chunks: host homes copied, the rest to NVMe.
@@ -499,10 +503,11 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               "step; KV append, norms and sampling are not modeled");
   a.push_back("prefill (one sequence), as the executor runs it: query blocks of " +
               std::to_string(k.prefill_query_block_tokens) +
-              " tokens; per block, first the front: the block's K/V staged into chunks (a host copy at "
-              "host.read_gbps / 2), their summaries (a read at host.read_gbps) and their GPU copies (one batch at the "
-              "32 MiB h2d rate); then scoring (the block's mean query against every far summary at "
-              "host.score_gbps), the fetch of the selected far blocks the GPU block cache does not hold (its "
+              " tokens; per block, first the front: the block's K/V staged into chunks with their summaries at "
+              "host.prefill_stage_gbps (" + num(m.host.prefill_stage_gbps) + " GB/s of K/V, the executor's "
+              "measured rate) and their GPU copies (one batch at the 32 MiB h2d rate); then the query pass and "
+              "scoring (the block's q averaged and staged for its upload at host.prefill_query_gbps, " +
+              num(m.host.prefill_query_gbps) + " GB/s of q, and every far summary at host.score_gbps), the fetch of the selected far blocks the GPU block cache does not hold (its "
               "share of the far tokens so far; NVMe-homed ones read at the drive's block rate, then one batched "
               "upload at the 32 MiB h2d rate), then block-sparse attention, 4 x head_dim x q_heads x pairs x layers FLOPs "
               "(pairs per query: own causal + window + sinks + topk x chunk before the block) at " +

@@ -83,7 +83,13 @@ json executor_report(double layer_step_us = 900) {
                  {"executor_lists_per_layer_step", 8, "lists"},
                  {"executor_selected_blocks_per_layer_step", 512, "blocks"},
                  {"executor_gpu_resident_share", 1, "fraction"},
-                 {"executor_score_bytes_per_layer_step", 4.85e6, "bytes"}},
+                 {"executor_score_bytes_per_layer_step", 4.85e6, "bytes"},
+                 {"executor_prefill_layer_block_ms", 30, "ms"},
+                 {"executor_prefill_stage_ms", 8, "ms"},
+                 {"executor_prefill_query_ms", 10, "ms"},
+                 {"executor_prefill_rest_ms", 12, "ms"},
+                 {"executor_prefill_kv_bytes_per_layer_block", 33554432, "bytes"},
+                 {"executor_prefill_q_bytes_per_layer_block", 67108864, "bytes"}},
                 {{"context_tokens", 32768}, {"backend", "cuda:0 (NVIDIA GeForce RTX 4090)"}});
 }
 
@@ -149,6 +155,8 @@ TEST_CASE("a GPU machine: every field comes from its rule") {
   CHECK(m.host.prepare_us_per_list == doctest::Approx(12.0));
   CHECK(m.host.plan_us_per_block == doctest::Approx(0.5));
   CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 100 - 20));
+  CHECK(m.host.prefill_stage_gbps == doctest::Approx(33554432 / 8e6));  // bytes per ms / 1e6 = GB/s
+  CHECK(m.host.prefill_query_gbps == doctest::Approx(67108864 / 10e6));
   CHECK(contains(m.host.name, "AMD Ryzen 9 7950X"));
 
   CHECK(m.gpu.name == "NVIDIA GeForce RTX 4090");
@@ -231,7 +239,8 @@ TEST_CASE("a missing result is an error naming the suite and the result") {
                         Case{"storage", "uring_block_write_qd64"}, Case{"storage", "h2d_copy_256kib"},
                         Case{"storage", "h2d_d2h_duplex_32mib"}, Case{"gpu", "hbm_copy_bw"},
                         Case{"gpu", "cublas_bf16_gemm"}, Case{"executor", "executor_plan_us"},
-                        Case{"executor", "executor_score_bytes_per_layer_step"}}) {
+                        Case{"executor", "executor_score_bytes_per_layer_step"},
+                        Case{"executor", "executor_prefill_stage_ms"}}) {
     CAPTURE(c.result);
     BenchReports r = reports(true);
     json& target = std::string(c.suite) == "memory"     ? r.memory
@@ -307,8 +316,8 @@ TEST_CASE("host.cores falls back to the cpu suite's threads without a topology")
 
 TEST_CASE("calibration_rules lists every measured field once") {
   const std::vector<CalibrationRule> rules = calibration_rules();
-  // 5 scalars, 3 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
-  CHECK(rules.size() == 5 + 3 + 10 + 1 + 16 + 1);
+  // 5 scalars, 5 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
+  CHECK(rules.size() == 5 + 5 + 10 + 1 + 16 + 1);
   for (size_t i = 0; i < rules.size(); ++i)
     for (size_t k = i + 1; k < rules.size(); ++k) CHECK(rules[i].field != rules[k].field);
   const auto has = [&](std::string_view field, std::string_view result) {

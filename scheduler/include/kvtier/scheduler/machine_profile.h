@@ -16,7 +16,8 @@
 //     "host": { "name", "source", "memory_bytes": uint, "read_gbps": number,
 //               "cores": uint, "score_gbps": number, "attend_gbps": number,
 //               "prepare_us_per_list": number >= 0, "plan_us_per_block": number >= 0,
-//               "step_overhead_us": number >= 0 },
+//               "step_overhead_us": number >= 0, "prefill_stage_gbps": number,
+//               "prefill_query_gbps": number },
 //     "nvme": { "name", "source", "capacity_bytes": uint, "latency_us": number,
 //               "read":  [ {"request_bytes": uint, "queue_depth": uint, "gbps": number}, ... ],
 //               "write": [ same ] } }
@@ -101,6 +102,11 @@ struct HostProfile {
   double prepare_us_per_list = 0;  // per (sequence, KV head) and layer step
   double plan_us_per_block = 0;    // per selected block
   double step_overhead_us = 0;     // per layer step
+  // Its prefill's host passes, per query block and layer: K/V bytes staged
+  // (append, GPU copies, summaries, home writes started) and q bytes through
+  // the query pass with scoring and top-k, per second.
+  double prefill_stage_gbps = 0;
+  double prefill_query_gbps = 0;
   friend bool operator==(const HostProfile&, const HostProfile&) = default;
 };
 
