@@ -365,7 +365,8 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
   const double flops = m.gpu.bf16_tflops * 1e12;
   const double attend_flops = k.prefill_attention_fraction * flops;
   const double big_h2d = m.link.gbps_at(LinkDirection::kHostToDevice, k.link_large_copy_bytes) * 1e9;
-  const double nvme_write = m.nvme.write_gbps_at(k.nvme_write_request_bytes, k.nvme_queue_depth) * 1e9;
+  // The store writes each block home as one request (storage/block_file.cpp).
+  const double nvme_write = m.nvme.write_gbps_at(r.cap.block_bytes, k.nvme_queue_depth) * 1e9;
   // A host copy reads and writes each byte: half the read bandwidth.
   const double host_copy = m.host.read_gbps * 1e9 / 2;
   const double score = m.host.score_gbps * 1e9;
@@ -374,8 +375,11 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
   const double row = static_cast<double>(summary_row_bytes(s, p.summary_kind));
   const double lists = static_cast<double>(s.layers) * s.kv_heads;
   const double q_row_bytes = static_cast<double>(s.q_heads) * s.head_dim * 2 * s.layers;  // bf16 q of a token
-  // Tokens of this sequence whose home is host RAM: the first ones written.
-  const double host_tokens = static_cast<double>(r.cap.placement.host.blocks) / (lists * in.batch) * p.chunk_tokens;
+  // Tokens of this sequence whose home is host RAM: the first ones written,
+  // up to the host budget. Every full block has a home (DESIGN.md 2), also
+  // those the GPU caches, so this is the budget, not the placement's host tier.
+  const double host_tokens = static_cast<double>(r.cap.placement.host_budget_bytes / r.cap.block_bytes) /
+                             (lists * in.batch) * p.chunk_tokens;
   // Tokens of far blocks the GPU block cache holds, and the fetch rates.
   const double gpu_cache_tokens =
       static_cast<double>(r.cap.placement.gpu_cache_blocks) / (lists * in.batch) * p.chunk_tokens;
@@ -421,8 +425,10 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     busy[static_cast<size_t>(Lane::kNvme)] += home_nvme + fetch_nvme;
     const double front = front_cpu + front_h2d;
     const double fetch = fetch_nvme + fetch_h2d;
-    total += front + std::max(scoring + fetch + attention + weights_s, home_host + home_nvme);
-    total_attention += front + std::max(scoring + fetch + attention, home_host + home_nvme);
+    // The home writes share the drive with the fetch's reads.
+    const double behind = home_host + home_nvme + fetch_nvme;
+    total += front + std::max(scoring + fetch + attention + weights_s, behind);
+    total_attention += front + std::max(scoring + fetch + attention, behind);
   }
   r.prefill_seconds = total;
   r.prefill_seconds_attention = total_attention;
@@ -515,8 +521,10 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               " x bf16_tflops (our kernel vs cuBLAS, measured on the H200), plus for the full model its GEMMs, "
               "2 x parameters x tokens at bf16_tflops; beside them the home write behind (host homes copied at "
               "host.read_gbps / 2, NVMe homes, which fill after the host ones in token order, at " +
-              format_bytes(k.nvme_write_request_bytes) + " requests, QD " + std::to_string(k.nvme_queue_depth) +
-              "); a block takes front + the longer of the two; prefill_seconds sums the blocks as the context grows");
+              format_bytes(r.cap.block_bytes) + " requests (one per block, as the store writes them), QD " +
+              std::to_string(k.nvme_queue_depth) +
+              "), which shares the drive with the fetch's reads; a block takes front + the longer of the two; "
+              "prefill_seconds sums the blocks as the context grows");
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
   a.push_back("validated against kvtier bench e2e on one H200 host (bench/results/*plan-vs-e2e*, docs/plan.md): "

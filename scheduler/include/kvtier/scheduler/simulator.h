@@ -38,7 +38,6 @@ struct SimConstants {
   double host_budget_fraction = 0.80;      // share of host RAM kvtier may pin (summaries included)
   double prefill_attention_fraction = 0.285;  // block-sparse prefill kernel vs cuBLAS, measured on the H200
   uint64_t prefill_query_block_tokens = 8192;
-  uint64_t nvme_write_request_bytes = 1ull << 20;  // prefill writes home in large sequential requests
   uint64_t max_context_tokens_searched = 1ull << 36;  // upper end of the largest-context search
 };
 
