@@ -12,7 +12,7 @@
 // slowly with the context (H200 host: ~100 us at 32K, ~180-250 us at 128K-1M),
 // and the calibration folds it into step_overhead_us. Without a GPU the
 // executor runs on its CPU stand-in, as kvtier does there, at 64K tokens
-// (16K with --quick), because prefill on the CPU takes minutes.
+// (12K and one layer with --quick), because prefill on the CPU takes minutes.
 #include <unistd.h>
 
 #include <algorithm>
@@ -41,7 +41,10 @@ int run_executor(const SuiteArgs& args) {
   run.engine.shape = llama31_8b_shape();
   run.engine.shape.layers = kLayers;
   const bool gpu = gpu_present();
-  run.context_tokens = gpu ? 262144 : args.quick ? 16384 : 65536;
+  run.context_tokens = gpu ? 262144 : args.quick ? 12288 : 65536;
+  // --quick on the CPU stand-in: one layer (prefill attention on the CPU is
+  // most of the run; kvtier calibrate --quick keeps to about a minute on 2 cores).
+  if (!gpu && args.quick) run.engine.shape.layers = 1;
   // 128 KiB of KV per token over two layers, plus room for decode's tail blocks.
   run.engine.gpu_bytes = run.context_tokens * 128 * 1024 + kGiB;
   run.engine.host_bytes = run.engine.gpu_bytes;
@@ -57,7 +60,8 @@ int run_executor(const SuiteArgs& args) {
   run.engine.nvme_dir = dir.path();
 
   Report report("executor",
-                {{"shape", "Llama-3.1-8B attention (32 q heads, 8 KV heads, head dim 128), 2 layers"},
+                {{"shape", "Llama-3.1-8B attention (32 q heads, 8 KV heads, head dim 128), " +
+                               std::to_string(run.engine.shape.layers) + " layers"},
                  {"context_tokens", run.context_tokens},
                  {"policy", to_string(run.engine.policy)},
                  {"budgets", "gpu and host each 1 GiB more than the KV: every block in GPU slots"},
