@@ -574,7 +574,8 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"late", x.late_blocks / n}}}};
 }
 
-// Where prefill's time went, per prefill call (one query block of one layer).
+// Where prefill's time went, per prefill call (one query block of one layer);
+// "score" is the query pass with scoring and top-k (ExecutorStats::prefill_score_us).
 nlohmann::json prefill_breakdown_json(const scheduler::ExecutorStats& x) {
   const double pb = std::max(1.0, static_cast<double>(x.prefill_calls));
   return {{"ms_per_layer_block",

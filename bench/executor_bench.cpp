@@ -45,7 +45,7 @@ int run_executor(const SuiteArgs& args) {
   // --quick on the CPU stand-in: one layer (prefill attention on the CPU is
   // most of the run; kvtier calibrate --quick keeps to about a minute on 2 cores).
   if (!gpu && args.quick) run.engine.shape.layers = 1;
-  // 128 KiB of KV per token over two layers, plus room for decode's tail blocks.
+  // At most 128 KiB of KV per token (two layers), plus room for decode's tail blocks.
   run.engine.gpu_bytes = run.context_tokens * 128 * 1024 + kGiB;
   run.engine.host_bytes = run.engine.gpu_bytes;
   run.engine.cpu_threads = args.threads;

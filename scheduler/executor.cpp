@@ -194,13 +194,11 @@ Result<std::unique_ptr<SequenceKv>> Executor::create_sequence(uint64_t max_token
 
 namespace {
 
-// The mean query of a query block, per q head: what the block's far chunks
-// are scored against. Token ranges are summed in parallel (each task reads
-// whole rows, in order), then the partial sums are added up per element.
 // One parallel pass over a query block's rows [n][row]: copies them to
 // `copy_to` when given (the pinned staging of the GPU upload) and, when
-// want_mean, returns their mean (the block's scoring query); each row is
-// summed while it is in cache from the copy.
+// want_mean, returns their mean per q head (what the block's far chunks are
+// scored against). Each task takes a token range, copies it and sums its
+// rows while they are in cache; the partial sums are then added per element.
 std::vector<bf16> query_pass(cpu::CpuEngine& cpu, std::span<const bf16> q, uint32_t n, uint32_t row, bf16* copy_to,
                              bool want_mean) {
   if (copy_to == nullptr && !want_mean) return {};
@@ -414,16 +412,16 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   // The GPU path stages q in pinned memory for its upload, in the same
   // parallel pass that averages it for scoring.
   const bool want_mean = window_begin > sink_end && p.topk_chunks > 0;
-  std::span<const bf16> q_pinned;
+  bf16* q_staging = nullptr;
   if (cuda_ != nullptr) {
     KVT_RETURN_IF_ERROR(gpu_->host_q.reserve(q.size_bytes()));
-    q_pinned = std::span<const bf16>(reinterpret_cast<const bf16*>(gpu_->host_q.data()), q.size());
+    q_staging = reinterpret_cast<bf16*>(gpu_->host_q.data());
   }
+  const std::span<const bf16> q_pinned(q_staging, q_staging != nullptr ? q.size() : 0);
   std::vector<bf16> qmean;
   {
     TraceScope scope(tr, lane_cpu_, "prefill query pass (mean, pinned staging)");
-    qmean = query_pass(cpu_, q, n, static_cast<uint32_t>(qrow),
-                       cuda_ != nullptr ? reinterpret_cast<bf16*>(gpu_->host_q.data()) : nullptr, want_mean);
+    qmean = query_pass(cpu_, q, n, static_cast<uint32_t>(qrow), q_staging, want_mean);
   }
   if (want_mean) {
     TraceScope scope(tr, lane_cpu_, "prefill scoring + top-k");

@@ -88,7 +88,8 @@ struct ExecutorStats {
   double plan_residency_us = 0, plan_planner_us = 0;
   double prefill_us = 0;
   // Where prefill's wall time goes, serially: appending the block and staging
-  // its completed chunks (GPU copies, summaries, home writes started), scoring
+  // its completed chunks (GPU copies, summaries, home writes started), the
+  // query pass (mean query; on a GPU also q's pinned staging) with scoring
   // and top-k, pinning the attended blocks in GPU slots (uploads included);
   // the rest is the attention itself and the wait for home writes below.
   double prefill_stage_us = 0, prefill_score_us = 0, prefill_pin_us = 0;
