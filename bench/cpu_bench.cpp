@@ -53,6 +53,7 @@ constexpr uint32_t kTopk = 64;
 // so selection ranks the blocks between them.
 constexpr uint32_t kFarBegin = 128 / kChunkTokens, kFarEnd = kBlocks - 4096 / kChunkTokens;
 constexpr uint32_t kHostBlocksPerHead = 512;  // 4096 selected host blocks per layer
+constexpr uint32_t kStepBlocksPerHead = 16;   // 128 blocks (4 MiB): one decode step's host share
 constexpr uint64_t kBlockBytes = uint64_t{2} * kChunkTokens * kHeadDim * sizeof(bf16);  // 32 KiB
 constexpr uint64_t kKvBytesPerLayer = uint64_t{kKvHeads} * kHostBlocksPerHead * kBlockBytes;  // 128 MiB
 constexpr uint64_t kSummaryF32Bytes = uint64_t{kKvHeads} * kBlocks * kHeadDim * sizeof(float);  // 64 MiB
@@ -311,6 +312,7 @@ struct Figures {
   double mem_read_gbps = 0;
   double score_f32_gbps = 0, score_f32_ms = 0, score_bf16_gbps = 0, score_scalar_gbps = 0, topk_ms = 0;
   double attention_gbps = 0, scattered_read_gbps = 0, decode_32_ms = 0;
+  double attention_step_gbps = 0;
   double prefill_own_gflops = 0, prefill_onednn_gflops = 0;
   double overlap_jaccard = 0, overlap_changed = 0, needle_f32 = 0, needle_bf16 = 0;
 };
@@ -421,19 +423,31 @@ void measure_bandwidths(Bench& b, const SummaryTable& f32, const HostKv& kv, Fig
                  {},
                  {}};
   add_blocks(attend.cold, kv.lists[0]);
+  // The size one decode step hands the engine: kStepBlocksPerHead blocks per
+  // KV head (a few hundred selected blocks minus the GPU-resident ones).
+  std::vector<std::vector<cpu::HostBlock>> step_lists(kKvHeads);
+  for (uint32_t h = 0; h < kKvHeads; ++h)
+    step_lists[h].assign(kv.lists[0][h].begin(), kv.lists[0][h].begin() + kStepBlocksPerHead);
+  Subject attend_step{[&] { b.engine->attend(Bf16View<2>(in.q, {kQHeads, kHeadDim}), step_lists, kChunkTokens,
+                                             kScale, in.out); },
+                      {},
+                      {}};
+  add_blocks(attend_step.cold, step_lists);
   Subject scattered = scattered_read_subject(b, kv);
   Subject topk{[&] {
                  b.engine->select(F32View<2>(in.scores, {kKvHeads, kBlocks}), kTopk, kFarBegin, kFarEnd, in.selected);
                },
                {},
                {}};
-  run_rounds(b, {&read, &score, &topk, &score_b16, &attend, &scattered, &score_scalar}, b.plan.repeats);
+  run_rounds(b, {&read, &score, &topk, &score_b16, &attend, &attend_step, &scattered, &score_scalar},
+             b.plan.repeats);
   f.mem_read_gbps = gbps(kSummaryF32Bytes, read.median_s());
   f.score_f32_gbps = gbps(f32.scoring_bytes(), score.median_s());
   f.score_f32_ms = score.median_s() * 1e3;
   f.score_bf16_gbps = gbps(in.bf16_table->scoring_bytes(), score_b16.median_s());
   f.score_scalar_gbps = gbps(f32.scoring_bytes(), score_scalar.median_s());
   f.attention_gbps = gbps(kKvBytesPerLayer, attend.median_s());
+  f.attention_step_gbps = gbps(uint64_t{kKvHeads} * kStepBlocksPerHead * kBlockBytes, attend_step.median_s());
   f.scattered_read_gbps = gbps(kKvBytesPerLayer, scattered.median_s());
   f.topk_ms = topk.median_s() * 1e3;
 }
@@ -620,6 +634,7 @@ void report(Bench& b, const Figures& f) {
   r.add("summary_scoring_1m", f.score_f32_gbps, "GB/s", "mem_read_bw");
   r.add("summary_scoring_1m_bf16", f.score_bf16_gbps, "GB/s", "summary_scoring_1m");
   r.add("block_attention_host", f.attention_gbps, "GB/s", "mem_read_bw");
+  r.add("block_attention_step", f.attention_step_gbps, "GB/s", "block_attention_host");
   // What the scattered access pattern allows on this machine, and the kernel against it.
   r.add("scattered_block_read_bw", f.scattered_read_gbps, "GB/s", "mem_read_bw");
   r.add("block_attention_host_vs_scattered", f.attention_gbps, "GB/s", "scattered_block_read_bw");
@@ -648,6 +663,8 @@ nlohmann::json plan_config(const Bench& b) {
       {"summary_bytes_f32", kSummaryF32Bytes},
       {"summary_bytes_bf16", kSummaryF32Bytes / 2},
       {"mem_read_bytes", kSummaryF32Bytes},
+      {"host_attention_step", "the first " + std::to_string(kStepBlocksPerHead) +
+                                  " blocks per KV head of host_attention (4 MiB), one call: a decode step's size"},
       {"host_attention", "4096 blocks (512 per KV head) of 32 KiB = 128 MiB at random slots of a " +
                              format_bytes(kArenaSlots * kBlockBytes) + " arena"},
       {"topk", "64 per KV head among blocks [2, 16320): 128 sink and 4096 window tokens excluded"},

@@ -19,8 +19,10 @@
 // For the simulator's validation points (issue 7) the main run also takes
 // KVTIER_E2E_GPU_BYTES, KVTIER_E2E_HOST_BYTES and KVTIER_E2E_HOST_CACHE_BYTES
 // (e.g. 8GiB), KVTIER_E2E_SUMMARY (mean_f32, mean_bf16, minmax_f32; every
-// run), KVTIER_E2E_LATE (wait, summary; every run) and KVTIER_E2E_FIDELITY=0
-// (no needles, verification or full-budget check: speed figures only).
+// run), KVTIER_E2E_LATE (wait, summary; every run), KVTIER_E2E_WARM=0 (the
+// executor lets the CPU engine's workers sleep through serial phases; every
+// run) and KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
+// check: speed figures only).
 #include <unistd.h>
 
 #include <algorithm>
@@ -101,6 +103,7 @@ struct E2eConfig {
   SparsityPolicy policy;        // every run's
   scheduler::LatePolicy late = scheduler::LatePolicy::kWait;
   bool fidelity = true;         // the main run's needles, verification and full-budget check
+  bool warm_workers = true;     // ExecutorOptions::warm_workers
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -196,6 +199,12 @@ Status apply_overrides(E2eConfig& c) {
     if (!late.ok()) return invalid_argument("KVTIER_E2E_LATE: " + late.status().message());
     c.late = *late;
     c.overrides.push_back("KVTIER_E2E_LATE=" + *t);
+  }
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_WARM")) {
+    if (*t != "0" && *t != "1")
+      return invalid_argument("KVTIER_E2E_WARM=" + *t + ": give 1 (workers spin through serial phases) or 0");
+    c.warm_workers = *t == "1";
+    c.overrides.push_back("KVTIER_E2E_WARM=" + *t);
   }
   if (const std::optional<std::string> t = env_text("KVTIER_E2E_FIDELITY")) {
     if (*t != "0" && *t != "1") return invalid_argument("KVTIER_E2E_FIDELITY=" + *t + ": give 0 (speed only) or 1");
@@ -557,6 +566,7 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"score", x.score_us / n},
             {"gpu_wait", x.gpu_wait_us / n},
             {"cpu_attend", x.cpu_attend_us / n},
+            {"cpu_kernel", x.cpu_kernel_us / n},
             {"upload_wait", x.upload_wait_us / n},
             {"read_wait", x.read_wait_us / n},
             {"merge", x.merge_us / n},
@@ -640,6 +650,7 @@ class Runner {
     r.engine.cpu_threads = args_.threads;
     r.engine.policy = c_.policy;
     r.engine.late = c_.late;
+    r.engine.warm_workers = c_.warm_workers;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

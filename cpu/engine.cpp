@@ -33,6 +33,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kvtier/core/log.h"
@@ -40,6 +41,13 @@
 
 namespace kvtier::cpu {
 namespace {
+
+// The spin-wait hint of keep_warm()'s spinners.
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
 
 // 512 blocks x 8 KV heads x 512 B of fp32 mean keys = 2 MiB per task: long
 // enough to hide the task overhead, short enough that a 16K-block layer
@@ -580,6 +588,35 @@ void CpuEngine::build_summaries(std::span<const std::vector<HostBlock>> blocks, 
 }
 
 void CpuEngine::run(const std::function<void()>& fn) { impl_->arena.execute(fn); }
+
+CpuEngine::WarmHold& CpuEngine::WarmHold::operator=(WarmHold&& o) noexcept {
+  if (this != &o) {
+    release();
+    stop_ = std::move(o.stop_);
+  }
+  return *this;
+}
+
+void CpuEngine::WarmHold::release() {
+  if (stop_ != nullptr) stop_->store(true, std::memory_order_release);
+  stop_.reset();
+}
+
+CpuEngine::WarmHold CpuEngine::keep_warm(std::chrono::microseconds limit) {
+  if (impl_->threads < 2) return WarmHold();
+  auto stop = std::make_shared<std::atomic<bool>>(false);
+  const auto until = std::chrono::steady_clock::now() + limit;
+  // One spinner per worker slot (the arena reserves one slot for a caller).
+  // A spinner that starts after the release returns at once.
+  for (unsigned i = 0; i + 1 < impl_->threads; ++i)
+    impl_->arena.enqueue([stop, until] {
+      while (!stop->load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until) {
+        for (int k = 0; k < 16; ++k) spin_pause();
+        std::this_thread::yield();  // a runnable I/O or driver thread bound here gets the core
+      }
+    });
+  return WarmHold(std::move(stop));
+}
 
 void CpuEngine::parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
   if (n == 0) return;

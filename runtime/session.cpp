@@ -121,6 +121,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   xo.rates = options.rates ? *options.rates : default_rates(impl->cuda != nullptr);
   impl->rates_source = options.rates ? "given" : "built-in estimates (kvtier calibrate measures real ones)";
   xo.late = options.late;
+  xo.warm_workers = options.warm_workers;
   xo.max_sequences = options.max_sessions;
   xo.host_cache_bytes = options.host_cache_bytes;
   xo.trace = options.trace;

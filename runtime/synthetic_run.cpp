@@ -434,6 +434,7 @@ nlohmann::json SyntheticRunReport::to_json() const {
                 {"score_us", st.score_us},
                 {"gpu_wait_us", st.gpu_wait_us},
                 {"cpu_attend_us", st.cpu_attend_us},
+                {"cpu_kernel_us", st.cpu_kernel_us},
                 {"upload_wait_us", st.upload_wait_us},
                 {"read_wait_us", st.read_wait_us},
                 {"merge_us", st.merge_us},

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -73,12 +74,15 @@ struct SeqStep {
   cpu::PartialState hot, sel, host, far;
   std::map<uint32_t, storage::BlockPin> host_pins;  // flat id -> host copy the CPU attends
   std::vector<float> scores;                    // [kv_heads][blocks]
-  double score_us = 0, cpu_attend_us = 0, read_wait_us = 0;
+  double score_us = 0, cpu_attend_us = 0, cpu_kernel_us = 0, read_wait_us = 0;
   uint64_t rereads = 0;
 };
 
 namespace {
 
+// The longest a serial phase keeps the workers spinning: a prepare or plan
+// node takes 0.1-0.4 ms on the GPU host; past this the workers sleep as usual.
+constexpr std::chrono::microseconds kWarmLimit{2000};
 
 // Reads per round: the staging cache holds at least 64 blocks, and two
 // rounds are in flight at once.
@@ -152,6 +156,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     if (it.seq->layer_tokens_[layer] == 0) return invalid_argument("decode: prefill at least one token first");
   }
   const double t_step = wall_us();
+  // Workers spin through the serial prepare (released before the graph's
+  // parallel scoring) and, below, through the serial plan node.
+  cpu::CpuEngine::WarmHold warm;
+  if (options_.warm_workers) warm = cpu_.keep_warm(kWarmLimit);
   TraceRecorder* tr = options_.trace;
   const double trace_origin = tr != nullptr ? tr->now_us() : 0.0;
   const float scale = static_cast<float>(1.0 / std::sqrt(double(d)));
@@ -399,7 +407,9 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         lists[h].push_back({reinterpret_cast<const bf16*>(have->second.data()), C});
       }
     x.host = cpu::PartialState::empty(qh, d);
+    double k0 = wall_us();
     cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), lists, C, scale, x.host);
+    x.cpu_kernel_us += wall_us() - k0;
     x.host_pins.clear();
     // This step's reads, round by round as they land.
     for (size_t r = 0; r < x.rounds.size(); ++r) {
@@ -423,7 +433,9 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         round_pins.push_back(std::move(pin).value());
       }
       cpu::PartialState part = cpu::PartialState::empty(qh, d);
+      k0 = wall_us();
       cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), round_lists, C, scale, part);
+      x.cpu_kernel_us += wall_us() - k0;
       const cpu::PartialState two[2] = {std::move(x.host), std::move(part)};
       x.host = cpu::merge_states(std::span<const cpu::PartialState>(two, 2));
     }
@@ -441,7 +453,11 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       any_far = any_far || !far[h].empty();
     }
     x.far = cpu::PartialState::empty(qh, d);
-    if (any_far) cpu_.far_field(Bf16View<2>(batch[b].q, {qh, d}), seq.summaries_[layer], far, scale, x.far);
+    if (any_far) {
+      k0 = wall_us();
+      cpu_.far_field(Bf16View<2>(batch[b].q, {qh, d}), seq.summaries_[layer], far, scale, x.far);
+      x.cpu_kernel_us += wall_us() - k0;
+    }
     x.cpu_attend_us += wall_us() - t0;
     // What this step attended (for verify()).
     cpu::AttendedSet& att = seq.last_attended_[layer];
@@ -566,6 +582,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     status[slot] = fn();
     if (!status[slot].ok()) failed = true;
   };
+  warm.release();
   const double t_graph = wall_us();
   cpu_.run([&] {
     namespace flow = tbb::flow;
@@ -574,7 +591,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     flow::broadcast_node<flow::continue_msg> start(g);
     Node plan_node(g, [&](const flow::continue_msg&) {
       const double t0 = wall_us();
+      cpu::CpuEngine::WarmHold hold;
+      if (options_.warm_workers) hold = cpu_.keep_warm(kWarmLimit);
       guarded(B, plan_step);
+      hold.release();  // before the attend nodes are spawned
       stats_.plan_us += wall_us() - t0;
     });
     Node gpu_node(g, [&](const flow::continue_msg&) { guarded(B + 1, gpu_step); });
@@ -603,6 +623,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   for (const SeqStep& x : st) {
     stats_.score_us += x.score_us;
     stats_.cpu_attend_us += x.cpu_attend_us;
+    stats_.cpu_kernel_us += x.cpu_kernel_us;
     stats_.read_wait_us += x.read_wait_us;
     stats_.reread_blocks += x.rereads;
   }

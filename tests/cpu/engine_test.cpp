@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -239,6 +240,43 @@ TEST_CASE("engine: attend over split lists, merged, equals the fp64 reference") 
         CHECK(d.o_rel < kAttendTolerance);
         CHECK(d.lse_abs < kAttendTolerance);
       }
+}
+
+TEST_CASE("engine: attend under keep_warm, before and after its release or time limit, equals fp64") {
+  // The hold's spinners occupy the workers: work submitted meanwhile must
+  // still finish (on the caller), and release or the limit must free them.
+  // The limits are short so that a hang would show as a bounded stall.
+  auto gen = test::rng(15);
+  Layer layer(8, 2, 64, 41ull * 16 + 3, 16, gen);
+  const auto chunks = random_chunks(layer.chunks(), {23, 18}, gen);
+  const auto blocks = layer.store(chunks);
+  const double scale = ref::default_scale(64);
+  const PartialState64 want = ref::attend_blocks(layer.qv(), ref::blocks_of(layer.kv(), 16, chunks), scale);
+  const std::unique_ptr<CpuEngine> engine = make_engine(best_isa(), 2);
+  const auto attend_ok = [&] {
+    PartialState got = poisoned_state(layer.q_heads, 64);
+    engine->attend(layer.qv(), blocks, 16, static_cast<float>(scale), got);
+    const Diff d = diff(got, want);
+    CHECK(d.o_rel < kAttendTolerance);
+    CHECK(d.lse_abs < kAttendTolerance);
+  };
+  {
+    CpuEngine::WarmHold hold = engine->keep_warm(std::chrono::milliseconds(200));
+    attend_ok();  // while held: only the caller is free, and it is enough
+    CpuEngine::WarmHold moved = std::move(hold);
+    moved.release();
+    moved.release();  // twice: no effect
+    hold.release();   // moved-from: no effect
+  }
+  attend_ok();
+  // Never released: the limit ends the spinning (the hold is destroyed after).
+  CpuEngine::WarmHold held = engine->keep_warm(std::chrono::milliseconds(1));
+  attend_ok();
+  const std::unique_ptr<CpuEngine> single = make_engine(best_isa(), 1);
+  CpuEngine::WarmHold none = single->keep_warm(std::chrono::milliseconds(200));  // one thread: nothing to keep warm
+  PartialState got = poisoned_state(layer.q_heads, 64);
+  single->attend(layer.qv(), blocks, 16, static_cast<float>(scale), got);
+  CHECK(diff(got, want).o_rel < kAttendTolerance);
 }
 
 TEST_CASE("engine: attend with every list empty gives (0, -inf)") {

@@ -49,6 +49,7 @@ struct EngineOptions {
   // Sessions open at once (a decode batch); the gpu tier is split evenly between them.
   uint32_t max_sessions = 1;
   scheduler::LatePolicy late = scheduler::LatePolicy::kWait;
+  bool warm_workers = true;  // scheduler::ExecutorOptions::warm_workers
   // The cost model's rates; unset: built-in estimates for this backend.
   std::optional<scheduler::CostRates> rates;
   scheduler::TraceRecorder* trace = nullptr;  // not owned; null: no trace

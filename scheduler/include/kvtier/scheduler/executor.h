@@ -76,6 +76,9 @@ struct ExecutorStats {
   uint64_t write_backs = 0;
   uint64_t reread_blocks = 0;     // host copies evicted between landing and use, read again
   double score_us = 0, gpu_wait_us = 0, cpu_attend_us = 0, upload_wait_us = 0, read_wait_us = 0, merge_us = 0;
+  // Of cpu_attend_us (which also holds read_wait_us): inside the CPU engine's
+  // attention and far-field calls; the rest is pins, lists and merges.
+  double cpu_kernel_us = 0;
   double decode_us = 0;           // wall time inside decode_layer
   // Where decode_layer's wall time goes, serially: the appends, hot-set pins
   // and GPU launches before the step's graph (prepare), the graph itself
@@ -112,6 +115,10 @@ struct ExecutorOptions {
   // gets its tails plus an equal quota of slots for its cached blocks).
   uint32_t max_sequences = 1;
   uint64_t host_cache_bytes = 0;  // per sequence: the NVMe staging cache within host_bytes (0: a quarter)
+  // Keep the CPU engine's workers spinning (CpuEngine::keep_warm) through a
+  // decode step's serial phases, the prepare and the plan node, so that the
+  // parallel scoring and attention after them do not wait for workers to wake.
+  bool warm_workers = true;
 };
 
 class Executor;
