@@ -13,6 +13,12 @@
 // and the calibration folds it into step_overhead_us. Without a GPU the
 // executor runs on its CPU stand-in, as kvtier does there, at 64K tokens
 // (12K and one layer with --quick), because prefill on the CPU takes minutes.
+//
+// A second run of the same shape keeps only the hot set and a small block
+// cache in GPU slots, so most selected blocks are host-resident and the CPU
+// attends them in the step: its engine time per call beyond the bytes at the
+// bulk rate is host.attend_call_us (a call of a few MiB pays the hand-off to
+// the engine's workers and the merge of their states).
 #include <unistd.h>
 
 #include <algorithm>
@@ -74,6 +80,29 @@ int run_executor(const SuiteArgs& args) {
     std::cerr << "kvtier bench executor: " << r.status().to_string() << "\n";
     return 1;
   }
+  // The host-resident run: GPU slots for the hot set of every layer and KV
+  // head (sinks, window, tail) and about as many again for cached blocks.
+  runtime::SyntheticRunConfig host_run = run;
+  const SparsityPolicy& pol = run.engine.policy;
+  const uint64_t block_bytes = uint64_t{2} * pol.chunk_tokens * run.engine.shape.head_dim * 2;
+  const uint64_t hot_blocks = uint64_t{run.engine.shape.layers} * run.engine.shape.kv_heads *
+                              ((pol.sink_tokens + pol.chunk_tokens - 1) / pol.chunk_tokens +
+                               (pol.window_tokens + pol.chunk_tokens - 1) / pol.chunk_tokens + 2);
+  host_run.engine.gpu_bytes = 2 * hot_blocks * block_bytes;
+  const std::filesystem::path host_root = root / "host-resident";
+  std::error_code ec;
+  std::filesystem::create_directories(host_root, ec);
+  host_run.engine.nvme_dir = host_root;
+  const Result<runtime::SyntheticRunReport> h = runtime::run_synthetic(host_run);
+  if (!h.ok()) {
+    std::cerr << "kvtier bench executor (host-resident run): " << h.status().to_string() << "\n";
+    return 1;
+  }
+  if (h->stats.cpu_calls == 0) {
+    std::cerr << "kvtier bench executor: the host-resident run made no CPU attention call (gpu budget "
+              << host_run.engine.gpu_bytes << " bytes)\n";
+    return 1;
+  }
   const scheduler::ExecutorStats& x = r->stats;
   if (x.layer_steps == 0 || x.selected_blocks == 0) {
     std::cerr << "kvtier bench executor: the run timed no layer step with a selection\n";
@@ -97,6 +126,16 @@ int run_executor(const SuiteArgs& args) {
              "fraction");
   report.add("executor_score_bytes_per_layer_step", score_bytes, "bytes");
   report.add("decode_steps_per_s", r->decode_steps_per_s, "steps/s");
+  // The host-resident run's in-step CPU attention, per call of the engine.
+  const scheduler::ExecutorStats& hx = h->stats;
+  const double cpu_calls = static_cast<double>(hx.cpu_calls);
+  report.set_config("host_resident_run", "gpu budget " + std::to_string(host_run.engine.gpu_bytes) +
+                                             " bytes (twice the hot set), host budget as above");
+  report.add("executor_host_cpu_call_us", hx.cpu_kernel_us / cpu_calls, "us");
+  report.add("executor_host_cpu_bytes_per_call", static_cast<double>(hx.cpu_blocks) * block_bytes / cpu_calls, "bytes");
+  report.add("executor_host_cpu_blocks_per_layer_step", static_cast<double>(hx.cpu_blocks) / hx.layer_steps,
+             "blocks");
+  report.add("executor_host_layer_step_us", hx.decode_us / hx.layer_steps, "us");
   // Prefill, per query block and layer: staging the block's K/V (append, GPU
   // copies, summaries, home writes started), the query pass with scoring and
   // top-k, and the rest (pins, the attention, the wait for home writes).

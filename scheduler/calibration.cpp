@@ -39,6 +39,7 @@ constexpr ScalarRule kLatencyRule{"nvme.latency_us", "storage", "uring_rand_bloc
 constexpr ScalarRule kPrepareRule{"host.prepare_us_per_list", "executor", "executor_prepare_us", "us"};
 constexpr ScalarRule kPlanRule{"host.plan_us_per_block", "executor", "executor_plan_us", "us"};
 constexpr ScalarRule kStepRule{"host.step_overhead_us", "executor", "executor_layer_step_us", "us"};
+constexpr ScalarRule kCallRule{"host.attend_call_us", "executor", "executor_host_cpu_call_us", "us"};
 // Its prefill's host passes per query block and layer, as rates.
 constexpr ScalarRule kPrefillStageRule{"host.prefill_stage_gbps", "executor", "executor_prefill_stage_ms", "ms"};
 constexpr ScalarRule kPrefillQueryRule{"host.prefill_query_gbps", "executor", "executor_prefill_query_ms", "ms"};
@@ -191,6 +192,12 @@ Status executor_part(const SuiteReport& ex, HostProfile& h) {
   h.plan_us_per_block = plan / blocks;
   const double score_at_rate_us = score_bytes / (h.score_gbps * 1e3);
   h.step_overhead_us = std::max(0.0, step - prepare - plan - score_at_rate_us - waits);
+  // The host-resident run's CPU attention calls, less their bytes at the cpu
+  // suite's bulk rate.
+  KVT_ASSIGN_OR_RETURN(const double call_us, ex.value(kCallRule));
+  KVT_ASSIGN_OR_RETURN(const double call_bytes,
+                       ex.value("executor_host_cpu_bytes_per_call", "bytes", "host.attend_call_us"));
+  h.attend_call_us = std::max(0.0, call_us - call_bytes / (h.attend_gbps * 1e3));
   KVT_ASSIGN_OR_RETURN(const double stage_ms, ex.value(kPrefillStageRule));
   KVT_ASSIGN_OR_RETURN(const double query_ms, ex.value(kPrefillQueryRule));
   KVT_ASSIGN_OR_RETURN(const double kv_bytes,
@@ -225,8 +232,10 @@ Result<HostProfile> host_part(const MachineFacts& facts, const SuiteReport& memo
              "executor_lists_per_layer_step, host.plan_us_per_block = executor_plan_us / "
              "executor_selected_blocks_per_layer_step, host.step_overhead_us = executor_layer_step_us - "
              "executor_prepare_us - executor_plan_us - executor_device_wait_us - executor_score_bytes_per_layer_step "
-             "/ host.score_gbps (clamped at 0): what the simulator's other terms do not already price; from the "
-             "same run's prefill: host.prefill_stage_gbps = executor_prefill_kv_bytes_per_layer_block / "
+             "/ host.score_gbps (clamped at 0): what the simulator's other terms do not already price; "
+             "host.attend_call_us = executor_host_cpu_call_us - executor_host_cpu_bytes_per_call / host.attend_gbps "
+             "(clamped at 0), from a second run with most selected blocks host-resident; from the first "
+             "run's prefill: host.prefill_stage_gbps = executor_prefill_kv_bytes_per_layer_block / "
              "executor_prefill_stage_ms, host.prefill_query_gbps = executor_prefill_q_bytes_per_layer_block / "
              "executor_prefill_query_ms";
   return h;
@@ -337,7 +346,7 @@ Status no_gpu_error(const MachineFacts& facts) {
 
 std::vector<CalibrationRule> calibration_rules() {
   std::vector<CalibrationRule> rules;
-  for (const ScalarRule& r : {kReadRule, kScoreRule, kAttendRule, kPrepareRule, kPlanRule, kStepRule,
+  for (const ScalarRule& r : {kReadRule, kScoreRule, kAttendRule, kPrepareRule, kPlanRule, kStepRule, kCallRule,
                               kPrefillStageRule, kPrefillQueryRule, kHbmRule, kTflopsRule})
     rules.push_back(rule_of(r));
   for (const LinkPointRule& p : kLinkRules) {

@@ -75,6 +75,7 @@ struct SeqStep {
   std::map<uint32_t, storage::BlockPin> host_pins;  // flat id -> host copy the CPU attends
   std::vector<float> scores;                    // [kv_heads][blocks]
   double score_us = 0, cpu_attend_us = 0, cpu_kernel_us = 0, read_wait_us = 0;
+  uint64_t cpu_calls = 0;
   uint64_t rereads = 0;
 };
 
@@ -84,9 +85,7 @@ namespace {
 // node takes 0.1-0.4 ms on the GPU host; past this the workers sleep as usual.
 constexpr std::chrono::microseconds kWarmLimit{2000};
 
-// Reads per round: the staging cache holds at least 64 blocks, and two
-// rounds are in flight at once.
-constexpr size_t kReadRound = 16;
+constexpr size_t kReadRound = kReadRoundBlocks;
 
 }  // namespace
 
@@ -407,14 +406,23 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         lists[h].push_back({reinterpret_cast<const bf16*>(have->second.data()), C});
       }
     x.host = cpu::PartialState::empty(qh, d);
-    double k0 = wall_us();
-    cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), lists, C, scale, x.host);
-    x.cpu_kernel_us += wall_us() - k0;
+    double k0 = 0;
+    if (std::any_of(lists.begin(), lists.end(), [](const auto& l) { return !l.empty(); })) {
+      k0 = wall_us();
+      cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), lists, C, scale, x.host);
+      x.cpu_kernel_us += wall_us() - k0;
+      ++x.cpu_calls;
+    }
     x.host_pins.clear();
     // This step's reads, round by round as they land.
     for (size_t r = 0; r < x.rounds.size(); ++r) {
       const double w0 = wall_us();
+      // Alone in the step (one sequence: no other attention needs the
+      // workers meanwhile), the wait keeps them warm for the round's call.
+      cpu::CpuEngine::WarmHold hold;
+      if (options_.warm_workers && B == 1) hold = cpu_.keep_warm(kWarmLimit);
       const Status rs = wait_read(seq, x.tickets[r]);
+      hold.release();
       x.waited = r + 1;
       x.read_wait_us += wall_us() - w0;
       if (tr != nullptr)
@@ -436,6 +444,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       k0 = wall_us();
       cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), round_lists, C, scale, part);
       x.cpu_kernel_us += wall_us() - k0;
+      ++x.cpu_calls;
       const cpu::PartialState two[2] = {std::move(x.host), std::move(part)};
       x.host = cpu::merge_states(std::span<const cpu::PartialState>(two, 2));
     }
@@ -457,6 +466,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       k0 = wall_us();
       cpu_.far_field(Bf16View<2>(batch[b].q, {qh, d}), seq.summaries_[layer], far, scale, x.far);
       x.cpu_kernel_us += wall_us() - k0;
+      ++x.cpu_calls;
     }
     x.cpu_attend_us += wall_us() - t0;
     // What this step attended (for verify()).
@@ -624,6 +634,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     stats_.score_us += x.score_us;
     stats_.cpu_attend_us += x.cpu_attend_us;
     stats_.cpu_kernel_us += x.cpu_kernel_us;
+    stats_.cpu_calls += x.cpu_calls;
     stats_.read_wait_us += x.read_wait_us;
     stats_.reread_blocks += x.rereads;
   }

@@ -149,6 +149,11 @@ struct DdrHost {
 constexpr double kPrepareUsPerList = 12.4;
 constexpr double kPlanUsPerBlock = 0.484;
 constexpr double kStepOverheadUs = 424;
+// One in-step CPU attention call beyond its bytes at the bulk rate, with the
+// workers kept warm: 512K on 40 GiB, 82.1 us for 74.1 blocks (2.43 MB, 31.7 us
+// at 76.5 GB/s) per layer step, one call each
+// (bench/results/2026-11-28-e2e-h200-warm-workers-ab.json).
+constexpr double kAttendCallUs = 50.4;
 // Its prefill per query block of 8192 tokens and layer at 128K (after the
 // parallel q staging): 33.5 MB of K/V staged in 7.83 ms, 67.1 MB of q through
 // the query pass and scoring in 10.17 ms (bench/results/2026-11-28-e2e-h200-prefill-breakdown.json).
@@ -173,6 +178,7 @@ HostProfile ddr_host(const DdrHost& h) {
   p.prepare_us_per_list = kPrepareUsPerList;
   p.plan_us_per_block = kPlanUsPerBlock;
   p.step_overhead_us = kStepOverheadUs;
+  p.attend_call_us = kAttendCallUs;
   p.prefill_stage_gbps = kPrefillStageGbps;
   p.prefill_query_gbps = kPrefillQueryGbps;
   char source[4096];
@@ -184,7 +190,8 @@ HostProfile ddr_host(const DdrHost& h) {
       "summary scoring and 83 GB/s block attention at 104 GB/s read with 16 threads and AVX-512 bf16 "
       "(bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json); CPUs without AVX-512 bf16 will be "
       "slower. [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us: the decode executor's "
-      "host time on the H200 host's 16-vCPU Xeon (%s); prefill_stage_gbps, prefill_query_gbps: its prefill's "
+      "host time on the H200 host's 16-vCPU Xeon (%s); attend_call_us: its in-step CPU attention call beyond "
+      "the bytes (bench/results/2026-11-28-e2e-h200-warm-workers-ab.json); prefill_stage_gbps, prefill_query_gbps: its prefill's "
       "host passes there (bench/results/2026-11-28-e2e-h200-prefill-breakdown.json); a desktop CPU with faster "
       "cores will likely spend less. "
       "Measure with kvtier calibrate.",

@@ -310,8 +310,8 @@ Result<LinkProfile> read_link(const json& j) {
 Result<HostProfile> read_host(const json& j) {
   KVT_ASSIGN_OR_RETURN(const Fields f, Fields::open(j, "host"));
   KVT_RETURN_IF_ERROR(f.only({"name", "source", "memory_bytes", "read_gbps", "cores", "score_gbps", "attend_gbps",
-                              "prepare_us_per_list", "plan_us_per_block", "step_overhead_us", "prefill_stage_gbps",
-                              "prefill_query_gbps"}));
+                              "prepare_us_per_list", "plan_us_per_block", "step_overhead_us", "attend_call_us",
+                              "prefill_stage_gbps", "prefill_query_gbps"}));
   HostProfile h;
   KVT_ASSIGN_OR_RETURN(h.name, f.string("name"));
   KVT_ASSIGN_OR_RETURN(h.source, f.string("source"));
@@ -321,17 +321,18 @@ Result<HostProfile> read_host(const json& j) {
   KVT_ASSIGN_OR_RETURN(h.score_gbps, f.number("score_gbps"));
   KVT_ASSIGN_OR_RETURN(h.attend_gbps, f.number("attend_gbps"));
   // Profiles written before these were measured lack them: say how to get them.
-  for (const char* key :
-       {"prepare_us_per_list", "plan_us_per_block", "step_overhead_us", "prefill_stage_gbps", "prefill_query_gbps"})
+  for (const char* key : {"prepare_us_per_list", "plan_us_per_block", "step_overhead_us", "attend_call_us",
+                          "prefill_stage_gbps", "prefill_query_gbps"})
     if (!j.contains(key))
       return invalid_argument("machine profile " + f.path(key) +
-                              " is missing (the executor's host time, added to profiles after 2026-11-28): run "
+                              " is missing (the executor's host time, added to profiles on 2026-11-28): run "
                               "kvtier calibrate again, or copy host.prepare_us_per_list, plan_us_per_block, "
-                              "step_overhead_us, prefill_stage_gbps and prefill_query_gbps from a host preset "
-                              "(kvtier plan --machine ddr5-128g,... uses them)");
+                              "step_overhead_us, attend_call_us, prefill_stage_gbps and prefill_query_gbps from a "
+                              "host preset (kvtier plan --machine ddr5-128g,... uses them)");
   KVT_ASSIGN_OR_RETURN(h.prepare_us_per_list, f.number("prepare_us_per_list"));
   KVT_ASSIGN_OR_RETURN(h.plan_us_per_block, f.number("plan_us_per_block"));
   KVT_ASSIGN_OR_RETURN(h.step_overhead_us, f.number("step_overhead_us"));
+  KVT_ASSIGN_OR_RETURN(h.attend_call_us, f.number("attend_call_us"));
   KVT_ASSIGN_OR_RETURN(h.prefill_stage_gbps, f.number("prefill_stage_gbps"));
   KVT_ASSIGN_OR_RETURN(h.prefill_query_gbps, f.number("prefill_query_gbps"));
   KVT_RETURN_IF_ERROR(validate(h));
@@ -622,6 +623,7 @@ Status validate(const HostProfile& h) {
   KVT_RETURN_IF_ERROR(check_time("host.prepare_us_per_list", h.prepare_us_per_list));
   KVT_RETURN_IF_ERROR(check_time("host.plan_us_per_block", h.plan_us_per_block));
   KVT_RETURN_IF_ERROR(check_time("host.step_overhead_us", h.step_overhead_us));
+  KVT_RETURN_IF_ERROR(check_time("host.attend_call_us", h.attend_call_us));
   KVT_RETURN_IF_ERROR(check_rate("host.prefill_stage_gbps", h.prefill_stage_gbps));
   return check_rate("host.prefill_query_gbps", h.prefill_query_gbps);
 }
@@ -687,6 +689,7 @@ json to_json(const HostProfile& h) {
           {"prepare_us_per_list", h.prepare_us_per_list},
           {"plan_us_per_block", h.plan_us_per_block},
           {"step_overhead_us", h.step_overhead_us},
+          {"attend_call_us", h.attend_call_us},
           {"prefill_stage_gbps", h.prefill_stage_gbps},
           {"prefill_query_gbps", h.prefill_query_gbps}};
 }

@@ -145,8 +145,10 @@ Status validate(const CostRates& r) {
       return invalid_argument(std::string("cost rates: ") + name + " = " + std::to_string(v) + ": must be > 0");
   if (!std::isfinite(r.nvme_latency_us) || r.nvme_latency_us < 0)
     return invalid_argument("cost rates: nvme_latency_us = " + std::to_string(r.nvme_latency_us) + ": must be >= 0");
-  const std::array<std::pair<const char*, double>, 3> host{
-      {{"host_list_us", r.host_list_us}, {"host_block_us", r.host_block_us}, {"host_step_us", r.host_step_us}}};
+  const std::array<std::pair<const char*, double>, 4> host{{{"host_list_us", r.host_list_us},
+                                                            {"host_block_us", r.host_block_us},
+                                                            {"host_step_us", r.host_step_us},
+                                                            {"cpu_call_us", r.cpu_call_us}}};
   for (const auto& [name, v] : host)
     if (!std::isfinite(v) || v < 0)
       return invalid_argument(std::string("cost rates: ") + name + " = " + std::to_string(v) + ": must be >= 0");
@@ -291,7 +293,7 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   if (host_cpu > 0) {
     const uint64_t bytes = uint64_t{host_cpu} * block_bytes;
     merge_after.push_back(add(plan, TaskKind::kCpuAttend, Lane::kCpu, bytes, host_cpu,
-                              us_for(bytes, rt.cpu_attend_gbps), {planned}));
+                              rt.cpu_call_us + us_for(bytes, rt.cpu_attend_gbps), {planned}));
   }
   // Blocks read from NVMe in time, and the far-field term of late ones (one
   // summary row each), once the reads have landed.
@@ -300,8 +302,11 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
                            uint64_t{plan.late_blocks} * summary_row_bytes(in.shape, SummaryKind::kMeanF32) * 2;
     std::vector<uint32_t> after{planned};
     if (in_time > 0) after.insert(after.end(), read_tasks.begin(), read_tasks.end());
-    merge_after.push_back(add(plan, TaskKind::kCpuAttend, Lane::kCpu, bytes, in_time, us_for(bytes, rt.cpu_attend_gbps),
-                              std::move(after)));
+    // The executor attends landed reads in rounds of kReadRoundBlocks, one call
+    // each, and the far field in one more.
+    const uint32_t calls = (in_time + kReadRoundBlocks - 1) / kReadRoundBlocks + (plan.late_blocks > 0 ? 1 : 0);
+    merge_after.push_back(add(plan, TaskKind::kCpuAttend, Lane::kCpu, bytes, in_time,
+                              calls * rt.cpu_call_us + us_for(bytes, rt.cpu_attend_gbps), std::move(after)));
   }
   plan.cpu_attend_bytes = uint64_t{host_cpu + in_time} * block_bytes;
   // Merge: every partial state of every q head, read once on the GPU.

@@ -182,6 +182,7 @@ CostRates rates_from_profile(const MachineProfile& m, const ModelShape& shape, c
   r.host_list_us = m.host.prepare_us_per_list;
   r.host_block_us = m.host.plan_us_per_block;
   r.host_step_us = m.host.step_overhead_us;
+  r.cpu_call_us = m.host.attend_call_us;
   return r;
 }
 
@@ -495,7 +496,10 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("nvme read/write rates from the drive's table at " + std::to_string(r.cap.block_bytes) +
               " B requests and queue depth " + std::to_string(k.nvme_queue_depth) + "; latency " +
               num(m.nvme.latency_us) + " us per read batch");
-  a.push_back("cpu_attend_gbps = host.attend_gbps, cpu_score_gbps = host.score_gbps (all cores)");
+  a.push_back("cpu_attend_gbps = host.attend_gbps, cpu_score_gbps = host.score_gbps (all cores); each in-step CPU "
+              "attention call (host blocks, each round of " + std::to_string(kReadRoundBlocks) +
+              " NVMe reads, the far field) costs host.attend_call_us = " + num(m.host.attend_call_us) +
+              " us more");
   a.push_back("launch_us = " + num(k.launch_us) + " per kernel or copy batch (merge kernel measured ~5 us)");
   a.push_back("the executor's own host time per layer step, serial with the devices (host profile, from kvtier "
               "calibrate running the executor): prepare " + num(m.host.prepare_us_per_list) +

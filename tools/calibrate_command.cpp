@@ -171,7 +171,7 @@ std::string profile_text(const runtime::MachineProfile& m, bool gpu_from_preset)
      << " GB/s, score " << gbps(m.host.score_gbps) << " GB/s, attend " << gbps(m.host.attend_gbps) << " GB/s\n"
      << "        executor host time: prepare " << gbps(m.host.prepare_us_per_list) << " us per list, plan "
      << gbps(m.host.plan_us_per_block) << " us per block, " << gbps(m.host.step_overhead_us)
-     << " us more per layer step\n"
+     << " us more per layer step, " << gbps(m.host.attend_call_us) << " us per CPU attention call\n"
      << "  gpu   " << m.gpu.name << how << ": " << format_bytes(m.gpu.memory_bytes) << ", " << m.gpu.sm_count
      << " SMs, " << gbps(m.gpu.hbm_read_gbps) << " GB/s, " << gbps(m.gpu.bf16_tflops) << " bf16 TFLOP/s\n"
      << "  link  " << m.link.name << how << ", duplex " << gbps(m.link.duplex_factor) << "\n"

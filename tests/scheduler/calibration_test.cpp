@@ -84,6 +84,10 @@ json executor_report(double layer_step_us = 900) {
                  {"executor_selected_blocks_per_layer_step", 512, "blocks"},
                  {"executor_gpu_resident_share", 1, "fraction"},
                  {"executor_score_bytes_per_layer_step", 4.85e6, "bytes"},
+                 {"executor_host_cpu_call_us", 150, "us"},
+                 {"executor_host_cpu_bytes_per_call", 4.7e6, "bytes"},
+                 {"executor_host_cpu_blocks_per_layer_step", 143.4, "blocks"},
+                 {"executor_host_layer_step_us", 1200, "us"},
                  {"executor_prefill_layer_block_ms", 30, "ms"},
                  {"executor_prefill_stage_ms", 8, "ms"},
                  {"executor_prefill_query_ms", 10, "ms"},
@@ -155,6 +159,7 @@ TEST_CASE("a GPU machine: every field comes from its rule") {
   CHECK(m.host.prepare_us_per_list == doctest::Approx(12.0));
   CHECK(m.host.plan_us_per_block == doctest::Approx(0.5));
   CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 100 - 20));
+  CHECK(m.host.attend_call_us == doctest::Approx(50.0));  // 150 us less 4.7 MB at 47 GB/s
   CHECK(m.host.prefill_stage_gbps == doctest::Approx(33554432 / 8e6));  // bytes per ms / 1e6 = GB/s
   CHECK(m.host.prefill_query_gbps == doctest::Approx(67108864 / 10e6));
   CHECK(contains(m.host.name, "AMD Ryzen 9 7950X"));
@@ -316,8 +321,8 @@ TEST_CASE("host.cores falls back to the cpu suite's threads without a topology")
 
 TEST_CASE("calibration_rules lists every measured field once") {
   const std::vector<CalibrationRule> rules = calibration_rules();
-  // 5 scalars, 5 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
-  CHECK(rules.size() == 5 + 5 + 10 + 1 + 16 + 1);
+  // 5 scalars, 6 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
+  CHECK(rules.size() == 5 + 6 + 10 + 1 + 16 + 1);
   for (size_t i = 0; i < rules.size(); ++i)
     for (size_t k = i + 1; k < rules.size(); ++k) CHECK(rules[i].field != rules[k].field);
   const auto has = [&](std::string_view field, std::string_view result) {
@@ -327,6 +332,7 @@ TEST_CASE("calibration_rules lists every measured field once") {
   };
   CHECK(has("host.read_gbps", "read_gbps_all_threads"));
   CHECK(has("host.step_overhead_us", "executor_layer_step_us"));
+  CHECK(has("host.attend_call_us", "executor_host_cpu_call_us"));
   CHECK(has("link.h2d[32 MiB].gbps", "h2d_single_copy_32mib"));
   CHECK(has("nvme.read[1 MiB, QD64].gbps", "ceiling_seq_read_1m_qd64"));
   CHECK(has("nvme.write[32 KiB, QD32].gbps", "uring_block_write_qd32"));

@@ -270,6 +270,9 @@ TEST_CASE("impossible machines are rejected with the field's path") {
     CHECK(parse_error(j).find("host.step_overhead_us is missing") != std::string::npos);
     CHECK(parse_error(j).find("run kvtier calibrate again") != std::string::npos);
     j = reference_json();
+    j["host"].erase("attend_call_us");  // a profile from before the call cost was measured
+    CHECK(parse_error(j).find("host.attend_call_us is missing") != std::string::npos);
+    j = reference_json();
     j.erase("gpu");
     CHECK(parse_error(j).find("machine profile gpu is missing") != std::string::npos);
     CHECK(parse_error(json::array()).find("top level must be a JSON object") != std::string::npos);

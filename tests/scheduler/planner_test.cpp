@@ -171,6 +171,32 @@ TEST_CASE("planner: host blocks are split so that the CPU and the GPU paths end 
   CHECK(p.estimated_us <= capped.estimated_us);
 }
 
+TEST_CASE("planner: each in-step CPU attention call costs cpu_call_us on top of its bytes") {
+  // Host blocks, all on the CPU: one call.
+  std::vector<SequenceStep> host{sequence(1u << 20, 64, Residency::kHost)};
+  PlanInputs in = inputs(host);
+  in.upload_slots_free = 0;
+  const LayerPlan base = plan_ok(in);
+  in.rates.cpu_call_us = 40;
+  const LayerPlan called = plan_ok(in);
+  check_invariants(in, called);
+  CHECK(only(called, TaskKind::kCpuAttend).cost_us ==
+        doctest::Approx(only(base, TaskKind::kCpuAttend).cost_us + 40));
+  CHECK(called.estimated_us == doctest::Approx(base.estimated_us + 40));
+  // NVMe blocks waited for: one call per round of kReadRoundBlocks landed reads.
+  std::vector<SequenceStep> nvme{sequence(1u << 20, 64, Residency::kNvme)};
+  PlanInputs rn = inputs(nvme);
+  rn.late = LatePolicy::kWait;
+  const LayerPlan rbase = plan_ok(rn);
+  rn.rates.cpu_call_us = 40;
+  const LayerPlan rcalled = plan_ok(rn);
+  check_invariants(rn, rcalled);
+  CHECK(only(rcalled, TaskKind::kCpuAttend).cost_us ==
+        doctest::Approx(only(rbase, TaskKind::kCpuAttend).cost_us + 40.0 * (512 / kReadRoundBlocks)));
+  rn.rates.cpu_call_us = -1;
+  CHECK(plan_layer(rn).status().message().find("cpu_call_us = -1") != std::string::npos);
+}
+
 TEST_CASE("planner: NVMe blocks are waited for, or late and summarised under the summary policy") {
   std::vector<SequenceStep> batch{sequence(1u << 20, 64, Residency::kNvme)};
   // A few already in flight from a previous step's prefetch.

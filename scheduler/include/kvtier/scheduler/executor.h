@@ -79,6 +79,7 @@ struct ExecutorStats {
   // Of cpu_attend_us (which also holds read_wait_us): inside the CPU engine's
   // attention and far-field calls; the rest is pins, lists and merges.
   double cpu_kernel_us = 0;
+  uint64_t cpu_calls = 0;  // the CPU engine's attention and far-field calls in decode steps
   double decode_us = 0;           // wall time inside decode_layer
   // Where decode_layer's wall time goes, serially: the appends, hot-set pins
   // and GPU launches before the step's graph (prepare), the graph itself
@@ -116,8 +117,9 @@ struct ExecutorOptions {
   uint32_t max_sequences = 1;
   uint64_t host_cache_bytes = 0;  // per sequence: the NVMe staging cache within host_bytes (0: a quarter)
   // Keep the CPU engine's workers spinning (CpuEngine::keep_warm) through a
-  // decode step's serial phases, the prepare and the plan node, so that the
-  // parallel scoring and attention after them do not wait for workers to wake.
+  // decode step's serial phases, the prepare and the plan node (and, with one
+  // sequence, the waits for NVMe read rounds), so that the parallel scoring
+  // and attention after them do not wait for workers to wake.
   bool warm_workers = true;
 };
 

@@ -16,8 +16,8 @@
 //     "host": { "name", "source", "memory_bytes": uint, "read_gbps": number,
 //               "cores": uint, "score_gbps": number, "attend_gbps": number,
 //               "prepare_us_per_list": number >= 0, "plan_us_per_block": number >= 0,
-//               "step_overhead_us": number >= 0, "prefill_stage_gbps": number,
-//               "prefill_query_gbps": number },
+//               "step_overhead_us": number >= 0, "attend_call_us": number >= 0,
+//               "prefill_stage_gbps": number, "prefill_query_gbps": number },
 //     "nvme": { "name", "source", "capacity_bytes": uint, "latency_us": number,
 //               "read":  [ {"request_bytes": uint, "queue_depth": uint, "gbps": number}, ... ],
 //               "write": [ same ] } }
@@ -102,6 +102,7 @@ struct HostProfile {
   double prepare_us_per_list = 0;  // per (sequence, KV head) and layer step
   double plan_us_per_block = 0;    // per selected block
   double step_overhead_us = 0;     // per layer step
+  double attend_call_us = 0;       // per in-step CPU attention call, beyond its bytes at attend_gbps
   // Its prefill's host passes, per query block and layer: K/V bytes staged
   // (append, GPU copies, summaries, home writes started) and q bytes through
   // the query pass with scoring and top-k, per second.

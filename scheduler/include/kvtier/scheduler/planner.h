@@ -79,7 +79,13 @@ struct CostRates {
   double host_block_us = 0;  // the plan node, per selected block: residency, planning, pins, I/O issue
   double host_step_us = 0;   // per layer step: task hand-offs, top-k and scoring beyond the scoring
                              // rate, write-back bookkeeping
+  double cpu_call_us = 0;    // per CPU attention call of a step (host blocks; each round of NVMe
+                             // reads): what a call costs beyond its bytes at cpu_attend_gbps
 };
+
+// NVMe reads the executor waits for per round, and attends per CPU call: the
+// staging cache holds at least 64 blocks, and two rounds are in flight at once.
+inline constexpr uint32_t kReadRoundBlocks = 16;
 
 // Bytes the scorer reads per far block and KV head: one summary row of
 // `kind`, padded as cpu::SummaryTable stores it.
