@@ -144,25 +144,20 @@ struct DdrHost {
 // are memory-bound on the measured host (83 GB/s scoring and block attention
 // at 104 GB/s read, 16 threads: 0.8 of read, 5.2 GB/s per core), so they are
 // modeled as min(0.8 x read, 5.2 GB/s x cores).
-// The decode executor's host time per layer step on the H200 host (16
-// threads, Llama-3.1-8B attention shape, every selected block GPU-resident).
-constexpr double kPrepareUsPerList = 12.4;
-constexpr double kPlanUsPerBlock = 0.484;
-constexpr double kStepOverheadUs = 424;
-// One in-step CPU attention call beyond its bytes at the bulk rate, with the
-// workers kept warm: 512K on 40 GiB, 82.1 us for 74.1 blocks (2.43 MB, 31.7 us
-// at 76.5 GB/s) per layer step, one call each
-// (bench/results/2026-11-28-e2e-h200-warm-workers-ab.json).
-constexpr double kAttendCallUs = 50.4;
-// Its prefill per query block of 8192 tokens and layer at 128K (after the
-// parallel q staging): 33.5 MB of K/V staged in 7.83 ms, 67.1 MB of q through
-// the query pass and scoring in 10.17 ms (bench/results/2026-11-28-e2e-h200-prefill-breakdown.json).
-constexpr double kPrefillStageGbps = 4.29;
-constexpr double kPrefillQueryGbps = 6.60;
+// The executor's host time on the H200 host (16 threads, workers kept warm
+// through serial phases), as kvtier calibrate --quick measured it in the lease
+// of the simulator's validation v4: per layer step with every selected block
+// GPU-resident (256K tokens, 2 layers), per in-step CPU attention call beyond
+// its bytes (a second run with most selected blocks host-resident), and its
+// prefill per query block of 8192 tokens and layer.
+constexpr double kPrepareUsPerList = 14.2;
+constexpr double kPlanUsPerBlock = 0.527;
+constexpr double kStepOverheadUs = 386;
+constexpr double kAttendCallUs = 53.7;
+constexpr double kPrefillStageGbps = 4.20;
+constexpr double kPrefillQueryGbps = 6.42;
 constexpr const char* kExecutorSource =
-    "kvtier bench e2e at 128K tokens: prepare 98.9 us / 8 lists, plan 247.8 us / 512 blocks, and 839.8 us per "
-    "layer step less those, less scoring at score_gbps and the device waits, "
-    "bench/results/2026-11-28-e2e-h200-128k-host-overhead.json";
+    "kvtier calibrate --quick on that host, bench/results/2026-11-28-plan-validation-h200-v4/calibrated-profile.json";
 
 HostProfile ddr_host(const DdrHost& h) {
   const double theoretical_gbps = h.channels * 8.0 * h.mts / 1000.0;
@@ -189,11 +184,9 @@ HostProfile ddr_host(const DdrHost& h) {
       "score_gbps = attend_gbps = min(0.8 x read_gbps, 5.2 GB/s x cores), scaled from [measured] 83 GB/s "
       "summary scoring and 83 GB/s block attention at 104 GB/s read with 16 threads and AVX-512 bf16 "
       "(bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json); CPUs without AVX-512 bf16 will be "
-      "slower. [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us: the decode executor's "
-      "host time on the H200 host's 16-vCPU Xeon (%s); attend_call_us: its in-step CPU attention call beyond "
-      "the bytes (bench/results/2026-11-28-e2e-h200-warm-workers-ab.json); prefill_stage_gbps, prefill_query_gbps: its prefill's "
-      "host passes there (bench/results/2026-11-28-e2e-h200-prefill-breakdown.json); a desktop CPU with faster "
-      "cores will likely spend less. "
+      "slower. [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us, attend_call_us: the decode "
+      "executor's host time on the H200 host's 16-vCPU Xeon, prefill_stage_gbps, prefill_query_gbps: its "
+      "prefill's host passes there (%s); a desktop CPU with faster cores will likely spend less. "
       "Measure with kvtier calibrate.",
       h.platform, static_cast<unsigned long long>(h.memory_gib), h.cores, h.channels, h.ddr, h.channels, h.mts,
       theoretical_gbps, kExecutorSource);
