@@ -21,7 +21,8 @@
 // (e.g. 8GiB), KVTIER_E2E_SUMMARY (mean_f32, mean_bf16, minmax_f32; every
 // run), KVTIER_E2E_LATE (wait, summary; every run), KVTIER_E2E_WARM=0 (the
 // executor lets the CPU engine's workers sleep through serial phases; every
-// run) and KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
+// run), KVTIER_E2E_POLL=0 (read waits sleep on the store at once; every run)
+// and KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
 // check: speed figures only).
 #include <unistd.h>
 
@@ -104,6 +105,7 @@ struct E2eConfig {
   scheduler::LatePolicy late = scheduler::LatePolicy::kWait;
   bool fidelity = true;         // the main run's needles, verification and full-budget check
   bool warm_workers = true;     // ExecutorOptions::warm_workers
+  bool poll_reads = true;       // ExecutorOptions::poll_reads
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -205,6 +207,12 @@ Status apply_overrides(E2eConfig& c) {
       return invalid_argument("KVTIER_E2E_WARM=" + *t + ": give 1 (workers spin through serial phases) or 0");
     c.warm_workers = *t == "1";
     c.overrides.push_back("KVTIER_E2E_WARM=" + *t);
+  }
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_POLL")) {
+    if (*t != "0" && *t != "1")
+      return invalid_argument("KVTIER_E2E_POLL=" + *t + ": give 1 (read waits poll the store first) or 0");
+    c.poll_reads = *t == "1";
+    c.overrides.push_back("KVTIER_E2E_POLL=" + *t);
   }
   if (const std::optional<std::string> t = env_text("KVTIER_E2E_FIDELITY")) {
     if (*t != "0" && *t != "1") return invalid_argument("KVTIER_E2E_FIDELITY=" + *t + ": give 0 (speed only) or 1");
@@ -651,6 +659,7 @@ class Runner {
     r.engine.policy = c_.policy;
     r.engine.late = c_.late;
     r.engine.warm_workers = c_.warm_workers;
+    r.engine.poll_reads = c_.poll_reads;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

@@ -9,6 +9,8 @@
 #include <memory>
 #include <cstring>
 #include <map>
+#include <optional>
+#include <thread>
 #include <unordered_set>
 
 #include "executor_internal.h"
@@ -87,6 +89,9 @@ constexpr std::chrono::microseconds kWarmLimit{2000};
 
 constexpr size_t kReadRound = kReadRoundBlocks;
 
+// How long wait_read polls before it sleeps (ExecutorOptions::poll_reads).
+constexpr std::chrono::microseconds kPollLimit{2000};
+
 }  // namespace
 
 void Executor::issue_round(SequenceKv& seq, SeqStep& x) {
@@ -111,7 +116,16 @@ Result<storage::BlockPin> Executor::pin_host(SequenceKv& seq, uint32_t f, uint64
 }
 
 Status Executor::wait_read(SequenceKv& seq, storage::Ticket t) {
-  const Status st = seq.store_->wait(t);
+  // A read round lands within a few hundred microseconds, and a thread asleep
+  // on the store's condition variable takes tens more to be woken after it:
+  // with poll_reads, ask for a while (yielding the core between asks) first.
+  std::optional<Status> polled;
+  if (options_.poll_reads) {
+    const auto until = std::chrono::steady_clock::now() + kPollLimit;
+    while (!(polled = seq.store_->try_wait(t)) && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
+  }
+  const Status st = polled ? std::move(*polled) : seq.store_->wait(t);
   for (auto r = seq.reading_.begin(); r != seq.reading_.end();)
     r = r->second.id == t.id ? seq.reading_.erase(r) : std::next(r);
   seq.pending_tickets_.erase(std::remove_if(seq.pending_tickets_.begin(), seq.pending_tickets_.end(),

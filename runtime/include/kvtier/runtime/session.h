@@ -50,6 +50,7 @@ struct EngineOptions {
   uint32_t max_sessions = 1;
   scheduler::LatePolicy late = scheduler::LatePolicy::kWait;
   bool warm_workers = true;  // scheduler::ExecutorOptions::warm_workers
+  bool poll_reads = true;    // scheduler::ExecutorOptions::poll_reads
   // The cost model's rates; unset: built-in estimates for this backend.
   std::optional<scheduler::CostRates> rates;
   scheduler::TraceRecorder* trace = nullptr;  // not owned; null: no trace

@@ -121,6 +121,9 @@ struct ExecutorOptions {
   // sequence, the waits for NVMe read rounds), so that the parallel scoring
   // and attention after them do not wait for workers to wake.
   bool warm_workers = true;
+  // Wait for a step's NVMe read rounds by polling the store (up to 2 ms,
+  // yielding between polls) before sleeping on it.
+  bool poll_reads = true;
 };
 
 class Executor;
