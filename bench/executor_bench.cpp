@@ -15,10 +15,12 @@
 // (12K and one layer with --quick), because prefill on the CPU takes minutes.
 //
 // A second run of the same shape keeps only the hot set and a small block
-// cache in GPU slots, so most selected blocks are host-resident and the CPU
-// attends them in the step: its engine time per call beyond the bytes at the
-// bulk rate is host.attend_call_us (a call of a few MiB pays the hand-off to
-// the engine's workers and the merge of their states).
+// cache in GPU slots, so the selected blocks that the cache misses are
+// host-resident and the CPU attends those the planner keeps off the copy
+// engine: its engine time per call beyond the bytes at the bulk rate is
+// host.attend_call_us (a call of a few MiB pays the hand-off to the engine's
+// workers and the merge of their states). Both runs use the default policy
+// (far_field=none, late=wait), so every engine call is a block attention.
 #include <unistd.h>
 
 #include <algorithm>

@@ -8,7 +8,9 @@
 // arena work before it returns and oneDNN runs only from
 // prefill_scores_onednn, outside the arena, so with calls made one after the
 // other the pools never compute at the same time; what overlaps is at most
-// the short spin-wait each runtime does before its idle threads sleep.
+// the short spin-wait each runtime does before its idle threads sleep (and
+// keep_warm's spinners, which can outlive the call that took them by up to
+// their limit).
 #include "kvtier/cpu/engine.h"
 
 #include <hwloc.h>

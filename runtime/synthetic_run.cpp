@@ -435,6 +435,7 @@ nlohmann::json SyntheticRunReport::to_json() const {
                 {"gpu_wait_us", st.gpu_wait_us},
                 {"cpu_attend_us", st.cpu_attend_us},
                 {"cpu_kernel_us", st.cpu_kernel_us},
+                {"cpu_calls", st.cpu_calls},
                 {"upload_wait_us", st.upload_wait_us},
                 {"read_wait_us", st.read_wait_us},
                 {"merge_us", st.merge_us},

@@ -234,7 +234,8 @@ Result<HostProfile> host_part(const MachineFacts& facts, const SuiteReport& memo
              "executor_prepare_us - executor_plan_us - executor_device_wait_us - executor_score_bytes_per_layer_step "
              "/ host.score_gbps (clamped at 0): what the simulator's other terms do not already price; "
              "host.attend_call_us = executor_host_cpu_call_us - executor_host_cpu_bytes_per_call / host.attend_gbps "
-             "(clamped at 0), from a second run with most selected blocks host-resident; from the first "
+             "(clamped at 0), from a second run whose GPU budget is twice the hot set, so the selected blocks its "
+             "cache misses are host-resident; from the first "
              "run's prefill: host.prefill_stage_gbps = executor_prefill_kv_bytes_per_layer_block / "
              "executor_prefill_stage_ms, host.prefill_query_gbps = executor_prefill_q_bytes_per_layer_block / "
              "executor_prefill_query_ms";

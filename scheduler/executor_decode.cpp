@@ -89,7 +89,8 @@ constexpr std::chrono::microseconds kWarmLimit{2000};
 
 constexpr size_t kReadRound = kReadRoundBlocks;
 
-// How long wait_read polls before it sleeps (ExecutorOptions::poll_reads).
+// How long wait_read polls before it sleeps (ExecutorOptions::poll_reads);
+// each poll takes the store's lock briefly, as the mover does to post a result.
 constexpr std::chrono::microseconds kPollLimit{2000};
 
 }  // namespace
@@ -115,17 +116,21 @@ Result<storage::BlockPin> Executor::pin_host(SequenceKv& seq, uint32_t f, uint64
   }
 }
 
-Status Executor::wait_read(SequenceKv& seq, storage::Ticket t) {
-  // A read round lands within a few hundred microseconds, and a thread asleep
-  // on the store's condition variable takes tens more to be woken after it:
-  // with poll_reads, ask for a while (yielding the core between asks) first.
-  std::optional<Status> polled;
-  if (options_.poll_reads) {
+Status Executor::wait_read(SequenceKv& seq, storage::Ticket t, bool keep_warm) {
+  std::optional<Status> landed = seq.store_->try_wait(t);
+  // Not landed yet: the workers may spin meanwhile (keep_warm), and a read
+  // round lands within a few hundred microseconds while a thread asleep on
+  // the store's condition variable takes tens more to be woken after it, so
+  // with poll_reads ask for a while (yielding the core between asks) first.
+  cpu::CpuEngine::WarmHold hold;
+  if (!landed && keep_warm && options_.warm_workers) hold = cpu_.keep_warm(kWarmLimit);
+  if (!landed && options_.poll_reads) {
     const auto until = std::chrono::steady_clock::now() + kPollLimit;
-    while (!(polled = seq.store_->try_wait(t)) && std::chrono::steady_clock::now() < until)
+    while (!(landed = seq.store_->try_wait(t)) && std::chrono::steady_clock::now() < until)
       std::this_thread::yield();
   }
-  const Status st = polled ? std::move(*polled) : seq.store_->wait(t);
+  const Status st = landed ? std::move(*landed) : seq.store_->wait(t);
+  hold.release();
   for (auto r = seq.reading_.begin(); r != seq.reading_.end();)
     r = r->second.id == t.id ? seq.reading_.erase(r) : std::next(r);
   seq.pending_tickets_.erase(std::remove_if(seq.pending_tickets_.begin(), seq.pending_tickets_.end(),
@@ -431,12 +436,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     // This step's reads, round by round as they land.
     for (size_t r = 0; r < x.rounds.size(); ++r) {
       const double w0 = wall_us();
-      // Alone in the step (one sequence: no other attention needs the
-      // workers meanwhile), the wait keeps them warm for the round's call.
-      cpu::CpuEngine::WarmHold hold;
-      if (options_.warm_workers && B == 1) hold = cpu_.keep_warm(kWarmLimit);
-      const Status rs = wait_read(seq, x.tickets[r]);
-      hold.release();
+      // One sequence on a GPU: no other attention needs the workers
+      // meanwhile (on the CPU stand-in the "GPU" attention runs on them), so
+      // the wait keeps them warm for the round's call.
+      const Status rs = wait_read(seq, x.tickets[r], B == 1 && cuda_ != nullptr);
       x.waited = r + 1;
       x.read_wait_us += wall_us() - w0;
       if (tr != nullptr)

@@ -148,7 +148,7 @@ struct DdrHost {
 // through serial phases), as kvtier calibrate --quick measured it in the lease
 // of the simulator's validation v4: per layer step with every selected block
 // GPU-resident (256K tokens, 2 layers), per in-step CPU attention call beyond
-// its bytes (a second run with most selected blocks host-resident), and its
+// its bytes (a second run whose small GPU cache leaves selected blocks in host memory), and its
 // prefill per query block of 8192 tokens and layer.
 constexpr double kPrepareUsPerList = 14.2;
 constexpr double kPlanUsPerBlock = 0.527;

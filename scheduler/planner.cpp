@@ -91,13 +91,16 @@ struct Timeline {
   double topk_end = 0;  // scoring and top-k done: the selection is known
   double hot_end = 0;   // sinks + window attended on the GPU
   double per_block_cpu = 0, per_block_h2d = 0, per_block_gpu = 0, launch = 0;
+  double cpu_call = 0;  // one CPU attention call, when any host block stays on the CPU
   uint32_t host = 0, gpu_resident = 0;
 
   double gpu_end(uint32_t uploads) const {
     const double uploaded = topk_end + (uploads > 0 ? launch + uploads * per_block_h2d : 0);
     return std::max(hot_end, uploaded) + launch + (gpu_resident + uploads) * per_block_gpu;
   }
-  double cpu_end(uint32_t uploads) const { return topk_end + (host - uploads) * per_block_cpu; }
+  double cpu_end(uint32_t uploads) const {
+    return topk_end + (host > uploads ? cpu_call : 0.0) + (host - uploads) * per_block_cpu;
+  }
   double end(uint32_t uploads) const { return std::max(gpu_end(uploads), cpu_end(uploads)); }
 };
 
@@ -241,6 +244,7 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   t.per_block_h2d = us_for(block_bytes, rt.h2d_gbps);
   t.per_block_gpu = us_for(block_bytes, rt.gpu_attend_gbps);
   t.launch = rt.launch_us;
+  t.cpu_call = rt.cpu_call_us;
   t.host = static_cast<uint32_t>(c.host.size());
   t.gpu_resident = c.gpu;
   const uint32_t uploads = best_uploads(t, std::min<uint32_t>(t.host, in.upload_slots_free));
@@ -302,9 +306,15 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
                            uint64_t{plan.late_blocks} * summary_row_bytes(in.shape, SummaryKind::kMeanF32) * 2;
     std::vector<uint32_t> after{planned};
     if (in_time > 0) after.insert(after.end(), read_tasks.begin(), read_tasks.end());
-    // The executor attends landed reads in rounds of kReadRoundBlocks, one call
-    // each, and the far field in one more.
-    const uint32_t calls = (in_time + kReadRoundBlocks - 1) / kReadRoundBlocks + (plan.late_blocks > 0 ? 1 : 0);
+    // The executor's calls: reads in flight from earlier steps join the host
+    // blocks' call (one more only if there is none), this step's reads are
+    // attended in rounds of kReadRoundBlocks, one call each, and the far
+    // field in one more. (A batch is counted as one sequence, though the
+    // executor calls per sequence.)
+    const uint32_t earlier = std::min<uint32_t>(in_time, static_cast<uint32_t>(c.reading.size()));
+    const uint32_t calls = (host_cpu == 0 && earlier > 0 ? 1 : 0) +
+                           (in_time - earlier + kReadRoundBlocks - 1) / kReadRoundBlocks +
+                           (plan.late_blocks > 0 ? 1 : 0);
     merge_after.push_back(add(plan, TaskKind::kCpuAttend, Lane::kCpu, bytes, in_time,
                               calls * rt.cpu_call_us + us_for(bytes, rt.cpu_attend_gbps), std::move(after)));
   }

@@ -7,8 +7,9 @@
 // serial plan node does between its parallel calls), and behind a 300 us
 // sleep, and behind the same work under CpuEngine::keep_warm. Prints JSON lines. Build from the repository root after building
 // build-gpu (or any build folder), e.g.:
-//   g++ -O2 -std=c++20 -Icpu/include -Iruntime/core/include -Ibuild-gpu/runtime/core/include \
-//     bench/probes/engine_call_probe.cpp build-gpu/lib/libkvtier_cpu.a build-gpu/lib/libkvtier_core.a \
+//   g++ -O2 -std=c++20 -Icpu/include -Iruntime/core/include \
+//     bench/probes/engine_call_probe.cpp \
+//     build-gpu/lib/libkvtier_cpu.a build-gpu/lib/libkvtier_core.a \
 //     -ltbb -lhwloc -ldnnl -fopenmp -o /tmp/probe && /tmp/probe
 #include <algorithm>
 #include <chrono>

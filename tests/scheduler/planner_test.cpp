@@ -193,8 +193,31 @@ TEST_CASE("planner: each in-step CPU attention call costs cpu_call_us on top of 
   check_invariants(rn, rcalled);
   CHECK(only(rcalled, TaskKind::kCpuAttend).cost_us ==
         doctest::Approx(only(rbase, TaskKind::kCpuAttend).cost_us + 40.0 * (512 / kReadRoundBlocks)));
+  // Reads in flight from earlier steps are attended in one more call (there
+  // is no host call to join), then this step's reads in rounds.
+  for (uint32_t i = 0; i < 4; ++i) nvme[0].selected[0][i].where = Residency::kNvmeReading;
+  rn.rates.cpu_call_us = 0;
+  const LayerPlan ebase = plan_ok(rn);
+  rn.rates.cpu_call_us = 40;
+  const LayerPlan early = plan_ok(rn);
+  check_invariants(rn, early);
+  const double rounds = (512 - 4 + kReadRoundBlocks - 1) / kReadRoundBlocks;
+  CHECK(only(early, TaskKind::kCpuAttend).cost_us ==
+        doctest::Approx(only(ebase, TaskKind::kCpuAttend).cost_us + 40.0 * (1 + rounds)));
   rn.rates.cpu_call_us = -1;
   CHECK(plan_layer(rn).status().message().find("cpu_call_us = -1") != std::string::npos);
+}
+
+TEST_CASE("planner: a call cost large enough sends every host block up rather than to the CPU") {
+  const std::vector<SequenceStep> batch{sequence(1u << 20, 64, Residency::kHost)};
+  PlanInputs in = inputs(batch);
+  const LayerPlan cheap = plan_ok(in);
+  REQUIRE(count_kind(cheap, TaskKind::kCpuAttend) == 1);  // the split keeps some on the CPU
+  in.rates.cpu_call_us = 1e6;  // a call costs more than uploading everything
+  const LayerPlan costly = plan_ok(in);
+  check_invariants(in, costly);
+  CHECK(count_kind(costly, TaskKind::kCpuAttend) == 0);
+  CHECK(only(costly, TaskKind::kUpload).blocks == 512);
 }
 
 TEST_CASE("planner: NVMe blocks are waited for, or late and summarised under the summary policy") {

@@ -118,10 +118,11 @@ struct ExecutorOptions {
   uint64_t host_cache_bytes = 0;  // per sequence: the NVMe staging cache within host_bytes (0: a quarter)
   // Keep the CPU engine's workers spinning (CpuEngine::keep_warm) through a
   // decode step's serial phases, the prepare and the plan node (and, with one
-  // sequence, the waits for NVMe read rounds), so that the parallel scoring
-  // and attention after them do not wait for workers to wake.
+  // sequence on a GPU, the waits for NVMe read rounds), so that the parallel
+  // scoring and attention after them do not wait for workers to wake.
   bool warm_workers = true;
-  // Wait for a step's NVMe read rounds by polling the store (up to 2 ms,
+  // Wait for NVMe reads (a step's rounds, earlier steps' reads it attends,
+  // and those a failed step leaves) by polling the store (up to 2 ms,
   // yielding between polls) before sleeping on it.
   bool poll_reads = true;
 };
@@ -246,7 +247,9 @@ class Executor {
   uint32_t quota_ = 0;         // gpu slots per sequence for cached blocks
   std::shared_ptr<std::atomic<uint32_t>> live_ = std::make_shared<std::atomic<uint32_t>>(0);
   void issue_round(SequenceKv& seq, SeqStep& x);
-  Status wait_read(SequenceKv& seq, storage::Ticket t);
+  // Waits for a read ticket (polling first under poll_reads; keep_warm: the
+  // CPU workers spin meanwhile) and drops it from the sequence's bookkeeping.
+  Status wait_read(SequenceKv& seq, storage::Ticket t, bool keep_warm = false);
   Result<storage::BlockPin> pin_host(SequenceKv& seq, uint32_t flat_block, uint64_t& rereads);
   void release_step(SequenceKv& seq, SeqStep& x);
   TraceLane lane_gpu_ = 0, lane_cpu_ = 0, lane_copy_ = 0, lane_nvme_ = 0, lane_write_ = 0;

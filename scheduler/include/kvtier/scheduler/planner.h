@@ -80,7 +80,8 @@ struct CostRates {
   double host_step_us = 0;   // per layer step: task hand-offs, top-k and scoring beyond the scoring
                              // rate, write-back bookkeeping
   double cpu_call_us = 0;    // per CPU attention call of a step (host blocks; each round of NVMe
-                             // reads): what a call costs beyond its bytes at cpu_attend_gbps
+                             // reads; the far field): what a call costs beyond its bytes at
+                             // cpu_attend_gbps
 };
 
 // NVMe reads the executor waits for per round, and attends per CPU call: the
