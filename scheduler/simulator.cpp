@@ -533,7 +533,7 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
   a.push_back("checked against kvtier bench e2e on one H200 host with a profile kvtier calibrate measured there "
               "in the same lease (bench/results/2026-11-28-plan-validation-h200-v4.json, docs/plan.md): decode "
-              "within 15% at 5 of 6 configurations (worst +20%, where a few NVMe reads per step cost their "
+              "within 15% at 5 of 6 configurations (worst +23%, where a few NVMe reads per step cost their "
               "latency), prefill within 15% at 3 of 6 (worst -36% with NVMe homes); the same work ran 25-35% "
               "faster or slower between leases; presets carry that host's executor times, not those of the machine "
               "asked about");
