@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -245,7 +246,6 @@ TEST_CASE("engine: attend over split lists, merged, equals the fp64 reference") 
 TEST_CASE("engine: attend under keep_warm, before and after its release or time limit, equals fp64") {
   // The hold's spinners occupy the workers: work submitted meanwhile must
   // still finish (on the caller), and release or the limit must free them.
-  // The limits are short so that a hang would show as a bounded stall.
   auto gen = test::rng(15);
   Layer layer(8, 2, 64, 41ull * 16 + 3, 16, gen);
   const auto chunks = random_chunks(layer.chunks(), {23, 18}, gen);
@@ -260,18 +260,41 @@ TEST_CASE("engine: attend under keep_warm, before and after its release or time 
     CHECK(d.o_rel < kAttendTolerance);
     CHECK(d.lse_abs < kAttendTolerance);
   };
+  // Two pieces that each wait (up to 20 s) for the other to start: they only
+  // finish in time if the worker is free to take one while the caller runs
+  // the other, i.e. if no spinner still holds it.
+  const auto worker_is_free = [&] {
+    std::atomic<int> started{0};
+    std::atomic<bool> met{true};
+    engine->parallel_for(2, 1, [&](size_t, size_t) {
+      ++started;
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (started.load() < 2)
+        if (std::chrono::steady_clock::now() > until) {
+          met = false;
+          return;
+        }
+    });
+    return met.load();
+  };
   {
-    CpuEngine::WarmHold hold = engine->keep_warm(std::chrono::milliseconds(200));
+    CpuEngine::WarmHold hold = engine->keep_warm(std::chrono::seconds(60));
     attend_ok();  // while held: only the caller is free, and it is enough
     CpuEngine::WarmHold moved = std::move(hold);
     moved.release();
     moved.release();  // twice: no effect
     hold.release();   // moved-from: no effect
+    CHECK(worker_is_free());  // released well before the 60 s limit
   }
   attend_ok();
-  // Never released: the limit ends the spinning (the hold is destroyed after).
+  // Assigning over a live hold releases it.
+  CpuEngine::WarmHold first = engine->keep_warm(std::chrono::seconds(60));
+  first = CpuEngine::WarmHold();
+  CHECK(worker_is_free());
+  // Never released: the limit ends the spinning.
   CpuEngine::WarmHold held = engine->keep_warm(std::chrono::milliseconds(1));
   attend_ok();
+  CHECK(worker_is_free());
   const std::unique_ptr<CpuEngine> single = make_engine(best_isa(), 1);
   CpuEngine::WarmHold none = single->keep_warm(std::chrono::milliseconds(200));  // one thread: nothing to keep warm
   PartialState got = poisoned_state(layer.q_heads, 64);
