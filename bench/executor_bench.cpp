@@ -30,6 +30,7 @@
 #include <string>
 
 #include "harness.h"
+#include "kvtier/core/block.h"
 #include "kvtier/core/policy.h"
 #include "kvtier/core/shape.h"
 #include "kvtier/runtime/synthetic_run.h"
@@ -85,12 +86,12 @@ int run_executor(const SuiteArgs& args) {
   // The host-resident run: GPU slots for the hot set of every layer and KV
   // head (sinks, window, tail) and about as many again for cached blocks.
   runtime::SyntheticRunConfig host_run = run;
-  const SparsityPolicy& pol = run.engine.policy;
-  const uint64_t block_bytes = uint64_t{2} * pol.chunk_tokens * run.engine.shape.head_dim * 2;
+  const BlockGeometry geometry(run.engine.shape, run.engine.policy.chunk_tokens);
+  const uint64_t block_bytes = geometry.block_bytes();
+  // Per list: sinks and window, the tail, and one more for an unaligned window.
   const uint64_t hot_blocks = uint64_t{run.engine.shape.layers} * run.engine.shape.kv_heads *
-                              ((pol.sink_tokens + pol.chunk_tokens - 1) / pol.chunk_tokens +
-                               (pol.window_tokens + pol.chunk_tokens - 1) / pol.chunk_tokens + 2);
-  host_run.engine.gpu_bytes = 2 * hot_blocks * block_bytes;
+                              (chunk_ranges(run.engine.policy, run.context_tokens).hot() + 2);
+  host_run.engine.gpu_bytes = 2 * hot_blocks * geometry.slot_bytes();
   const std::filesystem::path host_root = root / "host-resident";
   std::error_code ec;
   std::filesystem::create_directories(host_root, ec);

@@ -87,8 +87,6 @@ namespace {
 // node takes 0.1-0.4 ms on the GPU host; past this the workers sleep as usual.
 constexpr std::chrono::microseconds kWarmLimit{2000};
 
-constexpr size_t kReadRound = kReadRoundBlocks;
-
 // How long wait_read polls before it sleeps (ExecutorOptions::poll_reads);
 // each poll takes the store's lock briefly, as the mover does to post a result.
 constexpr std::chrono::microseconds kPollLimit{2000};
@@ -371,9 +369,9 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     }
     // Reads the CPU waits for, in rounds the staging cache can hold; two
     // rounds are in flight at a time, the rest follow as rounds are attended.
-    for (size_t i = 0; i < x.reads.size(); i += kReadRound)
+    for (size_t i = 0; i < x.reads.size(); i += kReadRoundBlocks)
       x.rounds.emplace_back(x.reads.begin() + static_cast<ptrdiff_t>(i),
-                            x.reads.begin() + static_cast<ptrdiff_t>(std::min(x.reads.size(), i + kReadRound)));
+                            x.reads.begin() + static_cast<ptrdiff_t>(std::min(x.reads.size(), i + kReadRoundBlocks)));
     while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
     if (!x.late_reads.empty()) {  // after the reads this step waits for
       const storage::Ticket t = seq.store_->prefetch(x.late_reads, Tier::kHost);
@@ -424,14 +422,17 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         }
         lists[h].push_back({reinterpret_cast<const bf16*>(have->second.data()), C});
       }
-    x.host = cpu::PartialState::empty(qh, d);
-    double k0 = 0;
-    if (std::any_of(lists.begin(), lists.end(), [](const auto& l) { return !l.empty(); })) {
-      k0 = wall_us();
-      cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), lists, C, scale, x.host);
+    // Every engine call is timed and counted (cpu_kernel_us, cpu_calls).
+    const auto engine_call = [&](const auto& call) {
+      const double k0 = wall_us();
+      call();
       x.cpu_kernel_us += wall_us() - k0;
       ++x.cpu_calls;
-    }
+    };
+    const Bf16View<2> q(batch[b].q, {qh, d});
+    x.host = cpu::PartialState::empty(qh, d);
+    if (std::any_of(lists.begin(), lists.end(), [](const auto& l) { return !l.empty(); }))
+      engine_call([&] { cpu_.attend(q, lists, C, scale, x.host); });
     x.host_pins.clear();
     // This step's reads, round by round as they land.
     for (size_t r = 0; r < x.rounds.size(); ++r) {
@@ -458,10 +459,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         round_pins.push_back(std::move(pin).value());
       }
       cpu::PartialState part = cpu::PartialState::empty(qh, d);
-      k0 = wall_us();
-      cpu_.attend(Bf16View<2>(batch[b].q, {qh, d}), round_lists, C, scale, part);
-      x.cpu_kernel_us += wall_us() - k0;
-      ++x.cpu_calls;
+      engine_call([&] { cpu_.attend(q, round_lists, C, scale, part); });
       const cpu::PartialState two[2] = {std::move(x.host), std::move(part)};
       x.host = cpu::merge_states(std::span<const cpu::PartialState>(two, 2));
     }
@@ -479,12 +477,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       any_far = any_far || !far[h].empty();
     }
     x.far = cpu::PartialState::empty(qh, d);
-    if (any_far) {
-      k0 = wall_us();
-      cpu_.far_field(Bf16View<2>(batch[b].q, {qh, d}), seq.summaries_[layer], far, scale, x.far);
-      x.cpu_kernel_us += wall_us() - k0;
-      ++x.cpu_calls;
-    }
+    if (any_far) engine_call([&] { cpu_.far_field(q, seq.summaries_[layer], far, scale, x.far); });
     x.cpu_attend_us += wall_us() - t0;
     // What this step attended (for verify()).
     cpu::AttendedSet& att = seq.last_attended_[layer];

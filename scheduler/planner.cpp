@@ -146,17 +146,15 @@ Status validate(const CostRates& r) {
   for (const auto& [name, v] : rates)
     if (!std::isfinite(v) || v <= 0)
       return invalid_argument(std::string("cost rates: ") + name + " = " + std::to_string(v) + ": must be > 0");
-  if (!std::isfinite(r.nvme_latency_us) || r.nvme_latency_us < 0)
-    return invalid_argument("cost rates: nvme_latency_us = " + std::to_string(r.nvme_latency_us) + ": must be >= 0");
-  const std::array<std::pair<const char*, double>, 4> host{{{"host_list_us", r.host_list_us},
-                                                            {"host_block_us", r.host_block_us},
-                                                            {"host_step_us", r.host_step_us},
-                                                            {"cpu_call_us", r.cpu_call_us}}};
-  for (const auto& [name, v] : host)
+  const std::array<std::pair<const char*, double>, 6> times{{{"nvme_latency_us", r.nvme_latency_us},
+                                                             {"host_list_us", r.host_list_us},
+                                                             {"host_block_us", r.host_block_us},
+                                                             {"host_step_us", r.host_step_us},
+                                                             {"cpu_call_us", r.cpu_call_us},
+                                                             {"launch_us", r.launch_us}}};
+  for (const auto& [name, v] : times)
     if (!std::isfinite(v) || v < 0)
       return invalid_argument(std::string("cost rates: ") + name + " = " + std::to_string(v) + ": must be >= 0");
-  if (!std::isfinite(r.launch_us) || r.launch_us < 0)
-    return invalid_argument("cost rates: launch_us = " + std::to_string(r.launch_us) + ": must be >= 0");
   return Status::ok_status();
 }
 
