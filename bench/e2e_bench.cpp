@@ -21,7 +21,9 @@
 // (e.g. 8GiB), KVTIER_E2E_SUMMARY (mean_f32, mean_bf16, minmax_f32; every
 // run), KVTIER_E2E_LATE (wait, summary; every run), KVTIER_E2E_WARM=0 (the
 // executor lets the CPU engine's workers sleep through serial phases; every
-// run), KVTIER_E2E_POLL=0 (read waits sleep on the store at once; every run)
+// run), KVTIER_E2E_POLL=0 (read waits sleep on the store at once; every run),
+// KVTIER_E2E_EVICTION=lru (the GPU tier evicts least recently used copies
+// whatever their home; default home-aware; every run)
 // and KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
 // check: speed figures only).
 #include <unistd.h>
@@ -106,6 +108,7 @@ struct E2eConfig {
   bool fidelity = true;         // the main run's needles, verification and full-budget check
   bool warm_workers = true;     // ExecutorOptions::warm_workers
   bool poll_reads = true;       // ExecutorOptions::poll_reads
+  storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // ExecutorOptions::gpu_eviction
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -207,6 +210,13 @@ Status apply_overrides(E2eConfig& c) {
       return invalid_argument("KVTIER_E2E_WARM=" + *t + ": give 1 (workers spin through serial phases) or 0");
     c.warm_workers = *t == "1";
     c.overrides.push_back("KVTIER_E2E_WARM=" + *t);
+  }
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_EVICTION")) {
+    if (*t != "lru" && *t != "home-aware")
+      return invalid_argument("KVTIER_E2E_EVICTION=" + *t +
+                              ": give home-aware (the default: host-homed GPU copies are evicted first) or lru");
+    c.gpu_eviction = *t == "lru" ? storage::GpuEviction::kLru : storage::GpuEviction::kHomeAware;
+    c.overrides.push_back("KVTIER_E2E_EVICTION=" + *t);
   }
   if (const std::optional<std::string> t = env_text("KVTIER_E2E_POLL")) {
     if (*t != "0" && *t != "1")
@@ -660,6 +670,7 @@ class Runner {
     r.engine.late = c_.late;
     r.engine.warm_workers = c_.warm_workers;
     r.engine.poll_reads = c_.poll_reads;
+    r.engine.gpu_eviction = c_.gpu_eviction;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

@@ -122,6 +122,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   impl->rates_source = options.rates ? "given" : "built-in estimates (kvtier calibrate measures real ones)";
   xo.late = options.late;
   xo.warm_workers = options.warm_workers;
+  xo.gpu_eviction = options.gpu_eviction;
   xo.poll_reads = options.poll_reads;
   xo.max_sequences = options.max_sessions;
   xo.host_cache_bytes = options.host_cache_bytes;

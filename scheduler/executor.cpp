@@ -153,6 +153,7 @@ Result<storage::StoreConfig> Executor::store_config(uint64_t max_tokens, uint64_
   config.numa_node = numa_node;
   config.gpu_arena = arena_;
   config.gpu_slot_quota = quota_;
+  config.gpu_eviction = options_.gpu_eviction;
   return config;
 }
 

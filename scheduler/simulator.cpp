@@ -10,6 +10,7 @@
 #include <string>
 
 #include "kvtier/core/sizes.h"
+#include "kvtier/storage/block_file.h"
 
 namespace kvtier::scheduler {
 namespace {
@@ -357,6 +358,21 @@ Status add_decode(const SimInputs& in, PlanReport& r) {
 // against every far summary on the CPU followed by block-sparse attention on
 // the GPU, and behind them the home write of the completed chunks (host homes
 // by memcpy, the rest to NVMe). A block takes front + the longer of the two.
+// Prefill's NVMe home writes: a query block's new chunks of one KV head are
+// adjacent in the file, and the store hands them to the file in file order
+// from one buffer, which writes them in requests of up to
+// kFileWriteRequestBytesMax, kFileBatchBlocks blocks a batch
+// (storage/block_file.h).
+uint64_t prefill_write_request(const SimInputs& in, const PlanReport& r) {
+  const uint64_t run = std::max<uint64_t>(1, in.constants.prefill_query_block_tokens / in.policy.chunk_tokens);
+  return std::min(storage::kFileWriteRequestBytesMax, run * r.cap.block_bytes);
+}
+
+uint32_t prefill_write_depth(const SimInputs& in, const PlanReport& r) {
+  return static_cast<uint32_t>(
+      std::max<uint64_t>(1, storage::kFileBatchBlocks * r.cap.block_bytes / prefill_write_request(in, r)));
+}
+
 void add_prefill(const SimInputs& in, PlanReport& r) {
   const ModelShape& s = in.model.shape;
   const SparsityPolicy& p = in.policy;
@@ -366,8 +382,7 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
   const double flops = m.gpu.bf16_tflops * 1e12;
   const double attend_flops = k.prefill_attention_fraction * flops;
   const double big_h2d = m.link.gbps_at(LinkDirection::kHostToDevice, k.link_large_copy_bytes) * 1e9;
-  // The store writes each block home as one request (storage/block_file.cpp).
-  const double nvme_write = m.nvme.write_gbps_at(r.cap.block_bytes, k.nvme_queue_depth) * 1e9;
+  const double nvme_write = m.nvme.write_gbps_at(prefill_write_request(in, r), prefill_write_depth(in, r)) * 1e9;
   // A host copy reads and writes each byte: half the read bandwidth.
   const double host_copy = m.host.read_gbps * 1e9 / 2;
   const double score = m.host.score_gbps * 1e9;
@@ -525,8 +540,10 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               " x bf16_tflops (our kernel vs cuBLAS, measured on the H200), plus for the full model its GEMMs, "
               "2 x parameters x tokens at bf16_tflops; beside them the home write behind (host homes copied at "
               "host.read_gbps / 2, NVMe homes, which fill after the host ones in token order, at " +
-              format_bytes(r.cap.block_bytes) + " requests (one per block, as the store writes them), QD " +
-              std::to_string(k.nvme_queue_depth) +
+              format_bytes(prefill_write_request(in, r)) + " requests, QD " + std::to_string(prefill_write_depth(in, r)) +
+              " (a KV head's new chunks are adjacent in the file; the file joins them up to " +
+              format_bytes(storage::kFileWriteRequestBytesMax) + ", " + std::to_string(storage::kFileBatchBlocks) +
+              " blocks a batch)" +
               "), which shares the drive with the fetch's reads; a block takes front + the longer of the two; "
               "prefill_seconds sums the blocks as the context grows");
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "

@@ -64,10 +64,50 @@ class LruPolicy final : public EvictionPolicy {
   uint32_t head_ = kNone, tail_ = kNone, size_ = 0;
 };
 
+// Victims from `cheap_` first. Each block is in the class it was inserted in
+// (class_), so a later change of what `costly_` says cannot misplace it.
+class HomeAwarePolicy final : public EvictionPolicy {
+ public:
+  HomeAwarePolicy(uint32_t n, std::function<bool(uint32_t)> costly)
+      : cheap_(n), dear_(n), class_(n, kOut), costly_(std::move(costly)) {}
+
+  void inserted(uint32_t b) override {
+    KVT_ASSERT(class_[b] == kOut, "block ", b, " inserted twice");
+    const bool dear = costly_(b);
+    class_[b] = dear ? kDear : kCheap;
+    (dear ? dear_ : cheap_).inserted(b);
+  }
+  void touched(uint32_t b) override {
+    if (class_[b] != kOut) of(b).touched(b);
+  }
+  void removed(uint32_t b) override {
+    if (class_[b] == kOut) return;
+    of(b).removed(b);
+    class_[b] = kOut;
+  }
+  std::optional<uint32_t> victim() const override {
+    return cheap_.size() > 0 ? cheap_.victim() : dear_.victim();
+  }
+  uint32_t size() const override { return cheap_.size() + dear_.size(); }
+
+ private:
+  static constexpr uint8_t kOut = 0, kCheap = 1, kDear = 2;
+  LruPolicy& of(uint32_t b) { return class_[b] == kDear ? dear_ : cheap_; }
+
+  LruPolicy cheap_, dear_;
+  std::vector<uint8_t> class_;
+  std::function<bool(uint32_t)> costly_;
+};
+
 }  // namespace
 
 std::unique_ptr<EvictionPolicy> make_lru_policy(uint32_t block_count) {
   return std::make_unique<LruPolicy>(block_count);
+}
+
+std::unique_ptr<EvictionPolicy> make_home_aware_policy(uint32_t block_count, std::function<bool(uint32_t)> costly) {
+  KVT_ASSERT(costly != nullptr, "make_home_aware_policy: no cost predicate");
+  return std::make_unique<HomeAwarePolicy>(block_count, std::move(costly));
 }
 
 BlockTable::BlockTable(uint32_t block_count, std::unique_ptr<EvictionPolicy> gpu_policy,

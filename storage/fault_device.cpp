@@ -174,15 +174,25 @@ int32_t FaultDeviceImpl::read(IoRequest& r) {
 int32_t FaultDeviceImpl::write(IoRequest& r) {
   std::lock_guard lock(medium_->mu);
   const uint64_t end = r.offset + r.bytes;
-  if (end > faults_.capacity_bytes) return -ENOSPC;
-  medium_->copy_in(r.offset, r.buf, r.bytes);
-  medium_->size_bytes = std::max(medium_->size_bytes, end);
-  if (r.bytes > 0 && chance(faults_.flip_stored)) {
-    const uint64_t bit = uniform(0, uint64_t{r.bytes} * 8 - 1);
+  uint64_t n = r.bytes;
+  if (end > faults_.capacity_bytes) {
+    // Like a filling disk: the whole sectors that fit land, the retry of the rest fails.
+    const uint64_t room = r.offset < faults_.capacity_bytes ? faults_.capacity_bytes - r.offset : 0;
+    n = room / kSectorBytes * kSectorBytes;
+    if (n == 0) return -ENOSPC;
+  }
+  if (n == r.bytes && n > kSectorBytes && chance(faults_.short_write)) {
+    n = kSectorBytes * uniform(1, (n - 1) / kSectorBytes);
+    ++counters_.short_writes;
+  }
+  medium_->copy_in(r.offset, r.buf, n);
+  medium_->size_bytes = std::max(medium_->size_bytes, r.offset + n);
+  if (n > 0 && chance(faults_.flip_stored)) {
+    const uint64_t bit = uniform(0, n * 8 - 1);
     medium_->page((r.offset + bit / 8) / kPageBytes)[(r.offset + bit / 8) % kPageBytes] ^= std::byte(1u << (bit % 8));
     ++counters_.stored_flips;
   }
-  return static_cast<int32_t>(r.bytes);
+  return static_cast<int32_t>(n);
 }
 
 Status FaultDeviceImpl::allocate(uint64_t bytes) {
@@ -204,7 +214,7 @@ Status FaultDeviceImpl::allocate(uint64_t bytes) {
 std::string FaultDeviceImpl::describe() const {
   std::lock_guard lock(mu_);
   std::ostringstream os;
-  os << "fault device over memory (seed " << faults_.seed << ", short_read " << faults_.short_read << ", eagain "
+  os << "fault device over memory (seed " << faults_.seed << ", short_read " << faults_.short_read << ", short_write " << faults_.short_write << ", eagain "
      << faults_.eagain << ", eio " << faults_.eio << (faults_.persistent_eio ? " persistent" : "")
      << ", flip_on_read " << faults_.flip_on_read << ", flip_stored " << faults_.flip_stored << ")";
   return os.str();

@@ -38,6 +38,14 @@ std::string block_name(const BlockGeometry& g, uint32_t block, uint32_t chunks) 
 
 }  // namespace
 
+std::string_view gpu_eviction_name(GpuEviction e) {
+  switch (e) {
+    case GpuEviction::kHomeAware: return "home-aware";
+    case GpuEviction::kLru: return "lru";
+  }
+  return "?";
+}
+
 struct TieredStore::Impl {
   Impl(ComputeBackend& b, const StoreConfig& c, std::unique_ptr<BlockFile> f, uint32_t chunks)
       : backend(b),
@@ -45,10 +53,17 @@ struct TieredStore::Impl {
         geometry(c.shape, c.policy.chunk_tokens),
         chunks_per_head(chunks),
         file(std::move(f)),
-        table(static_cast<uint32_t>(geometry.block_count(chunks)), make_lru_policy(table_size()),
-              make_lru_policy(table_size())) {}
+        table(table_size(), make_gpu_policy(), make_lru_policy(table_size())) {}
 
   uint32_t table_size() const { return static_cast<uint32_t>(geometry.block_count(chunks_per_head)); }
+  std::unique_ptr<EvictionPolicy> make_gpu_policy() {
+    if (config.gpu_eviction == GpuEviction::kLru) return make_lru_policy(table_size());
+    // Asked when a copy joins the policy, long after construction.
+    return make_home_aware_policy(table_size(), [this](uint32_t b) {
+      const BlockEntry& e = table[b];
+      return e.home_assigned && e.home == Tier::kNvme;
+    });
+  }
 
   ComputeBackend& backend;
   StoreConfig config;
@@ -679,6 +694,9 @@ Result<HomeWrite> TieredStore::begin_write(std::span<const BlockWrite> writes, b
     else
       w->nvme.push_back(i);
   }
+  // In file order, so that the bounce buffer holds adjacent blocks next to
+  // each other and the file writes them in large requests.
+  std::sort(w->nvme.begin(), w->nvme.end(), [&](size_t a, size_t b) { return writes[a].block < writes[b].block; });
   ++s.open_writes;
   if (cache_on_gpu) {
     const Status st = s.cache_written_on_gpu(writes);
@@ -855,7 +873,8 @@ StoreStats TieredStore::stats() const {
 std::string TieredStore::describe() const {
   const Impl& s = *impl_;
   std::ostringstream os;
-  os << "gpu: " << s.gpu_arena->capacity() << " slots on " << s.backend.name() << "; host homes: "
+  os << "gpu: " << s.gpu_arena->capacity() << " slots on " << s.backend.name() << " ("
+     << gpu_eviction_name(s.config.gpu_eviction) << " eviction); host homes: "
      << (s.home_arena ? s.home_arena->describe() : std::string("none")) << "; host staging: "
      << s.cache_arena->describe() << "; nvme: " << s.file->path() << " (" << s.file->device().describe() << ")";
   return os.str();

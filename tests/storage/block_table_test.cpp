@@ -23,6 +23,33 @@ TEST_CASE("LRU policy evicts the least recently used block, in O(1) steps") {
   CHECK(lru->size() == 0);
 }
 
+TEST_CASE("home-aware policy evicts cheap copies first, each class least recently used first") {
+  bool flip = false;  // after insertion, what `costly` says must not matter
+  auto p = make_home_aware_policy(10, [&](uint32_t b) { return flip ? b < 5 : b >= 5; });
+  CHECK(!p->victim());
+  for (uint32_t b : {5u, 0u, 6u, 1u}) p->inserted(b);
+  flip = true;
+  CHECK(p->size() == 4);
+  CHECK(*p->victim() == 0);  // the oldest cheap copy, though 5 is older
+  p->touched(0);
+  CHECK(*p->victim() == 1);
+  p->removed(1);
+  CHECK(*p->victim() == 0);
+  p->removed(0);
+  CHECK(*p->victim() == 5);  // no cheap copy left: the oldest costly one
+  p->touched(5);
+  CHECK(*p->victim() == 6);
+  p->removed(6);
+  p->removed(6);  // removing twice changes nothing
+  CHECK(p->size() == 1);
+  p->inserted(6);  // back in, now in the class `costly` names: cheap
+  CHECK(*p->victim() == 6);
+  p->removed(6);
+  p->removed(5);
+  CHECK(!p->victim());
+  CHECK(p->size() == 0);
+}
+
 TEST_CASE("pinned and protected copies are never eviction candidates") {
   BlockTable t(8, make_lru_policy(8), make_lru_policy(8));
   for (uint32_t b = 0; b < 4; ++b) {

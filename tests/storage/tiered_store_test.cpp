@@ -304,6 +304,43 @@ TEST_CASE("pinned, sink and window blocks survive eviction churn; blocks leaving
   CHECK((per_tier[1] > 0 || per_tier[2] > 0));
 }
 
+TEST_CASE("the gpu tier keeps NVMe-homed copies while host-homed ones can make room (home-aware), not under lru") {
+  auto backend = cpu::make_cpu_backend();
+  for (const GpuEviction eviction : {GpuEviction::kHomeAware, GpuEviction::kLru}) {
+    CAPTURE(gpu_eviction_name(eviction));
+    // 4096 blocks of 16 KiB, 512 gpu slots; 24 MiB of host homes hold blocks
+    // 0-1535 (written in order), so rows 2 and 3 are homed on NVMe.
+    StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+    c.gpu_eviction = eviction;
+    auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+    auto store = TieredStore::create(*backend, c, std::move(file).value());
+    REQUIRE(store.ok());
+    TieredStore& s = **store;
+    write_all(s);
+    std::vector<uint32_t> nvme_homed;
+    for (uint32_t b = 3072 + 100; b < 3072 + 300; ++b) nvme_homed.push_back(b);
+    REQUIRE(s.home_of(nvme_homed.front()) == Tier::kNvme);
+    REQUIRE(s.home_of(2) == Tier::kHost);
+    REQUIRE(s.wait(s.prefetch(nvme_homed, Tier::kGpu)).ok());
+    const uint64_t reads = s.stats().nvme_reads;
+    CHECK(reads >= nvme_homed.size());
+    churn(s);  // 768 host-homed blocks through the 512 slots
+    CHECK(s.stats().gpu_evictions > 0);
+    uint32_t kept = 0;
+    for (uint32_t b : nvme_homed) kept += s.resident(b, Tier::kGpu);
+    const uint64_t uploads = s.stats().h2d_blocks;
+    REQUIRE(s.wait(s.prefetch(nvme_homed, Tier::kGpu)).ok());
+    for (uint32_t b : nvme_homed) CHECK(s.resident(b, Tier::kGpu));
+    if (eviction == GpuEviction::kHomeAware) {
+      CHECK(kept == nvme_homed.size());
+      CHECK(s.stats().h2d_blocks == uploads);  // asking again moved nothing
+    } else {
+      CHECK(kept == 0);  // least recent: gone first
+      CHECK(s.stats().h2d_blocks >= uploads + nvme_homed.size());
+    }
+  }
+}
+
 TEST_CASE("many threads prefetching, pinning and reading at once see only right bytes") {
   auto backend = cpu::make_cpu_backend();
   const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 16 * kMiB);

@@ -51,6 +51,7 @@ struct EngineOptions {
   scheduler::LatePolicy late = scheduler::LatePolicy::kWait;
   bool warm_workers = true;  // scheduler::ExecutorOptions::warm_workers
   bool poll_reads = true;    // scheduler::ExecutorOptions::poll_reads
+  storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // scheduler::ExecutorOptions::gpu_eviction
   // The cost model's rates; unset: built-in estimates for this backend.
   std::optional<scheduler::CostRates> rates;
   scheduler::TraceRecorder* trace = nullptr;  // not owned; null: no trace

@@ -125,6 +125,8 @@ struct ExecutorOptions {
   // and those a failed step leaves) by polling the store (up to 2 ms,
   // yielding between polls) before sleeping on it.
   bool poll_reads = true;
+  // Which cached GPU copy makes room for another (storage::GpuEviction).
+  storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;
 };
 
 class Executor;

@@ -65,12 +65,13 @@ Result<std::unique_ptr<BlockDevice>> open_uring_device(const std::string& path, 
 struct FaultConfig {
   uint64_t seed = 1;
   double short_read = 0;     // read returns a prefix (transient: a retry of the rest succeeds)
+  double short_write = 0;    // write stores and returns a prefix of whole sectors (the rest is retried)
   double eagain = 0;         // request fails with -EAGAIN (transient)
   double eio = 0;            // request fails with -EIO (transient unless persistent_eio)
   bool persistent_eio = false;
   double flip_on_read = 0;   // one bit of the returned data flipped (transient: stored bytes intact)
   double flip_stored = 0;    // one bit of the stored data flipped on write (persistent corruption)
-  uint64_t capacity_bytes = UINT64_MAX;  // allocate() beyond this fails with ENOSPC
+  uint64_t capacity_bytes = UINT64_MAX;  // allocate() beyond this fails with ENOSPC; a write stores the sectors below it, then ENOSPC
   uint32_t latency_us = 0;   // added to every execute() call
 };
 
@@ -78,7 +79,7 @@ struct FaultConfig {
 class FaultDevice : public BlockDevice {
  public:
   struct Counters {
-    uint64_t short_reads = 0, eagains = 0, eios = 0, read_flips = 0, stored_flips = 0, requests = 0;
+    uint64_t short_reads = 0, short_writes = 0, eagains = 0, eios = 0, read_flips = 0, stored_flips = 0, requests = 0;
   };
   virtual Counters counters() const = 0;
   virtual void set_faults(const FaultConfig& faults) = 0;  // change faults mid-test

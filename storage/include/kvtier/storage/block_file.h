@@ -38,6 +38,12 @@ struct BlockIo {
   std::byte* buf = nullptr;
 };
 
+// Blocks handed to the device per execute() call (a write or read batch).
+inline constexpr size_t kFileBatchBlocks = 256;
+// Largest write request write_blocks makes of blocks adjacent in the file
+// and in memory (prefill's home writes of one KV head's new chunks).
+inline constexpr uint64_t kFileWriteRequestBytesMax = uint64_t{1} << 20;
+
 struct BlockFileStats {
   uint64_t blocks_read = 0, blocks_written = 0;
   uint64_t retries = 0;            // short transfers and -EAGAIN resubmitted
@@ -66,6 +72,8 @@ class BlockFile {
 
   // Writes blocks home and records their checksums. A failed write leaves the
   // block's previous contents and checksum valid (or the block unwritten).
+  // Blocks adjacent both in the file and in memory go as one request of up to
+  // kFileWriteRequestBytesMax; each block's outcome is still its own.
   Status write_blocks(std::span<const BlockIo> blocks);
   // Reads blocks and verifies each against its checksum. Reading a block that
   // was never written is an error.

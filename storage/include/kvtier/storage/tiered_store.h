@@ -16,6 +16,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "kvtier/core/block.h"
 #include "kvtier/core/compute_backend.h"
@@ -33,6 +34,13 @@ struct TierBudgets {
   uint64_t host_cache_bytes = 0;    // of host_bytes, the staging cache (0: a quarter, at least 64 slots)
 };
 
+// Which cached gpu copy makes room for another (block_table.h).
+enum class GpuEviction : uint8_t {
+  kHomeAware,  // host-homed copies first, least recently used first; NVMe-homed ones only when none is left
+  kLru,        // least recently used, whatever the home
+};
+std::string_view gpu_eviction_name(GpuEviction e);
+
 struct StoreConfig {
   ModelShape shape;
   SparsityPolicy policy;
@@ -49,6 +57,7 @@ struct StoreConfig {
   // store evicts its own copies. 0: no limit. Contexts sharing an arena get
   // quotas that sum to at most its capacity, so none starves another.
   uint32_t gpu_slot_quota = 0;
+  GpuEviction gpu_eviction = GpuEviction::kHomeAware;
 };
 
 struct StoreStats {
