@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <sstream>
 
 #include "executor_internal.h"
@@ -285,43 +286,61 @@ Status Executor::write_completed(SequenceKv& seq, uint32_t layer, std::span<cons
 }
 
 // Pins of the GPU copies of the given chunks of (layer, h) for every h; missing
-// copies are fetched first (one request). out[h] lists the pins in `chunks` order.
+// copies are fetched first. out[h] lists the pins in `chunks` order. Copies
+// already on the GPU are pinned before anything is fetched, and each fetch
+// request's blocks as soon as it lands, so that a later request's uploads
+// cannot evict what this call already has (the GPU tier evicts host-homed
+// copies first, fresh ones included).
 Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
                             std::vector<std::vector<storage::BlockPin>>& out, detail::WriteBehind* writing) {
   const uint32_t kvh = options_.shape.kv_heads;
-  std::vector<uint32_t> missing;
-  for (uint32_t h = 0; h < kvh; ++h)
-    for (uint32_t c : chunks[h])
-      if (!seq.store_->resident(seq.flat(layer, h, c), Tier::kGpu)) missing.push_back(seq.flat(layer, h, c));
-  for (int attempt = 0;; ++attempt) {
-    KVT_RETURN_IF_ERROR(land_before_fetch(writing, missing, stats_));
-    // In requests of at most kFetchBatch blocks: blocks homed on NVMe pass
-    // through the host staging cache, which must hold a whole request.
-    const double t0 = wall_us();
-    for (size_t i = 0; i < missing.size(); i += kFetchBatch) {
-      const std::span<const uint32_t> part =
-          std::span<const uint32_t>(missing).subspan(i, std::min(kFetchBatch, missing.size() - i));
-      KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(part, Tier::kGpu)));
+  std::vector<std::vector<std::optional<storage::BlockPin>>> pins(kvh);
+  struct Want {
+    uint32_t h, index, block;
+  };
+  std::vector<Want> missing;
+  for (uint32_t h = 0; h < kvh; ++h) {
+    pins[h].resize(chunks[h].size());
+    for (uint32_t i = 0; i < chunks[h].size(); ++i) {
+      const uint32_t b = seq.flat(layer, h, chunks[h][i]);
+      Result<storage::BlockPin> pin = seq.store_->pin(b, Tier::kGpu);
+      if (pin.ok())
+        pins[h][i] = std::move(pin).value();
+      else
+        missing.push_back({h, i, b});
     }
-    stats_.upload_wait_us += wall_us() - t0;
-    out.clear();
-    out.resize(kvh);
-    missing.clear();
-    for (uint32_t h = 0; h < kvh; ++h) {
-      for (uint32_t c : chunks[h]) {
-        Result<storage::BlockPin> pin = seq.store_->pin(seq.flat(layer, h, c), Tier::kGpu);
-        if (pin.ok()) {
-          out[h].push_back(std::move(pin).value());
-        } else {
-          missing.push_back(seq.flat(layer, h, c));  // evicted meanwhile by this request's own uploads
-        }
-      }
-    }
-    if (missing.empty()) return Status::ok_status();
-    if (attempt == 2)
+  }
+  for (int attempt = 0; !missing.empty(); ++attempt) {
+    if (attempt == 3)
       return no_space("gpu tier: " + std::to_string(missing.size()) +
                       " blocks of one step do not stay resident together; raise --gpu-bytes");
+    std::vector<uint32_t> blocks;
+    for (const Want& w : missing) blocks.push_back(w.block);
+    KVT_RETURN_IF_ERROR(land_before_fetch(writing, blocks, stats_));
+    std::vector<Want> again;  // evicted between landing and pinning (by another thread's request)
+    // In requests of at most kFetchBatch blocks: blocks homed on NVMe pass
+    // through the host staging cache, which must hold a whole request.
+    for (size_t i = 0; i < missing.size(); i += kFetchBatch) {
+      const size_t n = std::min(kFetchBatch, missing.size() - i);
+      const double t0 = wall_us();
+      KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(std::span<const uint32_t>(blocks).subspan(i, n), Tier::kGpu)));
+      stats_.upload_wait_us += wall_us() - t0;
+      for (size_t k = i; k < i + n; ++k) {
+        const Want& w = missing[k];
+        Result<storage::BlockPin> pin = seq.store_->pin(w.block, Tier::kGpu);
+        if (pin.ok())
+          pins[w.h][w.index] = std::move(pin).value();
+        else
+          again.push_back(w);
+      }
+    }
+    missing = std::move(again);
   }
+  out.clear();
+  out.resize(kvh);
+  for (uint32_t h = 0; h < kvh; ++h)
+    for (std::optional<storage::BlockPin>& pin : pins[h]) out[h].push_back(std::move(*pin));
+  return Status::ok_status();
 }
 
 // Appends k, v of tokens [first_token, first_token + n) of `layer` to its
