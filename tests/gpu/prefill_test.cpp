@@ -10,13 +10,14 @@
 //
 // Tolerance. Q, K, V are bf16 and S is accumulated in fp32, so scores are
 // exact to ~1e-6. P is rounded to bf16 (8 significant bits, relative error
-// <= 2^-9) before the P.V product, and the kernel's row sum adds the same
-// rounded weights, so o is a convex combination of V rows whose weights are
-// each off by <= 2^-8 relative: |o - o_ref| stays well under 1e-2 * max|v|.
-// lse = m + ln(l) inherits l's relative error as an absolute error: l is a
-// sum of weights each rounded by <= 2^-9 relative (the largest, exp(0) = 1,
-// exactly), so |lse - lse_ref| <= 2^-9 ~ 2e-3 even if every rounding went the
-// same way.
+// <= 2^-8) before the P.V product while the row sum l adds the unrounded
+// weights, so o's weights sum to 1 within 2^-8 and each is off by <= 2^-8
+// relative: |o - o_ref| stays well under 1e-2 * max|v|. lse = m + ln(l)
+// carries l's relative error as an absolute error: ex2.approx (2^-22 per
+// weight) and fp32 summation over n keys (<= n * 2^-24 relative, ~1e-4 for
+// the longest lists here) bound it far below 1e-3. (Until 2026-11-28 l added
+// the rounded weights, and this file claimed a 2^-9 rounding bound for them:
+// seed 6032511403871404720 gave 2.004e-3 against a 2e-3 tolerance on the H200.)
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -42,7 +43,7 @@ using namespace kvtier::cpu;
 namespace {
 
 constexpr double kOTol = 1e-2;    // of max |v|
-constexpr double kLseTol = 2e-3;  // absolute, in natural-log units
+constexpr double kLseTol = 1e-3;  // absolute, in natural-log units
 
 bool quick() {
   const char* env = std::getenv("KVTIER_TEST_QUICK");
