@@ -477,7 +477,8 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
                                          "% of host RAM - summaries");
   a.push_back("placement counts each block once, at the fastest tier holding it (GPU, then host, then NVMe); the "
               "NVMe file must also hold the homes of GPU-held blocks once NVMe is used at all (DESIGN.md 2: homes "
-              "are host or NVMe), which nvme_home_bytes includes");
+              "are host or NVMe), which nvme_home_bytes includes; the GPU tier evicts host-homed copies first, so the "
+              "NVMe-homed blocks it caches stay there (storage GpuEviction::kHomeAware)");
   a.push_back("selection statistics are MODELED, not measured from a trace: step-to-step top-k overlap o = " +
               num(sel.overlap) +
               (in.selection_overlap ? " (given)" : " (default: measured by the synthetic model at query "
@@ -549,11 +550,11 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
   a.push_back("checked against kvtier bench e2e on one H200 host with a profile kvtier calibrate measured there "
-              "in the same lease (bench/results/2026-11-28-plan-validation-h200-v4.json, docs/plan.md): decode "
-              "within 15% at 5 of 6 configurations (worst +23%, where a few NVMe reads per step cost their "
-              "latency), prefill within 15% at 3 of 6 (worst -36% with NVMe homes); the same work ran 25-35% "
-              "faster or slower between leases; presets carry that host's executor times, not those of the machine "
-              "asked about");
+              "in the same lease (bench/results/2026-11-28-plan-validation-h200-v5.json, docs/plan.md): prefill "
+              "within 15% at 5 of 6 configurations (worst -15%); decode within 15% at 2 of 6 (worst +116%), "
+              "because that lease's calibration measured the executor's host time 35-40% lower than its runs "
+              "then took (the same work ran 34.2 and 26.5 steps/s a minute apart; a repeat lease predicted "
+              "+14.5% at 128K); presets carry that host's executor times, not those of the machine asked about");
 }
 
 void add_warnings(const SimInputs& in, PlanReport& r) {
