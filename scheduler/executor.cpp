@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
-#include <optional>
 #include <sstream>
 
 #include "executor_internal.h"
@@ -294,52 +293,47 @@ Status Executor::write_completed(SequenceKv& seq, uint32_t layer, std::span<cons
 Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
                             std::vector<std::vector<storage::BlockPin>>& out, detail::WriteBehind* writing) {
   const uint32_t kvh = options_.shape.kv_heads;
-  std::vector<std::vector<std::optional<storage::BlockPin>>> pins(kvh);
-  struct Want {
-    uint32_t h, index, block;
-  };
-  std::vector<Want> missing;
-  for (uint32_t h = 0; h < kvh; ++h) {
-    pins[h].resize(chunks[h].size());
-    for (uint32_t i = 0; i < chunks[h].size(); ++i) {
-      const uint32_t b = seq.flat(layer, h, chunks[h][i]);
-      Result<storage::BlockPin> pin = seq.store_->pin(b, Tier::kGpu);
-      if (pin.ok())
-        pins[h][i] = std::move(pin).value();
-      else
-        missing.push_back({h, i, b});
-    }
-  }
+  // Every (h, chunk) in one flat list, head by head.
+  std::vector<uint32_t> blocks;
+  for (uint32_t h = 0; h < kvh; ++h)
+    for (uint32_t c : chunks[h]) blocks.push_back(seq.flat(layer, h, c));
+  std::vector<storage::BlockPin> pins(blocks.size());
+  KVT_RETURN_IF_ERROR(seq.store_->pin_resident(blocks, Tier::kGpu, pins));
+  std::vector<size_t> missing;  // indices into blocks
+  for (size_t i = 0; i < blocks.size(); ++i)
+    if (!pins[i]) missing.push_back(i);
   for (int attempt = 0; !missing.empty(); ++attempt) {
     if (attempt == 3)
       return no_space("gpu tier: " + std::to_string(missing.size()) +
                       " blocks of one step do not stay resident together; raise --gpu-bytes");
-    std::vector<uint32_t> blocks;
-    for (const Want& w : missing) blocks.push_back(w.block);
-    KVT_RETURN_IF_ERROR(land_before_fetch(writing, blocks, stats_));
-    std::vector<Want> again;  // evicted between landing and pinning (by another thread's request)
+    std::vector<uint32_t> want;
+    for (size_t i : missing) want.push_back(blocks[i]);
+    KVT_RETURN_IF_ERROR(land_before_fetch(writing, want, stats_));
+    std::vector<size_t> again;  // evicted between landing and pinning (by another thread's request)
     // In requests of at most kFetchBatch blocks: blocks homed on NVMe pass
     // through the host staging cache, which must hold a whole request.
-    for (size_t i = 0; i < missing.size(); i += kFetchBatch) {
-      const size_t n = std::min(kFetchBatch, missing.size() - i);
+    for (size_t first = 0; first < want.size(); first += kFetchBatch) {
+      const size_t n = std::min(kFetchBatch, want.size() - first);
+      const std::span<const uint32_t> part = std::span<const uint32_t>(want).subspan(first, n);
       const double t0 = wall_us();
-      KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(std::span<const uint32_t>(blocks).subspan(i, n), Tier::kGpu)));
+      KVT_RETURN_IF_ERROR(seq.store_->wait(seq.store_->prefetch(part, Tier::kGpu)));
       stats_.upload_wait_us += wall_us() - t0;
-      for (size_t k = i; k < i + n; ++k) {
-        const Want& w = missing[k];
-        Result<storage::BlockPin> pin = seq.store_->pin(w.block, Tier::kGpu);
-        if (pin.ok())
-          pins[w.h][w.index] = std::move(pin).value();
+      std::vector<storage::BlockPin> landed(n);
+      KVT_RETURN_IF_ERROR(seq.store_->pin_resident(part, Tier::kGpu, landed));
+      for (size_t k = 0; k < n; ++k) {
+        if (landed[k])
+          pins[missing[first + k]] = std::move(landed[k]);
         else
-          again.push_back(w);
+          again.push_back(missing[first + k]);
       }
     }
     missing = std::move(again);
   }
   out.clear();
   out.resize(kvh);
+  size_t i = 0;
   for (uint32_t h = 0; h < kvh; ++h)
-    for (std::optional<storage::BlockPin>& pin : pins[h]) out[h].push_back(std::move(*pin));
+    for (size_t k = 0; k < chunks[h].size(); ++k) out[h].push_back(std::move(pins[i++]));
   return Status::ok_status();
 }
 

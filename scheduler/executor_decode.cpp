@@ -323,14 +323,21 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     x.upload_chunks.assign(kvh, {});
     x.cpu_chunks.assign(kvh, {});
     x.late_chunks.assign(kvh, {});
+    // The planned GPU-resident blocks of every head, pinned under one lock.
+    std::vector<uint32_t> resident;
+    for (uint32_t h = 0; h < kvh; ++h)
+      for (uint32_t c : plan.heads[size_t{b} * kvh + h].gpu) resident.push_back(seq.flat(layer, h, c));
+    std::vector<storage::BlockPin> pinned(resident.size());
+    KVT_RETURN_IF_ERROR(seq.store_->pin_resident(resident, Tier::kGpu, pinned));
+    size_t next = 0;
     for (uint32_t h = 0; h < kvh; ++h) {
       const HeadPlan& hp = plan.heads[size_t{b} * kvh + h];
       for (uint32_t c : hp.gpu) {
-        Result<storage::BlockPin> pin = seq.store_->pin(seq.flat(layer, h, c), Tier::kGpu);
-        if (pin.ok()) {
-          x.gpu_sel[h].push_back(slot_of(pin->data()));
-          x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin->data()));
-          x.gpu_pins.push_back(std::move(pin).value());
+        storage::BlockPin& pin = pinned[next++];
+        if (pin) {
+          x.gpu_sel[h].push_back(slot_of(pin.data()));
+          x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin.data()));
+          x.gpu_pins.push_back(std::move(pin));
         } else {
           x.upload_chunks[h].push_back(c);  // evicted since the plan looked: upload it again
         }
@@ -347,19 +354,21 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     }
     // Host copies the CPU will read are pinned now, before this step's reads
     // can evict them from the staging cache.
+    std::vector<uint32_t> on_host;
     for (uint32_t h = 0; h < kvh; ++h)
       for (uint32_t c : x.cpu_chunks[h]) {
         const uint32_t f = seq.flat(layer, h, c);
-        if (seq.reading_.count(f) != 0 ||
-            std::find(x.reads.begin(), x.reads.end(), f) != x.reads.end())
-          continue;
-        Result<storage::BlockPin> pin = seq.store_->pin(f, Tier::kHost);
-        if (pin.ok()) {
-          x.host_pins.emplace(f, std::move(pin).value());
-        } else {
-          x.reads.push_back(f);  // dropped from staging since the plan looked: read it again
-        }
+        if (seq.reading_.count(f) == 0 && std::find(x.reads.begin(), x.reads.end(), f) == x.reads.end())
+          on_host.push_back(f);
       }
+    std::vector<storage::BlockPin> host_pinned(on_host.size());
+    KVT_RETURN_IF_ERROR(seq.store_->pin_resident(on_host, Tier::kHost, host_pinned));
+    for (size_t i = 0; i < on_host.size(); ++i) {
+      if (host_pinned[i])
+        x.host_pins.emplace(on_host[i], std::move(host_pinned[i]));
+      else
+        x.reads.push_back(on_host[i]);  // dropped from staging since the plan looked: read it again
+    }
     stats_.uploaded_blocks += x.upload.size();
     stats_.nvme_read_blocks += x.reads.size() + x.late_reads.size();
     if (!x.upload.empty()) {
@@ -513,16 +522,22 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     if (!us.ok()) {
       return us.with_context("decode step of layer " + std::to_string(layer) + ": uploading selected blocks");
     }
+    std::vector<uint32_t> uploaded;
     for (uint32_t h = 0; h < kvh; ++h)
-      for (uint32_t c : x.upload_chunks[h]) {
-        Result<storage::BlockPin> pin = seq.store_->pin(seq.flat(layer, h, c), Tier::kGpu);
-        if (!pin.ok()) {
-              return pin.status().with_context("decode step of layer " + std::to_string(layer) +
-                                           ": an uploaded block was evicted before use; raise --gpu-bytes");
-        }
-        x.gpu_sel[h].push_back(slot_of(pin->data()));
-        x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin->data()));
-        x.gpu_pins.push_back(std::move(pin).value());
+      for (uint32_t c : x.upload_chunks[h]) uploaded.push_back(seq.flat(layer, h, c));
+    std::vector<storage::BlockPin> up_pinned(uploaded.size());
+    KVT_RETURN_IF_ERROR(seq.store_->pin_resident(uploaded, Tier::kGpu, up_pinned));
+    size_t next = 0;
+    for (uint32_t h = 0; h < kvh; ++h)
+      for (size_t k = 0; k < x.upload_chunks[h].size(); ++k) {
+        storage::BlockPin& pin = up_pinned[next++];
+        if (!pin)
+          return unavailable("decode step of layer " + std::to_string(layer) + ": the uploaded block of KV head " +
+                             std::to_string(h) + ", chunk " + std::to_string(x.upload_chunks[h][k]) +
+                             " was evicted before use; raise --gpu-bytes");
+        x.gpu_sel[h].push_back(slot_of(pin.data()));
+        x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin.data()));
+        x.gpu_pins.push_back(std::move(pin));
       }
   }
   bool any_sel = false;

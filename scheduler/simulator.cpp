@@ -362,15 +362,15 @@ Status add_decode(const SimInputs& in, PlanReport& r) {
 // adjacent in the file, and the store hands them to the file in file order
 // from one buffer, which writes them in requests of up to
 // kFileWriteRequestBytesMax, kFileBatchBlocks blocks a batch
-// (storage/block_file.h).
+// (storage/block_file.h), at most the device's queue depth in flight.
 uint64_t prefill_write_request(const SimInputs& in, const PlanReport& r) {
   const uint64_t run = std::max<uint64_t>(1, in.constants.prefill_query_block_tokens / in.policy.chunk_tokens);
   return std::min(storage::kFileWriteRequestBytesMax, run * r.cap.block_bytes);
 }
 
 uint32_t prefill_write_depth(const SimInputs& in, const PlanReport& r) {
-  return static_cast<uint32_t>(
-      std::max<uint64_t>(1, storage::kFileBatchBlocks * r.cap.block_bytes / prefill_write_request(in, r)));
+  const uint64_t per_batch = storage::kFileBatchBlocks * r.cap.block_bytes / prefill_write_request(in, r);
+  return static_cast<uint32_t>(std::clamp<uint64_t>(per_batch, 1, in.constants.nvme_queue_depth));
 }
 
 void add_prefill(const SimInputs& in, PlanReport& r) {

@@ -320,14 +320,16 @@ Status BlockFile::Impl::write_batch(std::span<const BlockIo> blocks, std::span<c
     // This block's bytes within its extent: [begin, begin + slot).
     const uint64_t begin = static_cast<uint64_t>(blocks[i].buf - e.buf);
     const bool landed = e.done >= begin + slot;
+    const bool joined = e.bytes > slot;
     if (landed) {
       entry = TableEntry{crcs[i], kFlagWritten};
       ++stats.blocks_written;
-    } else if (e.done > begin) {
-      // Part of the new bytes landed, so the old contents are gone: the block
-      // becomes unwritten. (With none of its bytes moved a real disk may
-      // still have torn the slot; the old checksum then reports it as
-      // corrupt on read.)
+    } else if (e.done > begin || joined) {
+      // Part of its new bytes landed, or it was in a joined request that
+      // failed (a drive may store any part of a request it fails, past what
+      // it reports): the old contents may be gone, so the block becomes
+      // unwritten. (A lone block with none of its bytes reported may still
+      // have been torn; the old checksum then reports it as corrupt on read.)
       entry = TableEntry{0, 0};
     }
     if (!landed && first.ok()) first = block_error("write of", blocks[i].index, e);

@@ -100,6 +100,7 @@ struct TieredStore::Impl {
   // Mover side.
   void mover_loop();
   Status run_job(Job& job);
+  std::byte* pin_locked(uint32_t block, Tier tier);
   Status stage_from_nvme(const std::vector<uint32_t>& blocks);
   Status copy_to_gpu(const std::vector<uint32_t>& blocks);
   Result<uint32_t> take_cache_slot();
@@ -475,24 +476,44 @@ std::optional<Status> TieredStore::try_wait(Ticket ticket) {
   return st;
 }
 
+// The bytes of block's copy in `tier`, now pinned, or null when it has none
+// there. Under the lock; the caller has checked the block.
+std::byte* TieredStore::Impl::pin_locked(uint32_t block, Tier tier) {
+  BlockEntry& e = table[block];
+  if (tier == Tier::kGpu && e.gpu_ready) {
+    table.pin_gpu(block);
+    ++user_pins;
+    return gpu_arena->slot_data(e.gpu_slot);
+  }
+  const bool host_home = e.home == Tier::kHost && e.home_valid && !e.busy;
+  if (tier == Tier::kHost && (host_home || e.host_cache_ready)) {
+    table.pin_host(block);
+    ++user_pins;
+    return host_copy(e);
+  }
+  return nullptr;
+}
+
 Result<BlockPin> TieredStore::pin(uint32_t block, Tier tier) {
   Impl& s = *impl_;
   std::lock_guard lock(s.mu);
   KVT_RETURN_IF_ERROR(s.check_block(block));
-  BlockEntry& e = s.table[block];
-  if (tier == Tier::kGpu && e.gpu_ready) {
-    s.table.pin_gpu(block);
-    ++s.user_pins;
-    return BlockPin(this, block, tier, s.gpu_arena->slot_data(e.gpu_slot));
-  }
-  const bool host_home = e.home == Tier::kHost && e.home_valid && !e.busy;
-  if (tier == Tier::kHost && (host_home || e.host_cache_ready)) {
-    s.table.pin_host(block);
-    ++s.user_pins;
-    return BlockPin(this, block, tier, s.host_copy(e));
-  }
+  if (std::byte* data = s.pin_locked(block, tier)) return BlockPin(this, block, tier, data);
   return unavailable(s.name(block) + " is not resident in the " + std::string(tier_name(tier)) +
                      " tier; prefetch it and wait for the ticket first");
+}
+
+Status TieredStore::pin_resident(std::span<const uint32_t> blocks, Tier tier, std::span<BlockPin> out) {
+  KVT_ASSERT(out.size() == blocks.size(), "pin_resident: ", out.size(), " pins for ", blocks.size(), " blocks");
+  // A pin released under the lock would take it again.
+  for (const BlockPin& pin : out) KVT_ASSERT(!pin, "pin_resident: out holds a pin already");
+  Impl& s = *impl_;
+  std::lock_guard lock(s.mu);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    KVT_RETURN_IF_ERROR(s.check_block(blocks[i]));
+    if (std::byte* data = s.pin_locked(blocks[i], tier)) out[i] = BlockPin(this, blocks[i], tier, data);
+  }
+  return Status::ok_status();
 }
 
 void TieredStore::unpin(uint32_t block, Tier tier) {

@@ -341,6 +341,39 @@ TEST_CASE("the gpu tier keeps NVMe-homed copies while host-homed ones can make r
   }
 }
 
+TEST_CASE("pin_resident pins what is there under one lock, leaves the rest empty, and refuses a bad block") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  auto store = TieredStore::create(*backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  TieredStore& s = **store;
+  write_all(s);
+  REQUIRE(s.wait(s.prefetch(chunk_range(10, 19), Tier::kGpu)).ok());
+  const std::vector<uint32_t> asked = {10, 3000, 15, 19, 2};  // 3000 is NVMe-homed, 2 never fetched
+  std::vector<BlockPin> pins(asked.size());
+  REQUIRE(s.pin_resident(asked, Tier::kGpu, pins).ok());
+  for (size_t i = 0; i < asked.size(); ++i) {
+    CAPTURE(asked[i]);
+    CHECK(static_cast<bool>(pins[i]) == s.resident(asked[i], Tier::kGpu));
+    if (pins[i]) CHECK(pins[i].block() == asked[i]);
+  }
+  CHECK(pins[0]);
+  CHECK(!pins[1]);
+  // Pinned copies survive churn through every other gpu slot.
+  churn(s);
+  for (uint32_t b : {10u, 15u, 19u}) CHECK(s.resident(b, Tier::kGpu));
+  // Host: host homes are resident there, an unfetched NVMe home is not.
+  std::vector<BlockPin> host(2);
+  REQUIRE(s.pin_resident(std::vector<uint32_t>{5, 3500}, Tier::kHost, host).ok());
+  CHECK(host[0]);
+  CHECK(!host[1]);
+  std::vector<BlockPin> bad(2);
+  const Status st = s.pin_resident(std::vector<uint32_t>{10, s.block_count()}, Tier::kGpu, bad);
+  CHECK(!st.ok());
+  CHECK(bad[0]);  // made before the bad block; released with the vector
+}
+
 TEST_CASE("many threads prefetching, pinning and reading at once see only right bytes") {
   auto backend = cpu::make_cpu_backend();
   const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 16 * kMiB);

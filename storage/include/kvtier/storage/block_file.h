@@ -73,7 +73,9 @@ class BlockFile {
   // Writes blocks home and records their checksums. A failed write leaves the
   // block's previous contents and checksum valid (or the block unwritten).
   // Blocks adjacent both in the file and in memory go as one request of up to
-  // kFileWriteRequestBytesMax; each block's outcome is still its own.
+  // kFileWriteRequestBytesMax. When such a request fails, its blocks that
+  // did not wholly land become unwritten (the drive may have stored any part
+  // of it), where a lone block's failed write keeps its old contents.
   Status write_blocks(std::span<const BlockIo> blocks);
   // Reads blocks and verifies each against its checksum. Reading a block that
   // was never written is an error.

@@ -192,6 +192,11 @@ class TieredStore {
   std::optional<Status> try_wait(Ticket ticket);
   // Pins a block resident in `tier`; an error if it is not resident there.
   Result<BlockPin> pin(uint32_t block, Tier tier);
+  // Pins, under one lock, each of `blocks` that is resident in `tier` now:
+  // out[i] is the pin of blocks[i], or an empty pin when it is not resident
+  // (no error: the caller fetches it). out must hold empty pins on entry. An
+  // invalid block is an error; pins made before it stay in out.
+  Status pin_resident(std::span<const uint32_t> blocks, Tier tier, std::span<BlockPin> out);
 
   // The sequence now holds `tokens` tokens: sink and window blocks become
   // protected on the gpu; blocks that left the window become evictable.
