@@ -246,6 +246,16 @@ std::vector<uint32_t> chunk_range(uint32_t first, uint32_t last) {
   return out;
 }
 
+// A store over an in-memory fault device (no faults) with every block written home.
+std::unique_ptr<TieredStore> written_store(ComputeBackend& backend, const StoreConfig& c) {
+  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+  REQUIRE(file.ok());
+  auto store = TieredStore::create(backend, c, std::move(file).value());
+  REQUIRE(store.ok());
+  write_all(**store);
+  return std::move(store).value();
+}
+
 // Streams row 0's far chunks [2, 800) through the gpu in requests of 256.
 void churn(TieredStore& s) {
   for (uint32_t first = 2; first + 256 <= 800; first += 256)
@@ -258,11 +268,8 @@ TEST_CASE("pinned, sink and window blocks survive eviction churn; blocks leaving
   auto backend = cpu::make_cpu_backend();
   // 64K tokens: 4 rows x 1024 chunks; the gpu holds 512 of the 4096 blocks.
   const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
-  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
-  auto store = TieredStore::create(*backend, c, std::move(file).value());
-  REQUIRE(store.ok());
-  TieredStore& s = **store;
-  write_all(s);
+  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+  TieredStore& s = *store;
   // 60000 tokens: sinks are chunks 0-1, the window chunks 873-937.
   s.set_sequence_tokens(60000);
   REQUIRE(s.wait(s.prefetch(chunk_range(0, 1), Tier::kGpu)).ok());
@@ -312,11 +319,8 @@ TEST_CASE("the gpu tier keeps NVMe-homed copies while host-homed ones can make r
     // 0-1535 (written in order), so rows 2 and 3 are homed on NVMe.
     StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
     c.gpu_eviction = eviction;
-    auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
-    auto store = TieredStore::create(*backend, c, std::move(file).value());
-    REQUIRE(store.ok());
-    TieredStore& s = **store;
-    write_all(s);
+    const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+    TieredStore& s = *store;
     std::vector<uint32_t> nvme_homed;
     for (uint32_t b = 3072 + 100; b < 3072 + 300; ++b) nvme_homed.push_back(b);
     REQUIRE(s.home_of(nvme_homed.front()) == Tier::kNvme);
@@ -344,11 +348,8 @@ TEST_CASE("the gpu tier keeps NVMe-homed copies while host-homed ones can make r
 TEST_CASE("pin_resident pins what is there under one lock, leaves the rest empty, and refuses a bad block") {
   auto backend = cpu::make_cpu_backend();
   const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
-  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
-  auto store = TieredStore::create(*backend, c, std::move(file).value());
-  REQUIRE(store.ok());
-  TieredStore& s = **store;
-  write_all(s);
+  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+  TieredStore& s = *store;
   REQUIRE(s.wait(s.prefetch(chunk_range(10, 19), Tier::kGpu)).ok());
   const std::vector<uint32_t> asked = {10, 3000, 15, 19, 2};  // 3000 is NVMe-homed, 2 never fetched
   std::vector<BlockPin> pins(asked.size());
@@ -377,11 +378,8 @@ TEST_CASE("pin_resident pins what is there under one lock, leaves the rest empty
 TEST_CASE("many threads prefetching, pinning and reading at once see only right bytes") {
   auto backend = cpu::make_cpu_backend();
   const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 16 * kMiB);
-  auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
-  auto store = TieredStore::create(*backend, c, std::move(file).value());
-  REQUIRE(store.ok());
-  TieredStore& s = **store;
-  write_all(s);
+  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+  TieredStore& s = *store;
   std::atomic<uint64_t> checked{0}, wrong{0}, failed{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t)
