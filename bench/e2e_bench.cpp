@@ -188,6 +188,17 @@ Status bytes_override(const char* name, uint64_t& out, std::vector<std::string>&
   return Status::ok_status();
 }
 
+// An on/off environment setting `name` (1 or 0; `on` says what 1 means).
+Status switch_override(const char* name, const char* on, bool& out, std::vector<std::string>& seen) {
+  const std::optional<std::string> text = env_text(name);
+  if (!text) return Status::ok_status();
+  if (*text != "0" && *text != "1")
+    return invalid_argument(std::string(name) + "=" + *text + ": give 1 (" + on + ") or 0");
+  out = *text == "1";
+  seen.push_back(std::string(name) + "=" + *text);
+  return Status::ok_status();
+}
+
 // The overrides of the main run's budgets, the policy and the fidelity checks.
 Status apply_overrides(E2eConfig& c) {
   KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_GPU_BYTES", c.gpu_bytes, c.overrides));
@@ -205,12 +216,8 @@ Status apply_overrides(E2eConfig& c) {
     c.late = *late;
     c.overrides.push_back("KVTIER_E2E_LATE=" + *t);
   }
-  if (const std::optional<std::string> t = env_text("KVTIER_E2E_WARM")) {
-    if (*t != "0" && *t != "1")
-      return invalid_argument("KVTIER_E2E_WARM=" + *t + ": give 1 (workers spin through serial phases) or 0");
-    c.warm_workers = *t == "1";
-    c.overrides.push_back("KVTIER_E2E_WARM=" + *t);
-  }
+  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_WARM", "workers spin through serial phases", c.warm_workers,
+                                      c.overrides));
   if (const std::optional<std::string> t = env_text("KVTIER_E2E_EVICTION")) {
     if (*t != "lru" && *t != "home-aware")
       return invalid_argument("KVTIER_E2E_EVICTION=" + *t +
@@ -218,17 +225,10 @@ Status apply_overrides(E2eConfig& c) {
     c.gpu_eviction = *t == "lru" ? storage::GpuEviction::kLru : storage::GpuEviction::kHomeAware;
     c.overrides.push_back("KVTIER_E2E_EVICTION=" + *t);
   }
-  if (const std::optional<std::string> t = env_text("KVTIER_E2E_POLL")) {
-    if (*t != "0" && *t != "1")
-      return invalid_argument("KVTIER_E2E_POLL=" + *t + ": give 1 (read waits poll the store first) or 0");
-    c.poll_reads = *t == "1";
-    c.overrides.push_back("KVTIER_E2E_POLL=" + *t);
-  }
-  if (const std::optional<std::string> t = env_text("KVTIER_E2E_FIDELITY")) {
-    if (*t != "0" && *t != "1") return invalid_argument("KVTIER_E2E_FIDELITY=" + *t + ": give 0 (speed only) or 1");
-    c.fidelity = *t == "1";
-    c.overrides.push_back("KVTIER_E2E_FIDELITY=" + *t);
-  }
+  KVT_RETURN_IF_ERROR(
+      switch_override("KVTIER_E2E_POLL", "read waits poll the store first", c.poll_reads, c.overrides));
+  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_FIDELITY", "needles, verification and the full-budget check",
+                                      c.fidelity, c.overrides));
   return Status::ok_status();
 }
 

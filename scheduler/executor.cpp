@@ -293,10 +293,7 @@ Status Executor::write_completed(SequenceKv& seq, uint32_t layer, std::span<cons
 Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std::vector<uint32_t>> chunks,
                             std::vector<std::vector<storage::BlockPin>>& out, detail::WriteBehind* writing) {
   const uint32_t kvh = options_.shape.kv_heads;
-  // Every (h, chunk) in one flat list, head by head.
-  std::vector<uint32_t> blocks;
-  for (uint32_t h = 0; h < kvh; ++h)
-    for (uint32_t c : chunks[h]) blocks.push_back(seq.flat(layer, h, c));
+  const std::vector<uint32_t> blocks = seq.flat_blocks(layer, [&](uint32_t h) -> const auto& { return chunks[h]; });
   std::vector<storage::BlockPin> pins(blocks.size());
   KVT_RETURN_IF_ERROR(seq.store_->pin_resident(blocks, Tier::kGpu, pins));
   std::vector<size_t> missing;  // indices into blocks

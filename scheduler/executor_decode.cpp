@@ -59,6 +59,12 @@ struct SeqStep {
   std::vector<storage::BlockPin> gpu_pins;      // selected blocks attended from GPU slots
   std::vector<std::vector<uint32_t>> gpu_sel;   // [kv_heads] slots of those
   std::vector<std::vector<const bf16*>> gpu_sel_ptr;  // same, as pointers (CPU stand-in)
+  // Takes a pinned GPU copy of a selected block of KV head h into the GPU's lists.
+  void select_on_gpu(uint32_t h, uint32_t slot, storage::BlockPin pin) {
+    gpu_sel[h].push_back(slot);
+    gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin.data()));
+    gpu_pins.push_back(std::move(pin));
+  }
   std::vector<uint32_t> upload;                 // flat block ids
   std::vector<std::vector<uint32_t>> upload_chunks;  // [kv_heads]
   std::vector<std::vector<uint32_t>> cpu_chunks;     // [kv_heads]
@@ -324,9 +330,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     x.cpu_chunks.assign(kvh, {});
     x.late_chunks.assign(kvh, {});
     // The planned GPU-resident blocks of every head, pinned under one lock.
-    std::vector<uint32_t> resident;
-    for (uint32_t h = 0; h < kvh; ++h)
-      for (uint32_t c : plan.heads[size_t{b} * kvh + h].gpu) resident.push_back(seq.flat(layer, h, c));
+    const std::vector<uint32_t> resident =
+        seq.flat_blocks(layer, [&](uint32_t h) -> const auto& { return plan.heads[size_t{b} * kvh + h].gpu; });
     std::vector<storage::BlockPin> pinned(resident.size());
     KVT_RETURN_IF_ERROR(seq.store_->pin_resident(resident, Tier::kGpu, pinned));
     size_t next = 0;
@@ -334,13 +339,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       const HeadPlan& hp = plan.heads[size_t{b} * kvh + h];
       for (uint32_t c : hp.gpu) {
         storage::BlockPin& pin = pinned[next++];
-        if (pin) {
-          x.gpu_sel[h].push_back(slot_of(pin.data()));
-          x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin.data()));
-          x.gpu_pins.push_back(std::move(pin));
-        } else {
+        if (pin)
+          x.select_on_gpu(h, slot_of(pin.data()), std::move(pin));
+        else
           x.upload_chunks[h].push_back(c);  // evicted since the plan looked: upload it again
-        }
       }
       x.upload_chunks[h].insert(x.upload_chunks[h].end(), hp.upload.begin(), hp.upload.end());
       x.cpu_chunks[h] = hp.cpu;
@@ -522,9 +524,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     if (!us.ok()) {
       return us.with_context("decode step of layer " + std::to_string(layer) + ": uploading selected blocks");
     }
-    std::vector<uint32_t> uploaded;
-    for (uint32_t h = 0; h < kvh; ++h)
-      for (uint32_t c : x.upload_chunks[h]) uploaded.push_back(seq.flat(layer, h, c));
+    const std::vector<uint32_t> uploaded =
+        seq.flat_blocks(layer, [&](uint32_t h) -> const auto& { return x.upload_chunks[h]; });
     std::vector<storage::BlockPin> up_pinned(uploaded.size());
     KVT_RETURN_IF_ERROR(seq.store_->pin_resident(uploaded, Tier::kGpu, up_pinned));
     size_t next = 0;
@@ -535,9 +536,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
           return unavailable("decode step of layer " + std::to_string(layer) + ": the uploaded block of KV head " +
                              std::to_string(h) + ", chunk " + std::to_string(x.upload_chunks[h][k]) +
                              " was evicted before use; raise --gpu-bytes");
-        x.gpu_sel[h].push_back(slot_of(pin.data()));
-        x.gpu_sel_ptr[h].push_back(reinterpret_cast<const bf16*>(pin.data()));
-        x.gpu_pins.push_back(std::move(pin));
+        x.select_on_gpu(h, slot_of(pin.data()), std::move(pin));
       }
   }
   bool any_sel = false;

@@ -544,8 +544,7 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               format_bytes(prefill_write_request(in, r)) + " requests, QD " + std::to_string(prefill_write_depth(in, r)) +
               " (a KV head's new chunks are adjacent in the file; the file joins them up to " +
               format_bytes(storage::kFileWriteRequestBytesMax) + ", " + std::to_string(storage::kFileBatchBlocks) +
-              " blocks a batch)" +
-              "), which shares the drive with the fetch's reads; a block takes front + the longer of the two; "
+              " blocks a batch)), which shares the drive with the fetch's reads; a block takes front + the longer of the two; "
               "prefill_seconds sums the blocks as the context grows");
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");

@@ -50,9 +50,6 @@ constexpr uint32_t kFlagWritten = 1;
 // Submissions of one transfer before it is reported: short transfers,
 // Short transfers and -EAGAIN are resubmitted this many times in all (-EIO once).
 constexpr int kMaxAttempts = 8;
-// Blocks handed to the device per execute(): bounds the request vector; the
-// device itself bounds what is in flight by its queue depth.
-constexpr size_t kBatchBlocks = kFileBatchBlocks;
 // The header and table move in requests of at most this size.
 constexpr uint64_t kMetaRequestBytes = uint64_t{1} << 20;
 // Largest file the format describes; keeps every offset sum far from overflow.
@@ -564,8 +561,8 @@ Result<std::unique_ptr<BlockFile>> BlockFile::open(const std::string& path, cons
 Status BlockFile::write_blocks(std::span<const BlockIo> blocks) {
   KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/true));
   std::vector<uint32_t> crcs;
-  for (size_t at = 0; at < blocks.size(); at += kBatchBlocks) {
-    const std::span<const BlockIo> batch = blocks.subspan(at, std::min(kBatchBlocks, blocks.size() - at));
+  for (size_t at = 0; at < blocks.size(); at += kFileBatchBlocks) {
+    const std::span<const BlockIo> batch = blocks.subspan(at, std::min(kFileBatchBlocks, blocks.size() - at));
     crcs.clear();
     for (const BlockIo& b : batch) crcs.push_back(crc32c(b.buf, impl_->layout.slot_bytes));
     std::lock_guard lock(impl_->mu);
@@ -576,9 +573,9 @@ Status BlockFile::write_blocks(std::span<const BlockIo> blocks) {
 
 Status BlockFile::read_blocks(std::span<const BlockIo> blocks) {
   KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/false));
-  for (size_t at = 0; at < blocks.size(); at += kBatchBlocks) {
+  for (size_t at = 0; at < blocks.size(); at += kFileBatchBlocks) {
     std::lock_guard lock(impl_->mu);
-    KVT_RETURN_IF_ERROR(impl_->read_batch(blocks.subspan(at, std::min(kBatchBlocks, blocks.size() - at))));
+    KVT_RETURN_IF_ERROR(impl_->read_batch(blocks.subspan(at, std::min(kFileBatchBlocks, blocks.size() - at))));
   }
   return Status::ok_status();
 }

@@ -152,6 +152,14 @@ class SequenceKv {
   uint32_t flat(uint32_t layer, uint32_t h, uint32_t chunk) const {
     return (layer * kv_heads_ + h) * chunks_per_head_ + chunk;
   }
+  // The flat ids of chunks_of(h) of `layer` for every KV head h, head by head.
+  template <class ChunksOf>
+  std::vector<uint32_t> flat_blocks(uint32_t layer, ChunksOf&& chunks_of) const {
+    std::vector<uint32_t> out;
+    for (uint32_t h = 0; h < kv_heads_; ++h)
+      for (uint32_t c : chunks_of(h)) out.push_back(flat(layer, h, c));
+    return out;
+  }
   bf16* tail(uint32_t layer, uint32_t h) { return tail_.data() + (size_t{layer} * kv_heads_ + h) * tail_elems_; }
   const bf16* tail(uint32_t layer, uint32_t h) const {
     return tail_.data() + (size_t{layer} * kv_heads_ + h) * tail_elems_;

@@ -38,7 +38,8 @@ struct BlockIo {
   std::byte* buf = nullptr;
 };
 
-// Blocks handed to the device per execute() call (a write or read batch).
+// Blocks handed to the device per execute() call (a write or read batch):
+// bounds the request vector; the device bounds what is in flight by its queue depth.
 inline constexpr size_t kFileBatchBlocks = 256;
 // Largest write request write_blocks makes of blocks adjacent in the file
 // and in memory (prefill's home writes of one KV head's new chunks).
