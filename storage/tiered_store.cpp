@@ -87,19 +87,27 @@ struct TieredStore::Impl {
   detail::AlignedBytes bounce;
   uint64_t bounce_bytes = 0;
 
-  std::deque<Job> queue;
-  std::condition_variable queue_cv, space_cv, done_cv;
+  // Two lanes, so that an upload never waits behind NVMe reads: the mover
+  // runs reads into host staging (and any job that needs one); the uploader
+  // runs GPU prefetches whose blocks are all host-resident already, and hands
+  // any other to the mover's queue (behind the reads it may wait for).
+  std::deque<Job> queue, upload_queue;
+  std::condition_variable queue_cv, upload_cv, space_cv, done_cv;
   std::unordered_map<uint64_t, Status> done;
   uint64_t next_ticket = 1;
-  bool stopping = false;
-  std::thread mover;
+  bool stopping = false, stopping_uploads = false;
+  std::thread mover, uploader;
 
   std::string name(uint32_t b) const { return block_name(geometry, b, chunks_per_head); }
   Status check_block(uint32_t b) const;
 
   // Mover side.
   void mover_loop();
+  void uploader_loop();
+  void post(uint64_t id, Status st);
   Status run_job(Job& job);
+  // The uploader's job: nullopt after handing it to the mover's queue.
+  std::optional<Status> run_upload(Job& job);
   std::byte* pin_locked(uint32_t block, Tier tier);
   Status stage_from_nvme(const std::vector<uint32_t>& blocks);
   Status copy_to_gpu(const std::vector<uint32_t>& blocks);
@@ -239,6 +247,7 @@ Result<std::unique_ptr<TieredStore>> TieredStore::create(ComputeBackend& backend
   impl->file->device().register_buffers(impl->cache_arena->base(), impl->cache_arena->bytes());
   Impl* raw = impl.get();
   impl->mover = std::thread([raw] { raw->mover_loop(); });
+  impl->uploader = std::thread([raw] { raw->uploader_loop(); });
   return std::unique_ptr<TieredStore>(new TieredStore(std::move(impl)));
 }
 
@@ -264,6 +273,13 @@ TieredStore::~TieredStore() {
     std::lock_guard lock(impl_->mu);
     KVT_ASSERT(impl_->user_pins == 0, impl_->user_pins, " BlockPins outlive their TieredStore");
     KVT_ASSERT(impl_->open_writes == 0, impl_->open_writes, " unfinished HomeWrites outlive their TieredStore");
+    impl_->stopping_uploads = true;
+  }
+  // The uploader first: it may still hand jobs to the mover.
+  impl_->upload_cv.notify_all();
+  impl_->uploader.join();
+  {
+    std::lock_guard lock(impl_->mu);
     impl_->stopping = true;
   }
   impl_->queue_cv.notify_all();
@@ -284,13 +300,74 @@ void TieredStore::Impl::mover_loop() {
     if (queue.empty()) return;  // stopping, and nothing left to do
     Job job = std::move(queue.front());
     queue.pop_front();
-    space_cv.notify_one();
+    space_cv.notify_all();
     lock.unlock();
     Status st = run_job(job);
-    lock.lock();
-    done.emplace(job.id, std::move(st));
-    done_cv.notify_all();
+    post(job.id, std::move(st));
   }
+}
+
+void TieredStore::Impl::post(uint64_t id, Status st) {
+  std::lock_guard lock(mu);
+  done.emplace(id, std::move(st));
+  done_cv.notify_all();
+}
+
+void TieredStore::Impl::uploader_loop() {
+  for (;;) {
+    std::unique_lock lock(mu);
+    upload_cv.wait(lock, [&] { return stopping_uploads || !upload_queue.empty(); });
+    if (upload_queue.empty()) return;  // stopping, and nothing left to do
+    Job job = std::move(upload_queue.front());
+    upload_queue.pop_front();
+    space_cv.notify_all();
+    lock.unlock();
+    std::optional<Status> st = run_upload(job);
+    if (st) post(job.id, std::move(*st));
+  }
+}
+
+std::optional<Status> TieredStore::Impl::run_upload(Job& job) {
+  std::vector<uint32_t> need_gpu;
+  {
+    std::lock_guard lock(mu);
+    bool all_on_host = true;
+    for (uint32_t b : job.blocks) {
+      if (!check_block(b).ok()) {
+        all_on_host = false;  // the mover names the error
+        break;
+      }
+      const BlockEntry& e = table[b];
+      if (e.gpu_ready) continue;
+      const bool host_home = e.home == Tier::kHost && e.home_valid && !e.busy;
+      if (!host_home && !(e.home_valid && !e.busy && e.host_cache_ready)) {
+        all_on_host = false;
+        break;
+      }
+      need_gpu.push_back(b);
+    }
+    if (!all_on_host) {
+      // A block still to be read (perhaps by a read in the mover's queue),
+      // being written, or invalid: the mover runs the job in order.
+      queue.push_back(std::move(job));
+      queue_cv.notify_one();
+      return std::nullopt;
+    }
+    for (uint32_t b : job.blocks) {
+      table.touch(b, step);
+      const BlockEntry& e = table[b];
+      if (e.gpu_ready)
+        ++stats.gpu_hits;
+      else if (e.home != Tier::kHost)
+        ++stats.host_cache_hits;
+    }
+    // The host copies stay put until the copy ends.
+    for (uint32_t b : job.blocks) table.pin_host(b);
+  }
+  const Status st = copy_to_gpu(need_gpu);
+  std::lock_guard lock(mu);
+  release_host_pins(job.blocks);
+  return st;
 }
 
 Status TieredStore::Impl::check_block(uint32_t b) const {
@@ -445,11 +522,12 @@ Ticket TieredStore::prefetch(std::span<const uint32_t> blocks, Tier tier) {
   job.blocks.erase(std::unique(job.blocks.begin(), job.blocks.end()), job.blocks.end());
   Impl& s = *impl_;
   std::unique_lock lock(s.mu);
-  s.space_cv.wait(lock, [&] { return s.queue.size() < kMaxQueuedJobs; });
+  std::deque<Job>& lane = tier == Tier::kGpu ? s.upload_queue : s.queue;
+  s.space_cv.wait(lock, [&] { return lane.size() < kMaxQueuedJobs; });
   job.id = s.next_ticket++;
   const Ticket ticket{job.id};
-  s.queue.push_back(std::move(job));
-  s.queue_cv.notify_one();
+  lane.push_back(std::move(job));
+  (tier == Tier::kGpu ? s.upload_cv : s.queue_cv).notify_one();
   return ticket;
 }
 

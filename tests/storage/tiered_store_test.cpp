@@ -264,6 +264,47 @@ void churn(TieredStore& s) {
 
 }  // namespace
 
+TEST_CASE("an upload of host-resident blocks does not wait behind NVMe reads; one that needs a read does") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+  TieredStore& s = *store;
+  std::vector<uint32_t> host, nvme;
+  for (uint32_t b = 0; b < s.block_count(); ++b) {
+    std::vector<uint32_t>& to = s.home_of(b) == Tier::kHost ? host : nvme;
+    if (to.size() < 8) to.push_back(b);
+  }
+  REQUIRE(host.size() == 8);
+  REQUIRE(nvme.size() == 8);
+  auto* device = dynamic_cast<FaultDevice*>(&s.file().device());
+  REQUIRE(device != nullptr);
+  FaultConfig slow;
+  slow.latency_us = 300'000;  // each read request takes 0.3 s
+  device->set_faults(slow);
+  const Ticket read = s.prefetch(nvme, Tier::kHost);
+  const Ticket up = s.prefetch(host, Tier::kGpu);
+  REQUIRE(s.wait(up).ok());
+  // The upload ran beside the read, not after it.
+  const std::optional<Status> read_done = s.try_wait(read);
+  CHECK_FALSE(read_done.has_value());
+  // An upload of a block that read brings in runs after it, on the mover.
+  const Ticket behind = s.prefetch(std::vector<uint32_t>{nvme[0]}, Tier::kGpu);
+  REQUIRE(s.wait(behind).ok());
+  if (!read_done) REQUIRE(s.wait(read).ok());
+  device->set_faults(FaultConfig{});
+  std::vector<std::byte> back(s.block_bytes());
+  std::vector<uint32_t> check = host;
+  check.push_back(nvme[0]);
+  for (uint32_t b : check) {
+    Result<BlockPin> pin = s.pin(b, Tier::kGpu);
+    REQUIRE_MESSAGE(pin.ok(), pin.status().to_string());
+    const BlockCopy copy{pin->data(), back.data(), back.size()};
+    REQUIRE(backend->copy_to_host(std::span<const BlockCopy>(&copy, 1)).ok());
+    CHECK(block_matches(back.data(), back.size(), b));
+  }
+  for (uint32_t b : nvme) CHECK(s.resident(b, Tier::kHost));
+}
+
 TEST_CASE("pinned, sink and window blocks survive eviction churn; blocks leaving the window do not") {
   auto backend = cpu::make_cpu_backend();
   // 64K tokens: 4 rows x 1024 chunks; the gpu holds 512 of the 4096 blocks.
