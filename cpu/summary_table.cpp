@@ -89,6 +89,15 @@ const float* SummaryTable::vmean(uint32_t h, uint32_t b) const {
   return const_cast<SummaryTable*>(this)->vmean(h, b);
 }
 
+const void* SummaryTable::kmean_rows() const {
+  return kind_ == SummaryKind::kMeanBf16 ? static_cast<const void*>(kmean_bf16_.data())
+                                         : static_cast<const void*>(kmean_.data());
+}
+
+uint64_t SummaryTable::kmean_row_stride() const {
+  return kind_ == SummaryKind::kMeanBf16 ? isa::bf16_row_stride(head_dim_) : row_floats_;
+}
+
 uint64_t SummaryTable::scoring_bytes() const {
   const uint64_t elems = uint64_t{kv_heads_} * blocks_ * head_dim_;
   switch (kind_) {

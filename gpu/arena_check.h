@@ -34,4 +34,17 @@ inline Status check_arena_view(std::string_view what, const SlotArenaView& a) {
   return Status::ok_status();
 }
 
+// KV heads >= 1 and q_heads a multiple of them in one of the GQA groups the
+// kernels are instantiated for (1, 2, 4, 8).
+inline Status check_gqa_heads(std::string_view what, uint32_t q_heads, uint32_t kv_heads) {
+  const std::string w(what);
+  if (kv_heads == 0) return invalid_field(w, "kv_heads", kv_heads, "must be at least 1");
+  if (q_heads == 0 || q_heads % kv_heads != 0)
+    return invalid_field(w, "q_heads", q_heads, "must be a positive multiple of kv_heads=" + std::to_string(kv_heads));
+  const uint32_t group = q_heads / kv_heads;
+  if (group != 1 && group != 2 && group != 4 && group != 8)
+    return invalid_field(w, "q_heads / kv_heads", group, "is an unsupported GQA group (supported: 1, 2, 4, 8)");
+  return Status::ok_status();
+}
+
 }  // namespace kvtier::gpu

@@ -136,12 +136,7 @@ Status check_decode_pointers(const DecodeArgs& a) {
 Status check_decode_shape(const DecodeArgs& a) {
   constexpr const char* kWhat = "decode_attention";
   if (a.batch == 0) return invalid_field(kWhat, "batch", a.batch, "must be at least 1");
-  if (a.kv_heads == 0) return invalid_field(kWhat, "kv_heads", a.kv_heads, "must be at least 1");
-  if (a.q_heads == 0 || a.q_heads % a.kv_heads != 0)
-    return invalid_field(kWhat, "q_heads", a.q_heads, "must be a positive multiple of kv_heads=" + std::to_string(a.kv_heads));
-  const uint32_t group = a.q_heads / a.kv_heads;
-  if (group != 1 && group != 2 && group != 4 && group != 8)
-    return invalid_field(kWhat, "q_heads / kv_heads", group, "is an unsupported GQA group (supported: 1, 2, 4, 8)");
+  KVT_RETURN_IF_ERROR(check_gqa_heads(kWhat, a.q_heads, a.kv_heads));
   const SlotArenaView& ar = a.arena;
   KVT_RETURN_IF_ERROR(check_arena_view(kWhat, ar));
   const uint64_t lists = uint64_t{a.batch} * a.kv_heads;

@@ -20,6 +20,7 @@ Status merge_partials(const MergeArgs&, cudaStream_t) { return no_cuda(); }
 Status append_kv(const AppendArgs&, cudaStream_t) { return no_cuda(); }
 Status append_kv_range(const AppendRangeArgs&, cudaStream_t) { return no_cuda(); }
 Status build_summaries(const SummaryArgs&, cudaStream_t) { return no_cuda(); }
+Status score_summaries(const ScoreArgs&, cudaStream_t) { return no_cuda(); }
 Status prefill_attention(const PrefillArgs&, cudaStream_t) { return no_cuda(); }
 
 Event::~Event() = default;

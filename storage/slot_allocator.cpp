@@ -1,5 +1,7 @@
 #include "kvtier/storage/slot_allocator.h"
 
+#include <algorithm>
+
 #include "kvtier/core/assert.h"
 
 namespace kvtier::storage {
@@ -26,6 +28,22 @@ void SlotAllocator::free(uint32_t slot) {
   KVT_ASSERT(in_use_[slot] != 0, "slot ", slot, " freed twice or never allocated");
   in_use_[slot] = 0;
   free_.push_back(slot);
+}
+
+std::optional<uint32_t> SlotAllocator::allocate_run(uint32_t count) {
+  std::lock_guard lock(mu_);
+  if (count == 0 || count > free_.size()) return std::nullopt;
+  uint32_t run = 0;
+  for (uint32_t s = 0; s < capacity_; ++s) {
+    run = in_use_[s] != 0 ? 0 : run + 1;
+    if (run < count) continue;
+    const uint32_t first = s + 1 - count;
+    for (uint32_t i = first; i <= s; ++i) in_use_[i] = 1;
+    free_.erase(std::remove_if(free_.begin(), free_.end(), [&](uint32_t x) { return x >= first && x <= s; }),
+                free_.end());
+    return first;
+  }
+  return std::nullopt;
 }
 
 uint32_t SlotAllocator::free_count() const {

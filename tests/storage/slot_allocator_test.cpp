@@ -69,6 +69,31 @@ TEST_CASE("a freed slot is handed out again") {
   CHECK_FALSE(slots.allocate().has_value());
 }
 
+TEST_CASE("allocate_run takes the lowest run of free slots, which single allocations then skip") {
+  SlotAllocator slots(20);
+  std::vector<uint32_t> taken;
+  for (int i = 0; i < 6; ++i) taken.push_back(*slots.allocate());  // 0..5
+  slots.free(2);
+  slots.free(3);  // a hole of 2: too short for a run of 3
+  const auto run = slots.allocate_run(3);
+  REQUIRE(run.has_value());
+  CHECK(*run == 6);
+  CHECK(slots.free_count() == 20 - 4 - 3);
+  // Every slot handed out afterwards lies outside the run, and each once.
+  std::set<uint32_t> rest;
+  while (auto s = slots.allocate()) {
+    CHECK((*s < 6 || *s > 8));
+    CHECK(rest.insert(*s).second);
+  }
+  CHECK(rest.size() == 20 - 4 - 3);
+  CHECK_FALSE(slots.allocate_run(1).has_value());
+  for (uint32_t s = 6; s < 9; ++s) slots.free(s);  // the run's slots free one by one
+  CHECK(slots.free_count() == 3);
+  CHECK_FALSE(slots.allocate_run(4).has_value());
+  CHECK_FALSE(slots.allocate_run(0).has_value());
+  CHECK(slots.allocate_run(3) == std::optional<uint32_t>(6));
+}
+
 TEST_CASE("a zero-capacity allocator has nothing to give") {
   SlotAllocator slots(0);
   CHECK(slots.capacity() == 0);

@@ -61,6 +61,11 @@ class SummaryTable {
   uint32_t tokens(uint32_t b) const { return tokens_[b]; }
   // Bytes the scorer reads per step (mean keys, plus min/max for kMinMaxF32).
   uint64_t scoring_bytes() const;
+  // The mean keys as stored, for a copy elsewhere (the GPU scorer): fp32 rows
+  // for kMeanF32 and kMinMaxF32, bf16 rows for kMeanBf16; row
+  // r = h * blocks() + b starts kmean_row_stride() * r elements in.
+  const void* kmean_rows() const;
+  uint64_t kmean_row_stride() const;
 
  private:
   uint32_t kv_heads_, blocks_, head_dim_;

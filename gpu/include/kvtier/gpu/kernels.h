@@ -150,6 +150,34 @@ struct SummaryArgs {
 };
 Status build_summaries(const SummaryArgs& args, cudaStream_t stream);
 
+// ---- Summary scoring (decode) ---------------------------------------------------
+//
+// The CPU scorer's default rule (cpu::ScoreRule::kMaxDot, DESIGN.md section
+// 10) on the GPU, over mean keys kept in device memory in the layout of
+// cpu::SummaryTable: for KV head h and block b in [block_begin, block_end),
+//   scores[h * scores_stride + b] = max over the group's q heads g of
+//                                   scale * q_g . kmean(h, b)
+// in fp32 (bf16 products are exact; sums in fp32), where q head g belongs to
+// KV head g / (q_heads / kv_heads) and kmean(h, b) is the row at element
+// (h * head_rows + b) * row_stride, bf16 or fp32. Scores outside the range
+// are left alone. Rows must be 16-byte aligned (kmean and row_stride).
+struct ScoreArgs {
+  const bf16* q = nullptr;  // [q_heads][head_dim]
+  uint32_t q_heads = 0;
+  uint32_t kv_heads = 0;
+  uint32_t head_dim = 0;     // a multiple of 8, at most 256
+  const void* kmean = nullptr;
+  bool kmean_f32 = false;    // fp32 rows (kMeanF32); bf16 otherwise (kMeanBf16)
+  uint64_t row_stride = 0;   // elements from one row to the next, >= head_dim
+  uint64_t head_rows = 0;    // rows from one KV head to the next, >= block_end
+  uint32_t block_begin = 0;
+  uint32_t block_end = 0;
+  float scale = 0;
+  float* scores = nullptr;   // [kv_heads][scores_stride]
+  uint64_t scores_stride = 0;  // >= block_end
+};
+Status score_summaries(const ScoreArgs& args, cudaStream_t stream);
+
 // ---- Block-sparse prefill attention -------------------------------------------
 //
 // A query block of nq consecutive tokens of one sequence (query i at absolute

@@ -22,6 +22,9 @@ class DeviceArena {
 
   std::optional<uint32_t> allocate() { return slots_.allocate(); }
   void free(uint32_t slot) { slots_.free(slot); }
+  // Consecutive slots [first, first + count), one contiguous device range
+  // (SlotAllocator::allocate_run); each is freed with free().
+  std::optional<uint32_t> allocate_run(uint32_t count) { return slots_.allocate_run(count); }
   std::byte* slot_data(uint32_t slot) const;  // a device pointer on CUDA
   uint32_t capacity() const { return slots_.capacity(); }
   uint32_t free_count() const { return slots_.free_count(); }

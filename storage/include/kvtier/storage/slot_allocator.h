@@ -16,6 +16,10 @@ class SlotAllocator {
 
   std::optional<uint32_t> allocate();  // nullopt when every slot is taken
   void free(uint32_t slot);
+  // `count` consecutive free slots [first, first + count), the lowest such
+  // run; nullopt when no run is that long (or count is 0). O(capacity): for
+  // rare, long-lived allocations. Each slot of the run is freed by free().
+  std::optional<uint32_t> allocate_run(uint32_t count);
   uint32_t capacity() const { return capacity_; }
   uint32_t free_count() const;
 
