@@ -23,7 +23,8 @@
 // executor lets the CPU engine's workers sleep through serial phases; every
 // run), KVTIER_E2E_POLL=0 (read waits sleep on the store at once; every run),
 // KVTIER_E2E_EVICTION=lru (the GPU tier evicts least recently used copies
-// whatever their home; default home-aware; every run)
+// whatever their home; default home-aware; every run), KVTIER_E2E_GPU_SCORE=0
+// (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run)
 // and KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
 // check: speed figures only).
 #include <unistd.h>
@@ -109,6 +110,7 @@ struct E2eConfig {
   bool warm_workers = true;     // ExecutorOptions::warm_workers
   bool poll_reads = true;       // ExecutorOptions::poll_reads
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // ExecutorOptions::gpu_eviction
+  bool score_on_gpu = true;     // ExecutorOptions::score_on_gpu
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -227,6 +229,8 @@ Status apply_overrides(E2eConfig& c) {
   }
   KVT_RETURN_IF_ERROR(
       switch_override("KVTIER_E2E_POLL", "read waits poll the store first", c.poll_reads, c.overrides));
+  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_GPU_SCORE", "summaries are scored on the GPU where one runs the step",
+                                      c.score_on_gpu, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_FIDELITY", "needles, verification and the full-budget check",
                                       c.fidelity, c.overrides));
   return Status::ok_status();
@@ -589,6 +593,7 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"read_wait", x.read_wait_us / n},
             {"merge", x.merge_us / n},
             {"prepare", x.prepare_us / n},
+            {"gpu_score_wait", x.gpu_score_wait_us / n},
             {"graph", x.graph_us / n},
             {"plan", x.plan_us / n},
             {"plan_residency", x.plan_residency_us / n},
@@ -599,7 +604,8 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"uploaded", x.uploaded_blocks / n},
             {"cpu", x.cpu_blocks / n},
             {"nvme_read", x.nvme_read_blocks / n},
-            {"late", x.late_blocks / n}}}};
+            {"late", x.late_blocks / n}}},
+          {"gpu_scored_sequences_per_layer_step", double(x.gpu_scored) / n}};
 }
 
 // Where prefill's time went, per prefill call (one query block of one layer);
@@ -671,6 +677,7 @@ class Runner {
     r.engine.warm_workers = c_.warm_workers;
     r.engine.poll_reads = c_.poll_reads;
     r.engine.gpu_eviction = c_.gpu_eviction;
+    r.engine.score_on_gpu = c_.score_on_gpu;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

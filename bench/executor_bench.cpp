@@ -113,14 +113,20 @@ int run_executor(const SuiteArgs& args) {
   }
   const double n = static_cast<double>(x.layer_steps);
   const ChunkRanges ranges = chunk_ranges(run.engine.policy, run.context_tokens + run.warmup_steps + run.decode_steps / 2);
-  const double score_bytes = static_cast<double>(ranges.far_end - ranges.far_begin) * run.engine.shape.kv_heads *
+  // Summary bytes the CPU scored per layer step (none where the GPU scored:
+  // then the wait for its scores is a device wait, not host time).
+  const double cpu_scored = 1.0 - std::min(1.0, static_cast<double>(x.gpu_scored) / n);
+  const double score_bytes = cpu_scored * static_cast<double>(ranges.far_end - ranges.far_begin) *
+                             run.engine.shape.kv_heads *
                              scheduler::summary_row_bytes(run.engine.shape, run.engine.policy.summary_kind);
   report.set_config("backend", r->backend);
   report.add("executor_layer_step_us", x.decode_us / n, "us");
-  report.add("executor_prepare_us", x.prepare_us / n, "us", "executor_layer_step_us");
+  report.add("executor_prepare_us", (x.prepare_us - x.gpu_score_wait_us) / n, "us", "executor_layer_step_us");
+  report.add("executor_gpu_score_wait_us", x.gpu_score_wait_us / n, "us", "executor_layer_step_us");
   report.add("executor_score_us", x.score_us / n, "us", "executor_layer_step_us");
   report.add("executor_plan_us", x.plan_us / n, "us", "executor_layer_step_us");
-  report.add("executor_device_wait_us", (x.gpu_wait_us + x.cpu_attend_us + x.upload_wait_us + x.read_wait_us) / n,
+  report.add("executor_device_wait_us",
+             (x.gpu_wait_us + x.cpu_attend_us + x.upload_wait_us + x.read_wait_us + x.gpu_score_wait_us) / n,
              "us", "executor_layer_step_us");
   report.add("executor_write_back_us", x.merge_us / n, "us", "executor_layer_step_us");
   report.add("executor_lists_per_layer_step", run.engine.shape.kv_heads, "lists");

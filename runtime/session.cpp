@@ -123,6 +123,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   xo.late = options.late;
   xo.warm_workers = options.warm_workers;
   xo.gpu_eviction = options.gpu_eviction;
+  xo.score_on_gpu = options.score_on_gpu;
   xo.poll_reads = options.poll_reads;
   xo.max_sequences = options.max_sessions;
   xo.host_cache_bytes = options.host_cache_bytes;

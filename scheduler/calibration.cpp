@@ -110,8 +110,9 @@ class SuiteReport {
     return SuiteReport(suite, report);
   }
 
-  // The value of result `name` for profile field `field`.
-  Result<double> value(std::string_view name, std::string_view unit, std::string_view field) const {
+  // The value of result `name` for profile field `field`: > 0, or >= 0 with allow_zero.
+  Result<double> value(std::string_view name, std::string_view unit, std::string_view field,
+                       bool allow_zero = false) const {
     const std::string what = "the " + suite_ + " report's result '" + std::string(name) + "' (for " +
                              std::string(field) + ")";
     for (const json& row : (*report_)["results"]) {
@@ -121,7 +122,8 @@ class SuiteReport {
       if (row.value("unit", "") != unit)
         return invalid_argument(what + " is in '" + row.value("unit", "") + "', expected '" + std::string(unit) + "'");
       const double x = v->get<double>();
-      if (!std::isfinite(x) || !(x > 0)) return invalid_argument(what + " = " + v->dump() + ": must be > 0");
+      if (!std::isfinite(x) || !(allow_zero ? x >= 0 : x > 0))
+        return invalid_argument(what + " = " + v->dump() + (allow_zero ? ": must be >= 0" : ": must be > 0"));
       return x;
     }
     return not_found("the " + suite_ + " report has no result '" + std::string(name) + "' (needed for " +
@@ -187,7 +189,8 @@ Status executor_part(const SuiteReport& ex, HostProfile& h) {
   KVT_ASSIGN_OR_RETURN(const double blocks,
                        ex.value("executor_selected_blocks_per_layer_step", "blocks", "host.plan_us_per_block"));
   KVT_ASSIGN_OR_RETURN(const double score_bytes,
-                       ex.value("executor_score_bytes_per_layer_step", "bytes", "host.step_overhead_us"));
+                       ex.value("executor_score_bytes_per_layer_step", "bytes", "host.step_overhead_us",
+                                /*allow_zero=*/true));  // 0 where the GPU scored
   h.prepare_us_per_list = prepare / lists;
   h.plan_us_per_block = plan / blocks;
   const double score_at_rate_us = score_bytes / (h.score_gbps * 1e3);
@@ -232,7 +235,9 @@ Result<HostProfile> host_part(const MachineFacts& facts, const SuiteReport& memo
              "executor_lists_per_layer_step, host.plan_us_per_block = executor_plan_us / "
              "executor_selected_blocks_per_layer_step, host.step_overhead_us = executor_layer_step_us - "
              "executor_prepare_us - executor_plan_us - executor_device_wait_us - executor_score_bytes_per_layer_step "
-             "/ host.score_gbps (clamped at 0): what the simulator's other terms do not already price; "
+             "/ host.score_gbps (clamped at 0): what the simulator's other terms do not already price (where the "
+             "GPU scored the summaries, executor_prepare_us leaves out the wait for its scores, which counts as a "
+             "device wait, and no summary bytes were CPU-scored); "
              "host.attend_call_us = executor_host_cpu_call_us - executor_host_cpu_bytes_per_call / host.attend_gbps "
              "(clamped at 0), from a second run whose GPU budget is twice the hot set, so the selected blocks its "
              "cache misses are host-resident; from the first "

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "executor_internal.h"
+#include "kvtier/core/log.h"
 #include "kvtier/core/sizes.h"
 #include "kvtier/cpu/reference.h"
 #include "kvtier/gpu/cuda_context.h"
@@ -50,6 +51,25 @@ Placement SequenceKv::placement() const {
   p.gpu_cached_bytes += uint64_t(tail_slots_.size()) * slot;
   for (const auto& t : summaries_) p.summary_bytes += t.scoring_bytes() * 2;  // mean keys (or bounds) + mean values
   return p;
+}
+
+GpuSummaries& GpuSummaries::operator=(GpuSummaries&& o) noexcept {
+  if (this == &o) return *this;
+  release();
+  arena = std::move(o.arena);
+  first_slot = o.first_slot;
+  slots = o.slots;
+  row_bytes = o.row_bytes;
+  head_rows = o.head_rows;
+  synced = std::move(o.synced);
+  o.slots = 0;
+  return *this;
+}
+
+void GpuSummaries::release() {
+  if (slots > 0 && arena != nullptr)
+    for (uint32_t i = 0; i < slots; ++i) arena->free(first_slot + i);
+  slots = 0;
 }
 
 Executor::Executor(const ExecutorOptions& options, ComputeBackend& backend, cpu::CpuEngine& cpu,
@@ -94,7 +114,9 @@ std::string Executor::describe() const {
   std::ostringstream os;
   os << "executor: " << (cuda_ != nullptr ? "CUDA kernels on " + cuda_->name() : std::string("CPU stand-in for the GPU"))
      << "; arena " << arena_->capacity() << " slots of " << format_bytes(arena_->slot_bytes())
-     << "; late blocks: " << late_policy_name(options_.late) << "; " << cpu_.describe();
+     << "; late blocks: " << late_policy_name(options_.late) << "; summaries scored on the "
+     << (cuda_ != nullptr && options_.score_on_gpu ? "GPU (mean keys mirrored in GPU slots)" : "CPU") << "; "
+     << cpu_.describe();
   return os.str();
 }
 
@@ -140,7 +162,66 @@ Status Executor::init_sequence(SequenceKv& seq, uint64_t max_tokens) {
   return Status::ok_status();
 }
 
-Result<storage::StoreConfig> Executor::store_config(uint64_t max_tokens, uint64_t host_bytes, int numa_node) const {
+GpuSummaries Executor::reserve_gpu_summaries(uint64_t max_tokens) const {
+  GpuSummaries g;
+  const ModelShape& s = options_.shape;
+  const SummaryKind kind = options_.policy.summary_kind;
+  if (cuda_ == nullptr || !options_.score_on_gpu || options_.policy.topk_chunks == 0 ||
+      (kind != SummaryKind::kMeanBf16 && kind != SummaryKind::kMeanF32))
+    return g;
+  const BlockGeometry geo(s, options_.policy.chunk_tokens);
+  const uint64_t chunks = geo.chunks_for(max_tokens);
+  const uint64_t row_bytes = cpu::SummaryTable(1, 1, s.head_dim, kind).kmean_row_stride() *
+                             (kind == SummaryKind::kMeanBf16 ? sizeof(bf16) : sizeof(float));
+  const uint64_t bytes = uint64_t{s.layers} * s.kv_heads * chunks * row_bytes;
+  const uint64_t slots = (bytes + arena_->slot_bytes() - 1) / arena_->slot_bytes();
+  // The store keeps every layer's sinks and window pinned and prefill pins
+  // more besides: the copy takes at most a quarter of the sequence's slots
+  // and leaves at least twice the pinned hot set.
+  const SparsityPolicy& p = options_.policy;
+  const uint64_t hot = uint64_t{s.layers} * s.kv_heads *
+                       ((p.sink_tokens + p.chunk_tokens - 1) / p.chunk_tokens +
+                        (p.window_tokens + p.chunk_tokens - 1) / p.chunk_tokens + 1);
+  if (slots > quota_ / 4 || quota_ - slots < 2 * hot) {
+    KVT_LOG_INFO("gpu scoring: the mean keys of ", max_tokens, " tokens take ", slots, " GPU slots of this sequence's ",
+                 quota_, " (more than a quarter, or too few left for twice the hot set of ", hot,
+                 "); the CPU scores it (raise --gpu-bytes to score on the GPU)");
+    return g;
+  }
+  const std::optional<uint32_t> first = arena_->allocate_run(static_cast<uint32_t>(slots));
+  if (!first) {
+    KVT_LOG_WARN("gpu scoring: no run of ", slots, " free GPU slots for the mean keys; the CPU scores this sequence");
+    return g;
+  }
+  g.arena = arena_;
+  g.first_slot = *first;
+  g.slots = static_cast<uint32_t>(slots);
+  g.row_bytes = row_bytes;
+  g.head_rows = chunks;
+  g.synced.assign(s.layers, 0);
+  return g;
+}
+
+Status Executor::sync_gpu_summaries(SequenceKv& seq, uint32_t layer, uint32_t blocks) {
+  GpuSummaries& g = seq.gpu_summaries_;
+  if (!g.on() || blocks <= g.synced[layer]) return Status::ok_status();
+  const cpu::SummaryTable& table = seq.summaries_[layer];
+  KVT_ASSERT(blocks <= table.blocks() && table.blocks() == g.head_rows, "syncing ", blocks, " blocks of a table of ",
+             table.blocks(), " (", g.head_rows, " mirrored)");
+  const uint32_t kvh = options_.shape.kv_heads, from = g.synced[layer];
+  const auto* src = static_cast<const std::byte*>(table.kmean_rows());
+  std::byte* dst = arena_->slot_data(g.first_slot) + uint64_t{layer} * kvh * g.head_rows * g.row_bytes;
+  for (uint32_t h = 0; h < kvh; ++h) {
+    const uint64_t row = uint64_t{h} * g.head_rows + from;
+    KVT_RETURN_IF_ERROR(cuda_->copy_async(dst + row * g.row_bytes, src + row * g.row_bytes,
+                                          uint64_t{blocks - from} * g.row_bytes, cuda_->compute_stream()));
+  }
+  g.synced[layer] = blocks;
+  return Status::ok_status();
+}
+
+Result<storage::StoreConfig> Executor::store_config(uint64_t max_tokens, uint64_t host_bytes, int numa_node,
+                                                    const GpuSummaries& summaries) const {
   if (live_->load() >= options_.max_sequences)
     return invalid_argument("session: " + std::to_string(live_->load()) + " sequences are open, the engine was made for " +
                             std::to_string(options_.max_sequences) + " (max_sessions); close one or raise max_sessions");
@@ -152,7 +233,7 @@ Result<storage::StoreConfig> Executor::store_config(uint64_t max_tokens, uint64_
   config.budgets.host_cache_bytes = options_.host_cache_bytes;
   config.numa_node = numa_node;
   config.gpu_arena = arena_;
-  config.gpu_slot_quota = quota_;
+  config.gpu_slot_quota = quota_ - summaries.slots;
   config.gpu_eviction = options_.gpu_eviction;
   return config;
 }
@@ -162,7 +243,8 @@ Result<std::unique_ptr<SequenceKv>> Executor::create_sequence(uint64_t max_token
   const ModelShape& s = options_.shape;
   const BlockGeometry g(s, options_.policy.chunk_tokens);
   if (max_tokens == 0) return invalid_argument("session: max_tokens=0; a context needs at least one token");
-  KVT_ASSIGN_OR_RETURN(const storage::StoreConfig config, store_config(max_tokens, host_bytes, numa_node));
+  GpuSummaries summaries = reserve_gpu_summaries(max_tokens);
+  KVT_ASSIGN_OR_RETURN(const storage::StoreConfig config, store_config(max_tokens, host_bytes, numa_node, summaries));
   const storage::FileGeometry fg{s, options_.policy.chunk_tokens, g.chunks_for(max_tokens)};
   // The file holds only the blocks homed on NVMe (host homes fill first), so
   // it is sparse: creation checks that their share of the disk is free.
@@ -181,6 +263,7 @@ Result<std::unique_ptr<SequenceKv>> Executor::create_sequence(uint64_t max_token
     return store.status();
   }
   seq->store_ = std::move(store).value();
+  seq->gpu_summaries_ = std::move(summaries);
   Status st = init_sequence(*seq, max_tokens);
   if (!st.ok()) {
     seq.reset();
@@ -536,6 +619,8 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   stats_.home_write_wait_us += wall_us() - t_join;
   KVT_RETURN_IF_ERROR(landed.with_context("prefill of layer " + std::to_string(layer) + ", tokens " +
                                           std::to_string(first_token) + "+" + std::to_string(n)));
+  // The GPU scorer's copy of the summaries this call completed.
+  KVT_RETURN_IF_ERROR(sync_gpu_summaries(seq, layer, static_cast<uint32_t>((first_token + n) / C)));
   stats_.prefill_us += wall_us() - t_start;
   stats_.prefill_tokens += n;
   ++stats_.prefill_calls;

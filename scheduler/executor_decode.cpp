@@ -82,6 +82,8 @@ struct SeqStep {
   cpu::PartialState hot, sel, host, far;
   std::map<uint32_t, storage::BlockPin> host_pins;  // flat id -> host copy the CPU attends
   std::vector<float> scores;                    // [kv_heads][blocks]
+  bool gpu_scored = false;                      // scores are in the GPU's host_scores at score_offset
+  uint64_t score_offset = 0;
   double score_us = 0, cpu_attend_us = 0, cpu_kernel_us = 0, read_wait_us = 0;
   uint64_t cpu_calls = 0;
   uint64_t rereads = 0;
@@ -222,6 +224,31 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   };
   if (cuda_ != nullptr) {
     KVT_RETURN_IF_ERROR(gpu_->begin_step(batch, qh, kvh, d, append_slots, append_rows));
+    // Summary scoring of the sequences that mirror their mean keys, first on
+    // the stream: the CPU waits for these scores before anything else.
+    std::vector<Gpu::ScoreJob> jobs;
+    uint64_t offset = 0;
+    for (uint32_t b = 0; b < B; ++b) {
+      SequenceKv& seq = *batch[b].seq;
+      const GpuSummaries& g = seq.gpu_summaries_;
+      const ChunkRanges& r = st[b].ranges;
+      if (!g.on() || r.far_end <= r.far_begin || p.topk_chunks == 0) continue;
+      KVT_RETURN_IF_ERROR(sync_gpu_summaries(seq, layer, r.far_end));
+      Gpu::ScoreJob j;
+      j.b = b;
+      j.kmean = arena_->slot_data(g.first_slot) + uint64_t{layer} * kvh * g.head_rows * g.row_bytes;
+      j.f32 = p.summary_kind == SummaryKind::kMeanF32;
+      j.row_stride = g.row_bytes / (j.f32 ? sizeof(float) : sizeof(bf16));
+      j.head_rows = g.head_rows;
+      j.far_begin = r.far_begin;
+      j.far_end = r.far_end;
+      j.offset = offset;
+      offset += uint64_t{kvh} * r.far_end;
+      st[b].gpu_scored = true;
+      st[b].score_offset = j.offset;
+      jobs.push_back(j);
+    }
+    KVT_RETURN_IF_ERROR(gpu_->score(jobs, qh, kvh, d, scale));
     gpu::AppendArgs ap;
     ap.k = detail::at<const bf16>(gpu_->dev_in.data(), gpu_->in_off_k);
     ap.v = detail::at<const bf16>(gpu_->dev_in.data(), gpu_->in_off_v);
@@ -232,6 +259,13 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     ap.rows = detail::at<const uint32_t>(gpu_->dev_in.data(), gpu_->in_off_rows);
     KVT_RETURN_IF_ERROR(gpu::append_kv(ap, cuda_->compute_stream()));
     KVT_RETURN_IF_ERROR(gpu_->attend(0, hot_lists(), B, qh, kvh, arena, scale));
+    if (!jobs.empty()) {
+      const double t0 = wall_us();
+      KVT_RETURN_IF_ERROR(gpu_->scored.synchronize());
+      stats_.gpu_score_wait_us += wall_us() - t0;
+      stats_.gpu_scored += jobs.size();
+      if (tr != nullptr) tr->complete(lane_gpu_, "summary scoring (wait for scores)", tr->now_us() - (wall_us() - t0), wall_us() - t0);
+    }
   }
 
   stats_.prepare_us += wall_us() - t_step;
@@ -243,7 +277,11 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     SequenceKv& seq = *batch[b].seq;
     SeqStep& x = st[b];
     x.selected.assign(kvh, {});
-    if (x.ranges.far_end > x.ranges.far_begin && p.topk_chunks > 0) {
+    if (x.gpu_scored) {
+      cpu_.select(F32View<2>(std::span<const float>(gpu_->scores(x.score_offset), size_t{kvh} * x.ranges.far_end),
+                             {kvh, x.ranges.far_end}),
+                  p.topk_chunks, x.ranges.far_begin, x.ranges.far_end, x.selected);
+    } else if (x.ranges.far_end > x.ranges.far_begin && p.topk_chunks > 0) {
       const cpu::SummaryTable& table = seq.summaries_[layer];
       x.scores.resize(size_t{kvh} * table.blocks());
       cpu_.score(Bf16View<2>(batch[b].q, {qh, d}), table, scale, score_rule_for(p.summary_kind),
@@ -310,6 +348,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   pin_in.batch = plan_in;
   pin_in.rates = options_.rates;
   pin_in.late = options_.late;
+  pin_in.score_on_gpu = std::all_of(st.begin(), st.end(), [](const SeqStep& x) { return x.gpu_scored; });
   // Room for uploads: free slots plus evictable copies, less a margin for the
   // blocks this step completes.
   // (The planner's room is for the batch; each sequence has its own quota,

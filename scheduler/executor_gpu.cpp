@@ -29,6 +29,7 @@ Status Executor::Gpu::init(gpu::CudaContext& context) {
     KVT_ASSIGN_OR_RETURN(start[i], gpu::Event::create());
     KVT_ASSIGN_OR_RETURN(stop[i], gpu::Event::create());
   }
+  KVT_ASSIGN_OR_RETURN(scored, gpu::Event::create());
   return Status::ok_status();
 }
 
@@ -109,6 +110,36 @@ Status Executor::Gpu::attend(int part, const SlotLists& lists, uint32_t batch, u
                                       o_bytes + lse_bytes, st));
   used[part] = true;
   return Status::ok_status();
+}
+
+Status Executor::Gpu::score(std::span<const ScoreJob> jobs, uint32_t q_heads, uint32_t kv_heads, uint32_t head_dim,
+                            float scale) {
+  if (jobs.empty()) return Status::ok_status();
+  uint64_t floats = 0;
+  for (const ScoreJob& j : jobs) floats = std::max(floats, j.offset + uint64_t{kv_heads} * j.far_end);
+  KVT_RETURN_IF_ERROR(host_scores.reserve(floats * sizeof(float)));
+  KVT_RETURN_IF_ERROR(ensure(*ctx, dev_scores, floats * sizeof(float)));
+  const cudaStream_t st = ctx->compute_stream();
+  float* dev = at<float>(dev_scores.data(), 0);
+  for (const ScoreJob& j : jobs) {
+    gpu::ScoreArgs a;
+    a.q = at<const bf16>(dev_in.data(), in_off_q) + size_t{j.b} * q_heads * head_dim;
+    a.q_heads = q_heads;
+    a.kv_heads = kv_heads;
+    a.head_dim = head_dim;
+    a.kmean = j.kmean;
+    a.kmean_f32 = j.f32;
+    a.row_stride = j.row_stride;
+    a.head_rows = j.head_rows;
+    a.block_begin = j.far_begin;
+    a.block_end = j.far_end;
+    a.scale = scale;
+    a.scores = dev + j.offset;
+    a.scores_stride = j.far_end;
+    KVT_RETURN_IF_ERROR(gpu::score_summaries(a, st));
+  }
+  KVT_RETURN_IF_ERROR(ctx->copy_async(host_scores.data(), dev_scores.data(), floats * sizeof(float), st));
+  return scored.record(st);
 }
 
 Status Executor::Gpu::finish() { return ctx->synchronize(ctx->compute_stream()); }

@@ -37,7 +37,7 @@ struct SlotLists {
 struct Executor::Gpu {
   explicit Gpu(ComputeBackend& backend)
       : host_in(backend), host_list{detail::PinnedBuffer(backend), detail::PinnedBuffer(backend)},
-        host_out(backend), host_big(backend), host_q(backend), write_stage(backend) {}
+        host_out(backend), host_big(backend), host_q(backend), write_stage(backend), host_scores(backend) {}
   Status init(gpu::CudaContext& context);
 
   // Decode, in the step's order. begin_step uploads q, k, v of the batch and
@@ -50,6 +50,20 @@ struct Executor::Gpu {
   Status attend(int part, const SlotLists& lists, uint32_t batch, uint32_t q_heads, uint32_t kv_heads,
                 const gpu::SlotArenaView& arena, float scale);
   Status finish();
+  // Summary scoring of the step on the GPU, queued after begin_step's upload
+  // of q: for each job, the scores of its sequence's KV heads over blocks
+  // [far_begin, far_end) into host_scores (rows of far_end floats from
+  // float offset `offset`); `scored` is recorded behind their download.
+  struct ScoreJob {
+    uint32_t b = 0;  // the sequence's place in the batch (its q)
+    const std::byte* kmean = nullptr;
+    bool f32 = false;
+    uint64_t row_stride = 0, head_rows = 0;
+    uint32_t far_begin = 0, far_end = 0;
+    uint64_t offset = 0;
+  };
+  Status score(std::span<const ScoreJob> jobs, uint32_t q_heads, uint32_t kv_heads, uint32_t head_dim, float scale);
+  const float* scores(uint64_t offset) const { return detail::at<float>(host_scores.data(), offset * sizeof(float)); }
   const float* o(int part) const { return detail::at<float>(host_out.data(), out_off[part][0]); }
   const float* lse(int part) const { return detail::at<float>(host_out.data(), out_off[part][1]); }
   // GPU time of each part's kernel and its start relative to the step's origin event (ms).
@@ -71,13 +85,14 @@ struct Executor::Gpu {
   detail::PinnedBuffer host_in, host_list[2], host_out, host_big;
   detail::PinnedBuffer host_q;  // a prefill query block, staged for its upload
   detail::PinnedBuffer write_stage;  // completed blocks of a prefill call, pinned for the GPU copy
-  DeviceMemory dev_in, dev_list[2], dev_out, dev_big, dev_q, workspace;
+  detail::PinnedBuffer host_scores;  // summary scores of a step, from the GPU
+  DeviceMemory dev_in, dev_list[2], dev_out, dev_big, dev_q, workspace, dev_scores;
   uint64_t in_off_q = 0, in_off_k = 0, in_off_v = 0, in_off_slots = 0, in_off_rows = 0;
   uint64_t list_off[2][3] = {};  // per part: begin, slots, last
   uint64_t out_off[2][2] = {};   // per part: o, lse
   uint64_t out_bytes = 0;
   bool used[2] = {false, false};
-  gpu::Event origin, start[2], stop[2];
+  gpu::Event origin, start[2], stop[2], scored;
 };
 
 }  // namespace kvtier::scheduler

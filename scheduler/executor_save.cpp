@@ -202,8 +202,11 @@ Result<std::unique_ptr<SequenceKv>> Executor::open_sequence(uint64_t host_bytes,
 
   KVT_ASSIGN_OR_RETURN(std::unique_ptr<storage::BlockFile> file,
                        storage::BlockFile::open(path.string(), storage::UringOptions{}));
-  KVT_ASSIGN_OR_RETURN(const storage::StoreConfig config, store_config(h.max_tokens, host_bytes, numa_node));
+  GpuSummaries summaries = reserve_gpu_summaries(h.max_tokens);
+  KVT_ASSIGN_OR_RETURN(const storage::StoreConfig config,
+                       store_config(h.max_tokens, host_bytes, numa_node, summaries));
   std::unique_ptr<SequenceKv> seq(new SequenceKv());
+  seq->gpu_summaries_ = std::move(summaries);
   KVT_ASSIGN_OR_RETURN(seq->store_, storage::TieredStore::reopen(backend_, config, std::move(file)));
   KVT_RETURN_IF_ERROR(init_sequence(*seq, h.max_tokens));
   seq->layer_tokens_ = tokens;

@@ -220,12 +220,18 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   // refresh per (sequence, KV head), which also launches the hot attention.
   const uint32_t lists = static_cast<uint32_t>(plan.heads.size());
   const uint32_t prepare = add(plan, TaskKind::kPrepare, Lane::kCpu, 0, 0, lists * rt.host_list_us, {});
-  // Scoring reads every far block's summary; top-k reads the scores.
+  // Scoring reads every far block's summary; top-k reads the scores. On the
+  // GPU the scores (4 bytes a block) come down before the CPU ranks them.
   const uint64_t score_bytes = c.far_blocks * summary_row_bytes(in.shape, in.policy.summary_kind);
+  const uint64_t scores_bytes = c.far_blocks * 4;
   const uint32_t score =
-      add(plan, TaskKind::kScore, Lane::kCpu, score_bytes, 0, us_for(score_bytes, rt.cpu_score_gbps), {prepare});
-  const uint32_t topk = add(plan, TaskKind::kTopk, Lane::kCpu, c.far_blocks * 4, 0,
-                            us_for(c.far_blocks * 4, rt.cpu_score_gbps), {score});
+      in.score_on_gpu
+          ? add(plan, TaskKind::kScore, Lane::kGpu, score_bytes, 0, rt.launch_us + us_for(score_bytes, rt.gpu_attend_gbps),
+                {prepare})
+          : add(plan, TaskKind::kScore, Lane::kCpu, score_bytes, 0, us_for(score_bytes, rt.cpu_score_gbps), {prepare});
+  const double download_us = in.score_on_gpu ? rt.launch_us + us_for(scores_bytes, rt.d2h_gbps) : 0.0;
+  const uint32_t topk = add(plan, TaskKind::kTopk, Lane::kCpu, scores_bytes, 0,
+                            download_us + us_for(scores_bytes, rt.cpu_score_gbps), {score});
   plan.hot_bytes = c.hot_blocks * block_bytes;
   const uint32_t hot = add(plan, TaskKind::kGpuAttendHot, Lane::kGpu, plan.hot_bytes, static_cast<uint32_t>(c.hot_blocks),
                            rt.launch_us + us_for(plan.hot_bytes, rt.gpu_attend_gbps), {prepare});
@@ -237,7 +243,9 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   Timeline t;
   t.topk_end = plan.tasks[prepare].cost_us + plan.tasks[score].cost_us + plan.tasks[topk].cost_us +
                plan.tasks[planned].cost_us;
-  t.hot_end = plan.tasks[prepare].cost_us + plan.tasks[hot].cost_us;
+  // The hot set queues behind the scoring kernel on the GPU.
+  t.hot_end = plan.tasks[prepare].cost_us + (in.score_on_gpu ? plan.tasks[score].cost_us : 0.0) +
+              plan.tasks[hot].cost_us;
   t.per_block_cpu = us_for(block_bytes, rt.cpu_attend_gbps);
   t.per_block_h2d = us_for(block_bytes, rt.h2d_gbps);
   t.per_block_gpu = us_for(block_bytes, rt.gpu_attend_gbps);

@@ -100,7 +100,13 @@ Capacity capacity_of(const SimInputs& in) {
   pl.host_budget_bytes = host_budget > 0 ? static_cast<uint64_t>(host_budget) : 0;
 
   const uint64_t far_blocks = blocks - hot_blocks;
-  const uint64_t gpu_room = pl.gpu_budget_bytes > pl.gpu_hot_bytes ? pl.gpu_budget_bytes - pl.gpu_hot_bytes : 0;
+  // The executor mirrors mean keys in GPU slots when they take at most a
+  // quarter of a sequence's share (reserve_gpu_summaries).
+  const bool mean_keys = p.summary_kind == SummaryKind::kMeanBf16 || p.summary_kind == SummaryKind::kMeanF32;
+  if (in.score_on_gpu && mean_keys && p.topk_chunks > 0 && c.summary_bytes <= pl.gpu_budget_bytes / 4)
+    pl.gpu_summary_bytes = c.summary_bytes;
+  const uint64_t gpu_used = pl.gpu_hot_bytes + pl.gpu_summary_bytes;
+  const uint64_t gpu_room = pl.gpu_budget_bytes > gpu_used ? pl.gpu_budget_bytes - gpu_used : 0;
   pl.gpu_cache_blocks = gpu_room / c.block_bytes;
   const uint64_t cached = std::min(pl.gpu_cache_blocks, far_blocks);
   const uint64_t host_blocks = std::min(far_blocks - cached, pl.host_budget_bytes / c.block_bytes);
@@ -267,6 +273,7 @@ Result<LayerPlan> plan_one(const SimInputs& in, const SelectionModel& sel, const
   p.batch = batch;
   p.rates = rates;
   p.late = in.late;
+  p.score_on_gpu = c.placement.gpu_summary_bytes > 0;
   p.upload_slots_free =
       static_cast<uint32_t>(std::min<uint64_t>(per_layer_slots > resident ? per_layer_slots - resident : 0, 1u << 30));
   return plan_layer(p);
@@ -287,7 +294,7 @@ struct StepSums {
       switch (t.kind) {
         case TaskKind::kGpuAttendHot:
         case TaskKind::kGpuAttendSelected: gpu_kv += b; break;
-        case TaskKind::kScore:
+        case TaskKind::kScore: (t.lane == Lane::kGpu ? gpu_kv : host_ram) += b; break;
         case TaskKind::kCpuAttend: host_ram += b; break;
         case TaskKind::kUpload: h2d += b, host_ram += b; break;
         case TaskKind::kNvmeRead: nvme_read += b; break;
@@ -462,6 +469,17 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               std::to_string(r.cap.block_bytes) + " B)");
   a.push_back("summaries: one " + std::string(summary_kind_name(in.policy.summary_kind)) +
               " row per block and KV head, held in host RAM");
+  a.push_back(r.cap.placement.gpu_summary_bytes > 0
+                  ? "decode scoring on the GPU: the mean keys (" +
+                        gib(static_cast<double>(r.cap.placement.gpu_summary_bytes)) +
+                        ") are mirrored in the GPU budget, scored at gpu_attend_gbps ahead of the hot set (plus "
+                        "launch_us), and the scores (4 B a block) come down at d2h_gbps (plus launch_us) for the "
+                        "CPU's top-k"
+                  : "decode scoring on the CPU at cpu_score_gbps (" +
+                        std::string(in.score_on_gpu ? "the summaries are not mean keys, or their copy would take more "
+                                                      "than a quarter of the GPU budget"
+                                                    : "GPU scoring switched off") +
+                        ")");
   a.push_back("weights: " + in.model.name + " bf16, " + gib(static_cast<double>(in.model.weights_bytes)) +
               ", held in GPU memory");
   a.push_back(in.gpu_budget_bytes ? "GPU budget for KV given: " + gib(static_cast<double>(*in.gpu_budget_bytes))
@@ -635,7 +653,9 @@ nlohmann::json to_json(const PlanReport& r) {
         {"gpu_hot_bytes", pl.gpu_hot_bytes},
         {"gpu_cache_blocks", pl.gpu_cache_blocks},
         {"host_budget_bytes", pl.host_budget_bytes},
-        {"nvme_home_bytes", pl.nvme_home_bytes}}},
+        {"nvme_home_bytes", pl.nvme_home_bytes},
+        {"gpu_summary_bytes", pl.gpu_summary_bytes}}},
+      {"decode_scoring", pl.gpu_summary_bytes > 0 ? "gpu" : "cpu"},
       {"selection",
        {{"source", "modeled"},
         {"overlap", sel.overlap},

@@ -43,6 +43,9 @@ po::options_description plan_options() {
       "host RAM for KV blocks in bytes; default: 80% of host RAM - summaries")(
       "selection-overlap", po::value<std::string>(),
       "share of each step's top-k also selected the step before, in [0, 1] (default 0.6, modeled)")(
+      "score-on", po::value<std::string>()->default_value("gpu"),
+      "where decode scores the summaries: gpu (mean keys mirrored in the GPU budget, when they fit a quarter "
+      "of it) or cpu")(
       "json", po::bool_switch(), "print one JSON object on stdout (default: text)")(
       "sweep", po::value<std::string>(),
       "context=FROM:TO[:STEPS]: a table over contexts (powers of two, or STEPS log-spaced points) and an SVG plot")(
@@ -86,6 +89,9 @@ std::string read_options(const po::variables_map& vm, Options& o) {
     if (text.empty() || *end != '\0' || !(v >= 0 && v <= 1)) return "--selection-overlap '" + text + "' must be a number in [0, 1]";
     q.selection_overlap = v;
   }
+  const std::string score_on = vm["score-on"].as<std::string>();
+  if (score_on != "gpu" && score_on != "cpu") return "--score-on '" + score_on + "': give gpu or cpu";
+  q.score_on_gpu = score_on == "gpu";
   if (vm.count("sweep") != 0) {
     Result<runtime::SweepSpec> sweep = runtime::parse_sweep(vm["sweep"].as<std::string>());
     if (!sweep.ok()) return sweep.status().message();

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <vector>
 
+#include "kvtier/cpu/kernels.h"
 #include "kvtier/cpu/reference.h"
 #include "kvtier/runtime/session.h"
 #include "kvtier/runtime/synthetic_model.h"
@@ -288,6 +289,63 @@ TEST_CASE("sparse budget: selection, fidelity report and a batch that equals ses
     }
   }
 }
+
+#ifdef KVT_SESSION_TEST_CUDA
+// ExecutorOptions::score_on_gpu: the GPU scores the mirrored mean keys and the
+// CPU picks the top-k from those scores. Each selection must be a top-k of
+// the CPU scorer's own scores up to fp32 summation order (a block the CPU
+// ranks below its k-th best by more than rounding would be a wrong score),
+// and where the selections agree the outputs equal those of an engine whose
+// CPU scores.
+TEST_CASE("summaries scored on the GPU select the CPU scorer's top-k") {
+  test::TempDir dir("kvt-session");
+  const SyntheticModel m = model(kContext, 21);
+  EngineOptions on = options(dir.path(), 8), off = options(dir.path(), 8);
+  off.score_on_gpu = false;
+  auto eg = make_engine(on);
+  auto ec = make_engine(off);
+  auto sg = eg->create_session(kContext + 8, "gpu-scored");
+  auto sc = ec->create_session(kContext + 8, "cpu-scored");
+  REQUIRE(sg.ok());
+  REQUIRE(sc.ok());
+  prefill(**sg, m, kContext, 400, nullptr);
+  prefill(**sc, m, kContext, 400, nullptr);
+  const ModelShape sh = shape();
+  const uint32_t k = policy(8).topk_chunks;
+  uint64_t same = 0, compared = 0;
+  for (uint64_t step = 0; step < 3; ++step) {
+    const StepIo g = decode(**sg, m, step);
+    const StepIo c = decode(**sc, m, step);
+    for (uint32_t l = 0; l < sh.layers; ++l) {
+      const cpu::SummaryTable& table = (*sg)->kv().summaries(l);
+      std::vector<float> scores(size_t{sh.kv_heads} * table.blocks());
+      cpu::score_summaries(cpu::best_isa(), Bf16View<2>(g.q[l], {sh.q_heads, sh.head_dim}), table,
+                           static_cast<float>(cpu::ref::default_scale(sh.head_dim)), cpu::ScoreRule::kMaxDot, 0,
+                           table.blocks(), MutF32View<2>(scores, {sh.kv_heads, table.blocks()}));
+      const std::vector<std::vector<uint32_t>>& want = (*sc)->last_selection(l);
+      for (uint32_t h = 0; h < sh.kv_heads; ++h) {
+        const std::vector<uint32_t>& got = (*sg)->last_selection(l)[h];
+        REQUIRE(got.size() == k);
+        REQUIRE(want[h].size() == k);
+        // The CPU's k-th best score among the blocks it chose.
+        float kth = INFINITY;
+        for (uint32_t b : want[h]) kth = std::min(kth, scores[h * table.blocks() + b]);
+        for (uint32_t b : got) CHECK(scores[h * table.blocks() + b] >= kth - 1e-4f * (1 + std::fabs(kth)));
+        ++compared;
+        same += got == want[h];
+      }
+      if ((*sg)->last_selection(l) == want)
+        for (size_t j = 0; j < g.out[l].size(); ++j)
+          REQUIRE(std::fabs(g.out[l][j] - c.out[l][j]) <= 1e-5f * (1 + std::fabs(c.out[l][j])));
+    }
+  }
+  // The GPU really scored every layer step of its engine, and the CPU all of the other's.
+  CHECK(eg->stats().gpu_scored == 3 * sh.layers);
+  CHECK(ec->stats().gpu_scored == 0);
+  // Random summaries leave no near-ties at the k-th place in practice.
+  CHECK(same == compared);
+}
+#endif
 
 TEST_CASE("save and open: a later engine decodes the saved context without re-prefill") {
   test::TempDir dir("kvt-session");

@@ -72,7 +72,7 @@ json storage_report(bool with_link) {
 
 // 900 us per layer step: prepare 96 over 8 lists, plan 256 over 512 blocks,
 // device waits 20, and 4.85 MB of summaries, 100 us at the cpu report's 48.5 GB/s.
-json executor_report(double layer_step_us = 900) {
+json executor_report(double layer_step_us = 900, double score_bytes = 4.85e6) {
   return report("executor",
                 {{"executor_layer_step_us", layer_step_us, "us"},
                  {"executor_prepare_us", 96, "us"},
@@ -83,7 +83,7 @@ json executor_report(double layer_step_us = 900) {
                  {"executor_lists_per_layer_step", 8, "lists"},
                  {"executor_selected_blocks_per_layer_step", 512, "blocks"},
                  {"executor_gpu_resident_share", 1, "fraction"},
-                 {"executor_score_bytes_per_layer_step", 4.85e6, "bytes"},
+                 {"executor_score_bytes_per_layer_step", score_bytes, "bytes"},
                  {"executor_host_cpu_call_us", 150, "us"},
                  {"executor_host_cpu_bytes_per_call", 4.7e6, "bytes"},
                  {"executor_host_cpu_blocks_per_layer_step", 143.4, "blocks"},
@@ -201,6 +201,16 @@ TEST_CASE("the executor's step overhead is what the other terms leave, never neg
   const MachineProfile m = calibrated(facts(true), r, inputs());
   CHECK(m.host.step_overhead_us == 0.0);
   CHECK(m.host.prepare_us_per_list == doctest::Approx(12.0));
+}
+
+TEST_CASE("an executor run whose GPU scored the summaries leaves no CPU scoring to subtract") {
+  BenchReports r = reports(true);
+  r.executor = executor_report(900, 0);
+  const MachineProfile m = calibrated(facts(true), r, inputs());
+  CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 20));
+  r.executor = executor_report(900, -1);
+  CHECK(contains(error_of(facts(true), r, inputs()), "executor_score_bytes_per_layer_step' (for host.step_overhead_us) = -1"));
+  CHECK(contains(error_of(facts(true), r, inputs()), "must be >= 0"));
 }
 
 TEST_CASE("every part's source names the date and the results it came from") {

@@ -142,6 +142,34 @@ TEST_CASE("planner: the executor's host time lies on the critical path") {
   CHECK(plan_layer(in).status().message().find("host_block_us = -1") != std::string::npos);
 }
 
+TEST_CASE("planner: GPU scoring runs on the GPU lane ahead of the hot set, and top-k waits for the download") {
+  const std::vector<SequenceStep> batch{sequence(1u << 20, 64, Residency::kGpu)};
+  PlanInputs in = inputs(batch);
+  const LayerPlan cpu = plan_ok(in);
+  in.score_on_gpu = true;
+  const LayerPlan gpu = plan_ok(in);
+  check_invariants(in, gpu);
+  const uint64_t summary = 16318ull * 8 * 128 * 2, scores = 16318ull * 8 * 4;
+  const Task& score = only(gpu, TaskKind::kScore);
+  CHECK(score.lane == Lane::kGpu);
+  CHECK(only(cpu, TaskKind::kScore).lane == Lane::kCpu);
+  CHECK(score.bytes == summary);
+  CHECK(score.cost_us == doctest::Approx(5 + summary / 3500e3));
+  // Download (a launch and 4 bytes a block at d2h_gbps), then the ranking at cpu_score_gbps.
+  CHECK(only(gpu, TaskKind::kTopk).cost_us == doctest::Approx(5 + scores / 48e3 + scores / 80e3));
+  // The hot set waits its turn behind the scoring kernel on the GPU lane.
+  std::vector<double> finish;
+  lane_schedule(gpu.tasks, finish);
+  const auto index = [&](TaskKind k) {
+    return static_cast<size_t>(std::find_if(gpu.tasks.begin(), gpu.tasks.end(), [&](const Task& t) { return t.kind == k; }) -
+                               gpu.tasks.begin());
+  };
+  CHECK(finish[index(TaskKind::kGpuAttendHot)] ==
+        doctest::Approx(finish[index(TaskKind::kScore)] + only(gpu, TaskKind::kGpuAttendHot).cost_us));
+  // ~420 us of CPU scoring become ~6 us of HBM and ~8 us of download: the step is shorter by about the difference.
+  CHECK(gpu.estimated_us < cpu.estimated_us - 300);
+}
+
 TEST_CASE("planner: host blocks are split so that the CPU and the GPU paths end together") {
   const std::vector<SequenceStep> batch{sequence(1u << 20, 64, Residency::kHost)};
   PlanInputs in = inputs(batch);

@@ -62,11 +62,14 @@ TEST_CASE("capacity of llama-3.1-8b at 1M on rtx4090,ddr5-128g,nvme-gen4, by han
   CHECK(p.gpu_budget_bytes == 4'973'492'633);
   // Hot set: 2 sink + 64 window + 1 blocks per (layer, KV head) = 67 x 256 x 32 KiB = 536 MiB.
   CHECK(p.gpu_hot_bytes == 67ull * 256 * 32768);
-  CHECK(p.gpu_cache_blocks == (4'973'492'633 - 67ull * 256 * 32768) / 32768);
-  CHECK(p.gpu_cache_blocks == 134626);
+  // The GPU scores: the 1 GiB of mean keys fits a quarter of the budget and
+  // comes out of the block cache.
+  CHECK(p.gpu_summary_bytes == 1 * kGiB);
+  CHECK(p.gpu_cache_blocks == (4'973'492'633 - 67ull * 256 * 32768 - kGiB) / 32768);
+  CHECK(p.gpu_cache_blocks == 101858);
   // Host: 80% of 128 GiB minus the 1 GiB of summaries = 101.4 GiB = 3322675 blocks.
   CHECK(p.host.blocks == 3'322'675);
-  CHECK(p.gpu.blocks == 67ull * 256 + 134626);
+  CHECK(p.gpu.blocks == 67ull * 256 + 101858);
   CHECK(p.nvme.blocks == 4'194'304 - p.gpu.blocks - p.host.blocks);
   CHECK(p.gpu.bytes + p.host.bytes + p.nvme.bytes == c.kv_bytes);
   CHECK(p.nvme_home_bytes == (p.nvme.blocks + p.gpu.blocks) * 32768);
@@ -74,6 +77,31 @@ TEST_CASE("capacity of llama-3.1-8b at 1M on rtx4090,ddr5-128g,nvme-gen4, by han
   CHECK(c.overflow_tier.empty());
   CHECK(r.max_context_tokens_that_fits > (1ull << 20));
   CHECK(!r.warnings.empty());  // beyond the model's 128K trained positions
+}
+
+TEST_CASE("decode scoring: on the GPU where the mean keys fit a quarter of the budget, else on the CPU") {
+  SimInputs in = inputs();
+  const PlanReport gpu = run(in);
+  in.score_on_gpu = false;
+  const PlanReport cpu = run(in);
+  CHECK(cpu.cap.placement.gpu_summary_bytes == 0);
+  CHECK(cpu.cap.placement.gpu_cache_blocks == (4'973'492'633 - 67ull * 256 * 32768) / 32768);
+  // A min/max table is scored by its bound rule, which only the CPU runs.
+  in.score_on_gpu = true;
+  in.policy.summary_kind = SummaryKind::kMinMaxF32;
+  CHECK(run(in).cap.placement.gpu_summary_bytes == 0);
+  // Too small a budget for a quarter to hold the keys: the CPU scores.
+  in.policy.summary_kind = SummaryKind::kMeanBf16;
+  in.gpu_budget_bytes = 3 * kGiB;
+  CHECK(run(in).cap.placement.gpu_summary_bytes == 0);
+  in.gpu_budget_bytes = 4 * kGiB;
+  CHECK(run(in).cap.placement.gpu_summary_bytes == kGiB);
+  // Scoring moves from ~0.4 ms of host memory per layer step to microseconds
+  // of HBM: the step is faster though the block cache is 1 GiB smaller.
+  CHECK(gpu.step_us_attention < cpu.step_us_attention);
+  const auto scoring = [](const PlanReport& r) { return to_json(r)["decode_scoring"].get<std::string>(); };
+  CHECK(scoring(gpu) == "gpu");
+  CHECK(scoring(cpu) == "cpu");
 }
 
 TEST_CASE("too small an NVMe drive overflows the nvme tier, and the largest context is consistent") {
@@ -192,7 +220,9 @@ TEST_CASE("selection: new selections hit the GPU cache by the share of far block
   // 128K tokens: 2048 chunks per list, 66 hot (2 sinks + 64 window); far range [2, 1984).
   const double lists = 32.0 * 8, far = lists * 1982, w = lists * 64;
   const double cache = static_cast<double>(p.gpu_cache_blocks);
-  CHECK(cache == doctest::Approx((8.0 * kGiB - lists * 67 * 32768) / 32768).epsilon(1e-9));
+  // The mean keys the GPU scores (2048 rows of 256 B per list) come out of the cache.
+  CHECK(p.gpu_summary_bytes == lists * 2048 * 256);
+  CHECK(cache == doctest::Approx((8.0 * kGiB - lists * 67 * 32768 - lists * 2048 * 256) / 32768).epsilon(1e-9));
   const double n = (cache - w) / (far - w);
   CHECK(r.selection.new_gpu_share == doctest::Approx(n));
   CHECK(r.selection.gpu_share == doctest::Approx(0.5 + 0.5 * n));  // the cache holds all of last step's W

@@ -31,6 +31,7 @@ struct PlanRequest {
   std::optional<uint64_t> gpu_budget_bytes;
   std::optional<uint64_t> host_budget_bytes;
   std::optional<double> selection_overlap;
+  bool score_on_gpu = true;  // scheduler::SimInputs::score_on_gpu
 };
 
 // The simulator's model input from a preset name or a config.json path;

@@ -52,6 +52,7 @@ struct EngineOptions {
   bool warm_workers = true;  // scheduler::ExecutorOptions::warm_workers
   bool poll_reads = true;    // scheduler::ExecutorOptions::poll_reads
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // scheduler::ExecutorOptions::gpu_eviction
+  bool score_on_gpu = true;  // scheduler::ExecutorOptions::score_on_gpu
   // The cost model's rates; unset: built-in estimates for this backend.
   std::optional<scheduler::CostRates> rates;
   scheduler::TraceRecorder* trace = nullptr;  // not owned; null: no trace

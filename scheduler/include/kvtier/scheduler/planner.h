@@ -112,13 +112,17 @@ struct PlanInputs {
   // GPU slots this layer's uploads may fill without evicting a pinned,
   // protected or already selected block.
   uint32_t upload_slots_free = 0;
+  // The GPU scores the summaries (ExecutorOptions::score_on_gpu): the score
+  // task runs on the GPU lane at gpu_attend_gbps, ahead of the hot set, and
+  // top-k waits for the scores' download too.
+  bool score_on_gpu = false;
 };
 
 enum class Lane : uint8_t { kCpu, kGpu, kCopyH2d, kCopyD2h, kNvme };
 std::string_view lane_name(Lane lane);
 
 enum class TaskKind : uint8_t {
-  kScore,        // summary scoring of every far block (cpu)
+  kScore,        // summary scoring of every far block (cpu, or gpu under score_on_gpu)
   kTopk,         // top-k per KV head (cpu)
   kGpuAttendHot, // sinks + window on the GPU: needs no selection
   kNvmeRead,     // selected blocks only on NVMe -> host staging

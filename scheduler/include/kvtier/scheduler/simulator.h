@@ -59,6 +59,10 @@ struct SimInputs {
   std::optional<uint64_t> gpu_budget_bytes;   // GPU memory for KV (hot set + block cache); default: derived
   std::optional<uint64_t> host_budget_bytes;  // host RAM for KV blocks (summaries apart); default: derived
   std::optional<double> selection_overlap;    // step-to-step top-k overlap in [0, 1]; default kDefaultOverlap
+  // The GPU scores the summaries where the executor would
+  // (ExecutorOptions::score_on_gpu): mean-key summaries whose copy fits a
+  // quarter of the GPU budget, which it then takes from the block cache.
+  bool score_on_gpu = true;
   SimConstants constants;
 };
 
@@ -86,6 +90,7 @@ struct Placement {
   uint64_t gpu_cache_blocks = 0;  // block-cache slots for far blocks
   uint64_t host_budget_bytes = 0; // for KV blocks
   uint64_t nvme_home_bytes = 0;   // what the NVMe file must hold: nvme + GPU-held blocks (homes, DESIGN.md 2)
+  uint64_t gpu_summary_bytes = 0; // mean keys mirrored for the GPU scorer (0: the CPU scores)
 };
 
 // Capacity only: every number of the report that needs no timing.
