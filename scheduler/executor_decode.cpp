@@ -262,9 +262,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     if (!jobs.empty()) {
       const double t0 = wall_us();
       KVT_RETURN_IF_ERROR(gpu_->scored.synchronize());
-      stats_.gpu_score_wait_us += wall_us() - t0;
+      const double waited = wall_us() - t0;
+      stats_.gpu_score_wait_us += waited;
       stats_.gpu_scored += jobs.size();
-      if (tr != nullptr) tr->complete(lane_gpu_, "summary scoring (wait for scores)", tr->now_us() - (wall_us() - t0), wall_us() - t0);
+      if (tr != nullptr) tr->complete(lane_gpu_, "summary scoring (wait for scores)", tr->now_us() - waited, waited);
     }
   }
 
