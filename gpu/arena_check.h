@@ -1,6 +1,6 @@
 // Private to gpu/: the one check of a SlotArenaView that every kernel family
 // (decode, prefill, append, summaries) applies, so that an arena one of them
-// accepts is accepted by all.
+// accepts is accepted by all; and the GQA head check decode and scoring share.
 #pragma once
 
 #include <cstdint>

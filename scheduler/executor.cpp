@@ -171,8 +171,7 @@ GpuSummaries Executor::reserve_gpu_summaries(uint64_t max_tokens) const {
     return g;
   const BlockGeometry geo(s, options_.policy.chunk_tokens);
   const uint64_t chunks = geo.chunks_for(max_tokens);
-  const uint64_t row_bytes = cpu::SummaryTable(1, 1, s.head_dim, kind).kmean_row_stride() *
-                             (kind == SummaryKind::kMeanBf16 ? sizeof(bf16) : sizeof(float));
+  const uint64_t row_bytes = summary_row_bytes(s, kind);  // for mean kinds: one mean-key row as stored
   const uint64_t bytes = uint64_t{s.layers} * s.kv_heads * chunks * row_bytes;
   const uint64_t slots = (bytes + arena_->slot_bytes() - 1) / arena_->slot_bytes();
   // The store keeps every layer's sinks and window pinned and prefill pins
@@ -206,8 +205,11 @@ Status Executor::sync_gpu_summaries(SequenceKv& seq, uint32_t layer, uint32_t bl
   GpuSummaries& g = seq.gpu_summaries_;
   if (!g.on() || blocks <= g.synced[layer]) return Status::ok_status();
   const cpu::SummaryTable& table = seq.summaries_[layer];
-  KVT_ASSERT(blocks <= table.blocks() && table.blocks() == g.head_rows, "syncing ", blocks, " blocks of a table of ",
-             table.blocks(), " (", g.head_rows, " mirrored)");
+  const uint64_t table_row_bytes =
+      table.kmean_row_stride() * (table.kind() == SummaryKind::kMeanBf16 ? sizeof(bf16) : sizeof(float));
+  KVT_ASSERT(blocks <= table.blocks() && table.blocks() == g.head_rows && table_row_bytes == g.row_bytes, "syncing ",
+             blocks, " blocks of a table of ", table.blocks(), " rows of ", table_row_bytes, " B (", g.head_rows,
+             " rows of ", g.row_bytes, " B mirrored)");
   const uint32_t kvh = options_.shape.kv_heads, from = g.synced[layer];
   const auto* src = static_cast<const std::byte*>(table.kmean_rows());
   std::byte* dst = arena_->slot_data(g.first_slot) + uint64_t{layer} * kvh * g.head_rows * g.row_bytes;

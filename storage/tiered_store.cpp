@@ -331,24 +331,16 @@ std::optional<Status> TieredStore::Impl::run_upload(Job& job) {
   std::vector<uint32_t> need_gpu;
   {
     std::lock_guard lock(mu);
-    bool all_on_host = true;
-    for (uint32_t b : job.blocks) {
-      if (!check_block(b).ok()) {
-        all_on_host = false;  // the mover names the error
-        break;
-      }
+    // On the GPU already, or host-resident with no read or write in flight.
+    const auto ready = [&](uint32_t b) {
+      if (!check_block(b).ok()) return false;
       const BlockEntry& e = table[b];
-      if (e.gpu_ready) continue;
-      const bool host_home = e.home == Tier::kHost && e.home_valid && !e.busy;
-      if (!host_home && !(e.home_valid && !e.busy && e.host_cache_ready)) {
-        all_on_host = false;
-        break;
-      }
-      need_gpu.push_back(b);
-    }
-    if (!all_on_host) {
+      return e.gpu_ready || (e.home_valid && !e.busy && (e.home == Tier::kHost || e.host_cache_ready));
+    };
+    if (!std::all_of(job.blocks.begin(), job.blocks.end(), ready)) {
       // A block still to be read (perhaps by a read in the mover's queue),
-      // being written, or invalid: the mover runs the job in order.
+      // being written, or invalid: the mover runs the job in order (and
+      // names the error).
       queue.push_back(std::move(job));
       queue_cv.notify_one();
       return std::nullopt;
@@ -356,10 +348,12 @@ std::optional<Status> TieredStore::Impl::run_upload(Job& job) {
     for (uint32_t b : job.blocks) {
       table.touch(b, step);
       const BlockEntry& e = table[b];
-      if (e.gpu_ready)
+      if (e.gpu_ready) {
         ++stats.gpu_hits;
-      else if (e.home != Tier::kHost)
-        ++stats.host_cache_hits;
+        continue;
+      }
+      need_gpu.push_back(b);
+      if (e.home != Tier::kHost) ++stats.host_cache_hits;
     }
     // The host copies stay put until the copy ends.
     for (uint32_t b : job.blocks) table.pin_host(b);

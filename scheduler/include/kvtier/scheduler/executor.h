@@ -136,9 +136,9 @@ struct ExecutorOptions {
   // sequence mirrors its mean keys in a run of its GPU slots (its share of
   // the gpu budget, not extra memory), and only the scores come back for the
   // CPU's top-k. At 1M tokens that turns ~0.5 ms of host memory traffic per
-  // layer step into a few microseconds of HBM. Off, or where the run does
-  // not fit a quarter of a sequence's slots, the CPU scores (DESIGN.md's
-  // original split).
+  // layer step into a few microseconds of HBM. Off, or where the run would
+  // take more than a quarter of a sequence's slots or leave it less than
+  // twice its pinned hot set, the CPU scores (DESIGN.md's original split).
   bool score_on_gpu = true;
 };
 
@@ -161,7 +161,7 @@ struct GpuSummaries {
 
   std::shared_ptr<storage::DeviceArena> arena;
   uint32_t first_slot = 0, slots = 0;
-  uint64_t row_bytes = 0;   // one row: kmean_row_stride() elements
+  uint64_t row_bytes = 0;   // one mean-key row as SummaryTable stores it (summary_row_bytes)
   uint64_t head_rows = 0;   // chunks per head
   std::vector<uint32_t> synced;  // [layers]
 };
