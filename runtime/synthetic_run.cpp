@@ -444,7 +444,11 @@ nlohmann::json SyntheticRunReport::to_json() const {
                 {"graph_us", st.graph_us},
                 {"plan_us", st.plan_us},
                 {"plan_residency_us", st.plan_residency_us},
-                {"plan_planner_us", st.plan_planner_us}};
+                {"plan_planner_us", st.plan_planner_us},
+                {"plan_pin_us", st.plan_pin_us},
+                {"plan_warm_us", st.plan_warm_us},
+                {"prepare_host_us", st.prepare_host_us},
+                {"prepare_gpu_us", st.prepare_gpu_us}};
   return j;
 }
 

@@ -191,6 +191,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   std::vector<SeqStep> st(B);
 
   // 1. Append k, v to each tail (host copy now; device copy by the kernel).
+  const double t_host = wall_us();
   std::vector<uint32_t> append_slots, append_rows;
   for (uint32_t b = 0; b < B; ++b) {
     SequenceKv& seq = *batch[b].seq;
@@ -208,6 +209,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     st[b].completed = st[b].tokens % C == 0;
     KVT_RETURN_IF_ERROR(refresh_hot_pins(seq, layer, st[b].tokens));
   }
+  stats_.prepare_host_us += wall_us() - t_host;
 
   // 2. GPU: the hot set needs no selection, so it starts now.
   auto hot_lists = [&]() {
@@ -223,6 +225,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     return l;
   };
   if (cuda_ != nullptr) {
+    const double t_gpu = wall_us();
+    double score_wait = 0;
     KVT_RETURN_IF_ERROR(gpu_->begin_step(batch, qh, kvh, d, append_slots, append_rows));
     // Summary scoring of the sequences that mirror their mean keys, first on
     // the stream: the CPU waits for these scores before anything else.
@@ -263,10 +267,12 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       const double t0 = wall_us();
       KVT_RETURN_IF_ERROR(gpu_->scored.synchronize());
       const double waited = wall_us() - t0;
+      score_wait = waited;
       stats_.gpu_score_wait_us += waited;
       stats_.gpu_scored += jobs.size();
       if (tr != nullptr) tr->complete(lane_gpu_, "summary scoring (wait for scores)", tr->now_us() - waited, waited);
     }
+    stats_.prepare_gpu_us += wall_us() - t_gpu - score_wait;
   }
 
   stats_.prepare_us += wall_us() - t_step;
@@ -373,7 +379,9 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     const std::vector<uint32_t> resident =
         seq.flat_blocks(layer, [&](uint32_t h) -> const auto& { return plan.heads[size_t{b} * kvh + h].gpu; });
     std::vector<storage::BlockPin> pinned(resident.size());
+    double t_pin = wall_us();
     KVT_RETURN_IF_ERROR(seq.store_->pin_resident(resident, Tier::kGpu, pinned));
+    stats_.plan_pin_us += wall_us() - t_pin;
     size_t next = 0;
     for (uint32_t h = 0; h < kvh; ++h) {
       const HeadPlan& hp = plan.heads[size_t{b} * kvh + h];
@@ -404,7 +412,9 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
           on_host.push_back(f);
       }
     std::vector<storage::BlockPin> host_pinned(on_host.size());
+    t_pin = wall_us();
     KVT_RETURN_IF_ERROR(seq.store_->pin_resident(on_host, Tier::kHost, host_pinned));
+    stats_.plan_pin_us += wall_us() - t_pin;
     for (size_t i = 0; i < on_host.size(); ++i) {
       if (host_pinned[i])
         x.host_pins.emplace(on_host[i], std::move(host_pinned[i]));
@@ -667,6 +677,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       const double t0 = wall_us();
       cpu::CpuEngine::WarmHold hold;
       if (options_.warm_workers) hold = cpu_.keep_warm(kWarmLimit);
+      stats_.plan_warm_us += wall_us() - t0;
       guarded(B, plan_step);
       hold.release();  // before the attend nodes are spawned
       stats_.plan_us += wall_us() - t0;

@@ -91,9 +91,15 @@ struct ExecutorStats {
   // Of prepare_us: waiting for the GPU's summary scores (score_on_gpu); the
   // CPU's top-k over them is in score_us.
   double gpu_score_wait_us = 0;
-  // Of plan_us: where the selected blocks are (store and read queries), and
-  // the planner itself; the rest is pins and starting uploads and reads.
-  double plan_residency_us = 0, plan_planner_us = 0;
+  // Of prepare_us: the host side of the appends with the hot-set pins
+  // (prepare_host_us), and the GPU's step (staging, summary mirror, score,
+  // append and hot-set launches; prepare_gpu_us, which excludes the wait above).
+  double prepare_host_us = 0, prepare_gpu_us = 0;
+  // Of plan_us: where the selected blocks are (store and read queries), the
+  // planner itself, the store's GPU and host pins of the planned blocks
+  // (plan_pin_us), and starting the workers' spin (plan_warm_us); the rest is
+  // starting uploads and reads and the per-head bookkeeping.
+  double plan_residency_us = 0, plan_planner_us = 0, plan_pin_us = 0, plan_warm_us = 0;
   double prefill_us = 0;
   // Where prefill's wall time goes, serially: appending the block and staging
   // its completed chunks (GPU copies, summaries, home writes started), the
