@@ -310,7 +310,7 @@ void run_rounds(Bench& b, const std::vector<Subject*>& subjects, int repeats) {
 
 struct Figures {
   double mem_read_gbps = 0;
-  double score_f32_gbps = 0, score_f32_ms = 0, score_bf16_gbps = 0, score_scalar_gbps = 0, topk_ms = 0;
+  double score_f32_gbps = 0, score_f32_ms = 0, score_bf16_gbps = 0, score_scalar_gbps = 0, topk_ms = 0, topk_gbps = 0;
   double attention_gbps = 0, scattered_read_gbps = 0, decode_32_ms = 0;
   double attention_step_gbps = 0;
   double prefill_own_gflops = 0, prefill_onednn_gflops = 0;
@@ -450,6 +450,7 @@ void measure_bandwidths(Bench& b, const SummaryTable& f32, const HostKv& kv, Fig
   f.attention_step_gbps = gbps(uint64_t{kKvHeads} * kStepBlocksPerHead * kBlockBytes, attend_step.median_s());
   f.scattered_read_gbps = gbps(kKvBytesPerLayer, scattered.median_s());
   f.topk_ms = topk.median_s() * 1e3;
+  f.topk_gbps = gbps(uint64_t{kKvHeads} * (kFarEnd - kFarBegin) * sizeof(float), topk.median_s());
 }
 
 // Scoring + top-k + host attention for decode_layers layers, each with its
@@ -641,6 +642,7 @@ void report(Bench& b, const Figures& f) {
   r.add("summary_scoring_1m_scalar", f.score_scalar_gbps, "GB/s", "summary_scoring_1m");
   r.add("summary_scoring_1m_ms", f.score_f32_ms, "ms");
   r.add("topk_1m", f.topk_ms, "ms", "summary_scoring_1m_ms");
+  r.add("topk_1m_scores", f.topk_gbps, "GB/s");  // fp32 scores of the far blocks ranked per second
   r.add("prefill_scoring_own", f.prefill_own_gflops, "GFLOP/s");
   r.add("prefill_scoring_onednn", f.prefill_onednn_gflops, "GFLOP/s", "prefill_scoring_own");
   r.add("decode_step_cpu_32_layers_ms", f.decode_32_ms, "ms");

@@ -134,6 +134,9 @@ int run_executor(const SuiteArgs& args) {
   report.add("executor_gpu_resident_share", static_cast<double>(x.gpu_resident_blocks) / x.selected_blocks,
              "fraction");
   report.add("executor_score_bytes_per_layer_step", score_bytes, "bytes");
+  // Scores ranked by the CPU's top-k per layer step (4 bytes a far block), whoever scored.
+  report.add("executor_topk_bytes_per_layer_step",
+             4.0 * static_cast<double>(ranges.far_end - ranges.far_begin) * run.engine.shape.kv_heads, "bytes");
   report.add("decode_steps_per_s", r->decode_steps_per_s, "steps/s");
   // The host-resident run's in-step CPU attention, per call of the engine.
   const scheduler::ExecutorStats& hx = h->stats;

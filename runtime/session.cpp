@@ -37,12 +37,14 @@ scheduler::CostRates default_rates(bool cuda) {
     r.gpu_attend_gbps = 2500;
     r.cpu_attend_gbps = 70;
     r.cpu_score_gbps = 70;
+    r.cpu_topk_gbps = 3;
     r.h2d_gbps = 40;
     r.d2h_gbps = 40;
   } else {  // the CPU stand-in: "uploads" are memcpy and the "GPU" is the CPU
     r.gpu_attend_gbps = 25;
     r.cpu_attend_gbps = 25;
     r.cpu_score_gbps = 40;
+    r.cpu_topk_gbps = 3;
     r.h2d_gbps = 10;
     r.d2h_gbps = 10;
   }

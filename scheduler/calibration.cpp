@@ -29,6 +29,7 @@ struct ScalarRule {
 constexpr ScalarRule kReadRule{"host.read_gbps", "memory", "read_gbps_all_threads", "GB/s"};
 constexpr ScalarRule kScoreRule{"host.score_gbps", "cpu", "summary_scoring_1m", "GB/s"};
 constexpr ScalarRule kAttendRule{"host.attend_gbps", "cpu", "block_attention_host", "GB/s"};
+constexpr ScalarRule kTopkRule{"host.topk_gbps", "cpu", "topk_1m_scores", "GB/s"};
 constexpr ScalarRule kHbmRule{"gpu.hbm_read_gbps", "gpu", "hbm_copy_bw", "GB/s"};
 constexpr ScalarRule kTflopsRule{"gpu.bf16_tflops", "gpu", "cublas_bf16_gemm", "TFLOP/s"};
 constexpr ScalarRule kDuplexRule{"link.duplex_factor", "storage", "h2d_d2h_duplex_32mib", "GB/s"};
@@ -191,10 +192,13 @@ Status executor_part(const SuiteReport& ex, HostProfile& h) {
   KVT_ASSIGN_OR_RETURN(const double score_bytes,
                        ex.value("executor_score_bytes_per_layer_step", "bytes", "host.step_overhead_us",
                                 /*allow_zero=*/true));  // 0 where the GPU scored
+  KVT_ASSIGN_OR_RETURN(const double topk_bytes,
+                       ex.value("executor_topk_bytes_per_layer_step", "bytes", "host.step_overhead_us"));
   h.prepare_us_per_list = prepare / lists;
   h.plan_us_per_block = plan / blocks;
   const double score_at_rate_us = score_bytes / (h.score_gbps * 1e3);
-  h.step_overhead_us = std::max(0.0, step - prepare - plan - score_at_rate_us - waits);
+  const double topk_at_rate_us = topk_bytes / (h.topk_gbps * 1e3);
+  h.step_overhead_us = std::max(0.0, step - prepare - plan - score_at_rate_us - topk_at_rate_us - waits);
   // The host-resident run's CPU attention calls, less their bytes at the cpu
   // suite's bulk rate.
   KVT_ASSIGN_OR_RETURN(const double call_us, ex.value(kCallRule));
@@ -222,11 +226,12 @@ Result<HostProfile> host_part(const MachineFacts& facts, const SuiteReport& memo
   KVT_ASSIGN_OR_RETURN(h.read_gbps, memory.value(kReadRule));
   KVT_ASSIGN_OR_RETURN(h.score_gbps, cpu.value(kScoreRule));
   KVT_ASSIGN_OR_RETURN(h.attend_gbps, cpu.value(kAttendRule));
+  KVT_ASSIGN_OR_RETURN(h.topk_gbps, cpu.value(kTopkRule));
   KVT_RETURN_IF_ERROR(executor_part(executor, h));
   const std::string model = facts.cpu.model_name.empty() ? "host" : facts.cpu.model_name;
   h.name = model + ", " + format_bytes(h.memory_bytes);
   h.source = "measured by " + in.origin + ": " +
-             rule_list({rule_of(kReadRule), rule_of(kScoreRule), rule_of(kAttendRule)}) +
+             rule_list({rule_of(kReadRule), rule_of(kScoreRule), rule_of(kAttendRule), rule_of(kTopkRule)}) +
              " (each with all of the suite's threads); host.memory_bytes = physical RAM (sysconf), host.cores = "
              "physical cores (hwloc); the decode executor's host time per layer step from the executor suite ("
              "executor.config.context_tokens = " + executor.config_text("context_tokens", "?") +
@@ -235,7 +240,7 @@ Result<HostProfile> host_part(const MachineFacts& facts, const SuiteReport& memo
              "executor_lists_per_layer_step, host.plan_us_per_block = executor_plan_us / "
              "executor_selected_blocks_per_layer_step, host.step_overhead_us = executor_layer_step_us - "
              "executor_prepare_us - executor_plan_us - executor_device_wait_us - executor_score_bytes_per_layer_step "
-             "/ host.score_gbps (clamped at 0): what the simulator's other terms do not already price (where the "
+             "/ host.score_gbps - executor_topk_bytes_per_layer_step / host.topk_gbps (clamped at 0): what the simulator's other terms do not already price (where the "
              "GPU scored the summaries, executor_prepare_us leaves out the wait for its scores, which counts as a "
              "device wait, and no summary bytes were CPU-scored); "
              "host.attend_call_us = executor_host_cpu_call_us - executor_host_cpu_bytes_per_call / host.attend_gbps "
@@ -352,7 +357,7 @@ Status no_gpu_error(const MachineFacts& facts) {
 
 std::vector<CalibrationRule> calibration_rules() {
   std::vector<CalibrationRule> rules;
-  for (const ScalarRule& r : {kReadRule, kScoreRule, kAttendRule, kPrepareRule, kPlanRule, kStepRule, kCallRule,
+  for (const ScalarRule& r : {kReadRule, kScoreRule, kAttendRule, kTopkRule, kPrepareRule, kPlanRule, kStepRule, kCallRule,
                               kPrefillStageRule, kPrefillQueryRule, kHbmRule, kTflopsRule})
     rules.push_back(rule_of(r));
   for (const LinkPointRule& p : kLinkRules) {

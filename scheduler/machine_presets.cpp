@@ -156,6 +156,10 @@ constexpr double kStepOverheadUs = 386;
 constexpr double kAttendCallUs = 53.7;
 constexpr double kPrefillStageGbps = 4.20;
 constexpr double kPrefillQueryGbps = 6.42;
+// Decode's top-k: 8 KV heads x 16318 fp32 block scores (522 KB) ranked in
+// 0.178 ms on the H200 host's Xeon (cpu:topk_1m,
+// bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json).
+constexpr double kTopkGbps = 2.93;
 constexpr const char* kExecutorSource =
     "kvtier calibrate --quick on that host, bench/results/2026-11-28-plan-validation-h200-v4/calibrated-profile.json";
 
@@ -170,6 +174,7 @@ HostProfile ddr_host(const DdrHost& h) {
   p.cores = h.cores;
   p.score_gbps = cpu_gbps;
   p.attend_gbps = cpu_gbps;
+  p.topk_gbps = kTopkGbps;
   p.prepare_us_per_list = kPrepareUsPerList;
   p.plan_us_per_block = kPlanUsPerBlock;
   p.step_overhead_us = kStepOverheadUs;
@@ -184,7 +189,8 @@ HostProfile ddr_host(const DdrHost& h) {
       "score_gbps = attend_gbps = min(0.8 x read_gbps, 5.2 GB/s x cores), scaled from [measured] 83 GB/s "
       "summary scoring and 83 GB/s block attention at 104 GB/s read with 16 threads and AVX-512 bf16 "
       "(bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json); CPUs without AVX-512 bf16 will be "
-      "slower. [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us, attend_call_us: the decode "
+      "slower. [measured] topk_gbps = 2.93 GB/s: decode's top-k over 1M tokens' block scores (8 KV heads x 16318 "
+      "fp32 scores in 0.178 ms, one task per KV head, same file). [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us, attend_call_us: the decode "
       "executor's host time on the H200 host's 16-vCPU Xeon, prefill_stage_gbps, prefill_query_gbps: its "
       "prefill's host passes there (%s); a desktop CPU with faster cores will likely spend less. "
       "Measure with kvtier calibrate.",

@@ -310,7 +310,7 @@ Result<LinkProfile> read_link(const json& j) {
 Result<HostProfile> read_host(const json& j) {
   KVT_ASSIGN_OR_RETURN(const Fields f, Fields::open(j, "host"));
   KVT_RETURN_IF_ERROR(f.only({"name", "source", "memory_bytes", "read_gbps", "cores", "score_gbps", "attend_gbps",
-                              "prepare_us_per_list", "plan_us_per_block", "step_overhead_us", "attend_call_us",
+                              "topk_gbps", "prepare_us_per_list", "plan_us_per_block", "step_overhead_us", "attend_call_us",
                               "prefill_stage_gbps", "prefill_query_gbps"}));
   HostProfile h;
   KVT_ASSIGN_OR_RETURN(h.name, f.string("name"));
@@ -329,6 +329,12 @@ Result<HostProfile> read_host(const json& j) {
                               "kvtier calibrate again, or copy host.prepare_us_per_list, plan_us_per_block, "
                               "step_overhead_us, attend_call_us, prefill_stage_gbps and prefill_query_gbps from a "
                               "host preset (kvtier plan --machine ddr5-128g,... uses them)");
+  if (!j.contains("topk_gbps"))
+    return invalid_argument("machine profile " + f.path("topk_gbps") +
+                            " is missing (the rate of decode's top-k over the block scores, added to profiles on "
+                            "2026-11-28; before, top-k was priced at score_gbps): run kvtier calibrate again, or "
+                            "copy host.topk_gbps from a host preset (kvtier plan --machine ddr5-128g,... uses it)");
+  KVT_ASSIGN_OR_RETURN(h.topk_gbps, f.number("topk_gbps"));
   KVT_ASSIGN_OR_RETURN(h.prepare_us_per_list, f.number("prepare_us_per_list"));
   KVT_ASSIGN_OR_RETURN(h.plan_us_per_block, f.number("plan_us_per_block"));
   KVT_ASSIGN_OR_RETURN(h.step_overhead_us, f.number("step_overhead_us"));
@@ -620,6 +626,7 @@ Status validate(const HostProfile& h) {
   KVT_RETURN_IF_ERROR(check_count("host.cores", h.cores));
   KVT_RETURN_IF_ERROR(check_rate("host.score_gbps", h.score_gbps));
   KVT_RETURN_IF_ERROR(check_rate("host.attend_gbps", h.attend_gbps));
+  KVT_RETURN_IF_ERROR(check_rate("host.topk_gbps", h.topk_gbps));
   KVT_RETURN_IF_ERROR(check_time("host.prepare_us_per_list", h.prepare_us_per_list));
   KVT_RETURN_IF_ERROR(check_time("host.plan_us_per_block", h.plan_us_per_block));
   KVT_RETURN_IF_ERROR(check_time("host.step_overhead_us", h.step_overhead_us));
@@ -686,6 +693,7 @@ json to_json(const HostProfile& h) {
           {"cores", h.cores},
           {"score_gbps", h.score_gbps},
           {"attend_gbps", h.attend_gbps},
+          {"topk_gbps", h.topk_gbps},
           {"prepare_us_per_list", h.prepare_us_per_list},
           {"plan_us_per_block", h.plan_us_per_block},
           {"step_overhead_us", h.step_overhead_us},

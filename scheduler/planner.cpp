@@ -136,9 +136,10 @@ uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind) {
 }
 
 Status validate(const CostRates& r) {
-  const std::array<std::pair<const char*, double>, 7> rates{{{"gpu_attend_gbps", r.gpu_attend_gbps},
+  const std::array<std::pair<const char*, double>, 8> rates{{{"gpu_attend_gbps", r.gpu_attend_gbps},
                                                              {"cpu_attend_gbps", r.cpu_attend_gbps},
                                                              {"cpu_score_gbps", r.cpu_score_gbps},
+                                                             {"cpu_topk_gbps", r.cpu_topk_gbps},
                                                              {"h2d_gbps", r.h2d_gbps},
                                                              {"d2h_gbps", r.d2h_gbps},
                                                              {"nvme_read_gbps", r.nvme_read_gbps},
@@ -231,7 +232,7 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
           : add(plan, TaskKind::kScore, Lane::kCpu, score_bytes, 0, us_for(score_bytes, rt.cpu_score_gbps), {prepare});
   const double download_us = in.score_on_gpu ? rt.launch_us + us_for(scores_bytes, rt.d2h_gbps) : 0.0;
   const uint32_t topk = add(plan, TaskKind::kTopk, Lane::kCpu, scores_bytes, 0,
-                            download_us + us_for(scores_bytes, rt.cpu_score_gbps), {score});
+                            download_us + us_for(scores_bytes, rt.cpu_topk_gbps), {score});
   plan.hot_bytes = c.hot_blocks * block_bytes;
   const uint32_t hot = add(plan, TaskKind::kGpuAttendHot, Lane::kGpu, plan.hot_bytes, static_cast<uint32_t>(c.hot_blocks),
                            rt.launch_us + us_for(plan.hot_bytes, rt.gpu_attend_gbps), {prepare});

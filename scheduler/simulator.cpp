@@ -179,6 +179,7 @@ CostRates rates_from_profile(const MachineProfile& m, const ModelShape& shape, c
   r.gpu_attend_gbps = m.gpu.hbm_read_gbps * gpu_attend_fraction(batch);
   r.cpu_attend_gbps = m.host.attend_gbps;
   r.cpu_score_gbps = m.host.score_gbps;
+  r.cpu_topk_gbps = m.host.topk_gbps;
   r.h2d_gbps = k.gather_fraction_of_copy * m.link.gbps_at(LinkDirection::kHostToDevice, k.link_large_copy_bytes);
   // One layer's completed blocks of the batch go down as one batched copy.
   r.d2h_gbps = m.link.gbps_at(LinkDirection::kDeviceToHost, block * shape.kv_heads * std::max<uint32_t>(batch, 1));
@@ -530,7 +531,8 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("nvme read/write rates from the drive's table at " + std::to_string(r.cap.block_bytes) +
               " B requests and queue depth " + std::to_string(k.nvme_queue_depth) + "; latency " +
               num(m.nvme.latency_us) + " us per read batch");
-  a.push_back("cpu_attend_gbps = host.attend_gbps, cpu_score_gbps = host.score_gbps (all cores); each in-step CPU "
+  a.push_back("cpu_attend_gbps = host.attend_gbps, cpu_score_gbps = host.score_gbps (all cores), cpu_topk_gbps = "
+              "host.topk_gbps (decode's top-k, 4 bytes a far block); each in-step CPU "
               "attention call (host blocks, each round of " + std::to_string(kReadRoundBlocks) +
               " NVMe reads, the far field) costs host.attend_call_us = " + num(m.host.attend_call_us) +
               " us more");
@@ -668,6 +670,7 @@ nlohmann::json to_json(const PlanReport& r) {
        {{"gpu_attend_gbps", r.rates.gpu_attend_gbps},
         {"cpu_attend_gbps", r.rates.cpu_attend_gbps},
         {"cpu_score_gbps", r.rates.cpu_score_gbps},
+        {"cpu_topk_gbps", r.rates.cpu_topk_gbps},
         {"h2d_gbps", r.rates.h2d_gbps},
         {"d2h_gbps", r.rates.d2h_gbps},
         {"nvme_read_gbps", r.rates.nvme_read_gbps},

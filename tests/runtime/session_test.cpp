@@ -403,7 +403,8 @@ TEST_CASE("late blocks under the summary policy are counted, attended by summary
   EngineOptions o = options(dir.path(), 16);
   o.late = scheduler::LatePolicy::kSummary;
   scheduler::CostRates slow;
-  slow.gpu_attend_gbps = slow.cpu_attend_gbps = slow.cpu_score_gbps = slow.h2d_gbps = slow.d2h_gbps = 10;
+  slow.gpu_attend_gbps = slow.cpu_attend_gbps = slow.cpu_score_gbps = slow.cpu_topk_gbps = slow.h2d_gbps =
+      slow.d2h_gbps = 10;
   slow.nvme_read_gbps = slow.nvme_write_gbps = 1e-6;  // every NVMe read is late
   slow.nvme_latency_us = 1e6;
   slow.launch_us = 1;

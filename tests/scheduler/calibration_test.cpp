@@ -38,7 +38,7 @@ json memory_report() {
 
 json cpu_report() {
   return report("cpu", {{"mem_read_bw", 60.0}, {"summary_scoring_1m", 48.5}, {"block_attention_host", 47.0},
-                        {"summary_scoring_1m_ms", 1.3, "ms"}},
+                        {"summary_scoring_1m_ms", 1.3, "ms"}, {"topk_1m_scores", 3.2}},
                 {{"threads", 16}});
 }
 
@@ -71,7 +71,8 @@ json storage_report(bool with_link) {
 }
 
 // 900 us per layer step: prepare 96 over 8 lists, plan 256 over 512 blocks,
-// device waits 20, and 4.85 MB of summaries, 100 us at the cpu report's 48.5 GB/s.
+// device waits 20, 4.85 MB of summaries, 100 us at the cpu report's 48.5 GB/s,
+// and 128 KB of scores ranked, 40 us at its top-k rate of 3.2 GB/s.
 json executor_report(double layer_step_us = 900, double score_bytes = 4.85e6) {
   return report("executor",
                 {{"executor_layer_step_us", layer_step_us, "us"},
@@ -84,6 +85,7 @@ json executor_report(double layer_step_us = 900, double score_bytes = 4.85e6) {
                  {"executor_selected_blocks_per_layer_step", 512, "blocks"},
                  {"executor_gpu_resident_share", 1, "fraction"},
                  {"executor_score_bytes_per_layer_step", score_bytes, "bytes"},
+                 {"executor_topk_bytes_per_layer_step", 128000, "bytes"},
                  {"executor_host_cpu_call_us", 150, "us"},
                  {"executor_host_cpu_bytes_per_call", 4.7e6, "bytes"},
                  {"executor_host_cpu_blocks_per_layer_step", 143.4, "blocks"},
@@ -158,7 +160,8 @@ TEST_CASE("a GPU machine: every field comes from its rule") {
   CHECK(m.host.attend_gbps == 47.0);
   CHECK(m.host.prepare_us_per_list == doctest::Approx(12.0));
   CHECK(m.host.plan_us_per_block == doctest::Approx(0.5));
-  CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 100 - 20));
+  CHECK(m.host.topk_gbps == 3.2);
+  CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 100 - 40 - 20));
   CHECK(m.host.attend_call_us == doctest::Approx(50.0));  // 150 us less 4.7 MB at 47 GB/s
   CHECK(m.host.prefill_stage_gbps == doctest::Approx(33554432 / 8e6));  // bytes per ms / 1e6 = GB/s
   CHECK(m.host.prefill_query_gbps == doctest::Approx(67108864 / 10e6));
@@ -207,7 +210,8 @@ TEST_CASE("an executor run whose GPU scored the summaries leaves no CPU scoring 
   BenchReports r = reports(true);
   r.executor = executor_report(900, 0);
   const MachineProfile m = calibrated(facts(true), r, inputs());
-  CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 20));
+  // The CPU's top-k over the downloaded scores is still priced at its rate.
+  CHECK(m.host.step_overhead_us == doctest::Approx(900.0 - 96 - 256 - 40 - 20));
   r.executor = executor_report(900, -1);
   CHECK(contains(error_of(facts(true), r, inputs()), "executor_score_bytes_per_layer_step' (for host.step_overhead_us) = -1"));
   CHECK(contains(error_of(facts(true), r, inputs()), "must be >= 0"));
@@ -254,7 +258,8 @@ TEST_CASE("a missing result is an error naming the suite and the result") {
                         Case{"storage", "uring_block_write_qd64"}, Case{"storage", "h2d_copy_256kib"},
                         Case{"storage", "h2d_d2h_duplex_32mib"}, Case{"gpu", "hbm_copy_bw"},
                         Case{"gpu", "cublas_bf16_gemm"}, Case{"executor", "executor_plan_us"},
-                        Case{"executor", "executor_score_bytes_per_layer_step"},
+                        Case{"executor", "executor_score_bytes_per_layer_step"}, Case{"cpu", "topk_1m_scores"},
+                        Case{"executor", "executor_topk_bytes_per_layer_step"},
                         Case{"executor", "executor_prefill_stage_ms"}}) {
     CAPTURE(c.result);
     BenchReports r = reports(true);
@@ -331,8 +336,8 @@ TEST_CASE("host.cores falls back to the cpu suite's threads without a topology")
 
 TEST_CASE("calibration_rules lists every measured field once") {
   const std::vector<CalibrationRule> rules = calibration_rules();
-  // 5 scalars, 6 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
-  CHECK(rules.size() == 5 + 6 + 10 + 1 + 16 + 1);
+  // 6 scalars, 6 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
+  CHECK(rules.size() == 6 + 6 + 10 + 1 + 16 + 1);
   for (size_t i = 0; i < rules.size(); ++i)
     for (size_t k = i + 1; k < rules.size(); ++k) CHECK(rules[i].field != rules[k].field);
   const auto has = [&](std::string_view field, std::string_view result) {
@@ -343,6 +348,7 @@ TEST_CASE("calibration_rules lists every measured field once") {
   CHECK(has("host.read_gbps", "read_gbps_all_threads"));
   CHECK(has("host.step_overhead_us", "executor_layer_step_us"));
   CHECK(has("host.attend_call_us", "executor_host_cpu_call_us"));
+  CHECK(has("host.topk_gbps", "topk_1m_scores"));
   CHECK(has("link.h2d[32 MiB].gbps", "h2d_single_copy_32mib"));
   CHECK(has("nvme.read[1 MiB, QD64].gbps", "ceiling_seq_read_1m_qd64"));
   CHECK(has("nvme.write[32 KiB, QD32].gbps", "uring_block_write_qd32"));

@@ -273,6 +273,10 @@ TEST_CASE("impossible machines are rejected with the field's path") {
     j["host"].erase("attend_call_us");  // a profile from before the call cost was measured
     CHECK(parse_error(j).find("host.attend_call_us is missing") != std::string::npos);
     j = reference_json();
+    j["host"].erase("topk_gbps");  // a profile from before top-k had its own rate
+    CHECK(parse_error(j).find("host.topk_gbps is missing") != std::string::npos);
+    CHECK(parse_error(j).find("copy host.topk_gbps from a host preset") != std::string::npos);
+    j = reference_json();
     j.erase("gpu");
     CHECK(parse_error(j).find("machine profile gpu is missing") != std::string::npos);
     CHECK(parse_error(json::array()).find("top level must be a JSON object") != std::string::npos);

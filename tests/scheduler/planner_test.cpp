@@ -24,6 +24,7 @@ CostRates h200_like() {
   r.gpu_attend_gbps = 3500;
   r.cpu_attend_gbps = 85;
   r.cpu_score_gbps = 80;
+  r.cpu_topk_gbps = 3;
   r.h2d_gbps = 48;
   r.d2h_gbps = 48;
   r.nvme_read_gbps = 6;
@@ -155,8 +156,9 @@ TEST_CASE("planner: GPU scoring runs on the GPU lane ahead of the hot set, and t
   CHECK(only(cpu, TaskKind::kScore).lane == Lane::kCpu);
   CHECK(score.bytes == summary);
   CHECK(score.cost_us == doctest::Approx(5 + summary / 3500e3));
-  // Download (a launch and 4 bytes a block at d2h_gbps), then the ranking at cpu_score_gbps.
-  CHECK(only(gpu, TaskKind::kTopk).cost_us == doctest::Approx(5 + scores / 48e3 + scores / 80e3));
+  // Download (a launch and 4 bytes a block at d2h_gbps), then the ranking at cpu_topk_gbps.
+  CHECK(only(gpu, TaskKind::kTopk).cost_us == doctest::Approx(5 + scores / 48e3 + scores / 3e3));
+  CHECK(only(cpu, TaskKind::kTopk).cost_us == doctest::Approx(scores / 3e3));
   // The hot set waits its turn behind the scoring kernel on the GPU lane.
   std::vector<double> finish;
   lane_schedule(gpu.tasks, finish);

@@ -97,6 +97,7 @@ struct HostProfile {
   uint32_t cores = 0;         // physical cores kvtier may use
   double score_gbps = 0;      // summary bytes scored per second by all cores (DESIGN.md section 3)
   double attend_gbps = 0;     // bf16 K/V bytes of host-resident blocks attended per second by all cores
+  double topk_gbps = 0;       // fp32 block scores ranked per second by decode's top-k (one task per KV head)
   // The decode executor's own serial host time on this CPU (kvtier calibrate
   // runs the executor to measure it; planner.h CostRates::host_*_us):
   double prepare_us_per_list = 0;  // per (sequence, KV head) and layer step

@@ -67,6 +67,7 @@ struct CostRates {
   double gpu_attend_gbps = 0;  // decode kernel, KV bytes read per second
   double cpu_attend_gbps = 0;  // host block attention, all CPU workers together
   double cpu_score_gbps = 0;   // summary scoring, summary bytes read per second
+  double cpu_topk_gbps = 0;    // top-k over the block scores, fp32 score bytes ranked per second
   double h2d_gbps = 0;         // batched block uploads
   double d2h_gbps = 0;         // block downloads (write-back of completed blocks)
   double nvme_read_gbps = 0;   // block reads at the executor's queue depth
