@@ -75,7 +75,7 @@ def plan(args, point, overlap, summary):
     p = parse_point(point)
     homes = bytes_of(p["host"]) - bytes_of(p["cache"])
     cmd = [args.kvtier, "plan", "--model", args.model, "--context", p["context"], "--machine", args.profile,
-           "--gpu-budget", p["gpu"], "--host-budget", str(homes), "--json"]
+           "--gpu-budget", p["gpu"], "--host-budget", str(homes), "--host-cache", p["cache"], "--json"]
     if summary:
         cmd += ["--policy", f"summary={summary}"]
     if overlap is not None:

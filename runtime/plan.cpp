@@ -121,6 +121,7 @@ Result<PlanReport> plan(const PlanRequest& q) {
   in.late = q.late;
   in.gpu_budget_bytes = q.gpu_budget_bytes;
   in.host_budget_bytes = q.host_budget_bytes;
+  in.host_cache_bytes = q.host_cache_bytes;
   in.selection_overlap = q.selection_overlap;
   in.score_on_gpu = q.score_on_gpu;
   return scheduler::simulate(in);

@@ -67,6 +67,11 @@ Status check_inputs(const SimInputs& in) {
     return invalid_field(kWhat, "host_budget_bytes", *in.host_budget_bytes,
                          "must be > 0 and at most host memory (" + std::to_string(in.machine.host.memory_bytes) +
                              " bytes)");
+  if (in.host_cache_bytes &&
+      *in.host_cache_bytes + in.host_budget_bytes.value_or(0) > in.machine.host.memory_bytes)
+    return invalid_field(kWhat, "host_cache_bytes", *in.host_cache_bytes,
+                         "with host_budget_bytes must fit host memory (" +
+                             std::to_string(in.machine.host.memory_bytes) + " bytes)");
   return Status::ok_status();
 }
 
@@ -201,10 +206,28 @@ Result<Capacity> capacity(const SimInputs& in) {
 
 namespace {
 
-// Where the selected blocks are, modeled (simulator.h SelectionModel).
-SelectionModel model_selection(const SimInputs& in, const Capacity& c) {
+// A cache of `cache` blocks over `blocks` blocks of which `working_set` are
+// selected per step: last step's selection stays while the cache holds it
+// (share o of a step's selection), and a new selection is in the rest of the
+// cache by the share of the other blocks it holds (new_share).
+struct CacheHits {
+  double new_share = 0, share = 0;
+};
+CacheHits lru_hits(double cache, double blocks, double working_set, double o) {
+  CacheHits c;
+  if (working_set <= 0) return c;
+  c.new_share = blocks > working_set ? std::clamp((cache - working_set) / (blocks - working_set), 0.0, 1.0) : 0.0;
+  c.share = std::min(1.0, cache / working_set) * o + (1.0 - o) * c.new_share;
+  return c;
+}
+
+// Where the selected blocks are, modeled (simulator.h SelectionModel), with
+// `u` the share of re-selected staged blocks the planner uploads.
+SelectionModel model_selection(const SimInputs& in, const Capacity& c, double u = 1.0) {
   SelectionModel sel;
   sel.overlap = in.selection_overlap.value_or(kDefaultSelectionOverlap);
+  sel.staged_upload_share = u;
+  const double o = sel.overlap;
   const auto [begin, end] = far_range(in.context_tokens, in.policy);
   sel.topk_blocks = std::min<uint32_t>(in.policy.topk_chunks, end - begin);
   const Placement& pl = c.placement;
@@ -214,17 +237,83 @@ SelectionModel model_selection(const SimInputs& in, const Capacity& c) {
   const double working_set = static_cast<double>(in.model.shape.layers) * in.model.shape.kv_heads * sel.topk_blocks *
                              in.batch;
   const double cache = static_cast<double>(pl.gpu_cache_blocks);
-  // A new selection is any far block; the cache beyond the last step's
-  // selection holds that share of the other far blocks (new_gpu_share).
   const double far = static_cast<double>(in.batch) * in.model.shape.layers * in.model.shape.kv_heads *
                      static_cast<double>(end - begin);
-  sel.new_gpu_share = far > working_set ? std::clamp((cache - working_set) / (far - working_set), 0.0, 1.0) : 0.0;
-  sel.gpu_share = std::min(1.0, cache / working_set) * sel.overlap + (1.0 - sel.overlap) * sel.new_gpu_share;
-  // New selections off the GPU come from host and NVMe by their sizes;
-  // re-selected blocks off the GPU are in host memory (home or staging cache).
-  sel.nvme_share = (1.0 - sel.overlap) * (1.0 - sel.new_gpu_share) * (1.0 - sel.host_homed_far_share);
+  if (pl.nvme.blocks == 0) {
+    // Every home in host RAM: one LRU cache over all far blocks; re-selected
+    // blocks off the GPU are in host memory, and nothing is read.
+    const CacheHits hits = lru_hits(cache, far, working_set, o);
+    sel.new_gpu_share = hits.new_share;
+    sel.gpu_share = hits.share;
+    sel.host_share = std::max(0.0, 1.0 - sel.gpu_share);
+    return sel;
+  }
+  // NVMe homes exist. Homes fill host RAM first in token order; the GPU tier
+  // evicts host-homed copies first (GpuEviction::kHomeAware), so its cache
+  // holds K_n = min(C, H_n) NVMe-homed copies (a share kappa of them) and
+  // host-homed ones only in the room beyond. Selections fall on either home
+  // class by its share of the far blocks.
+  const double hh = std::min(far, static_cast<double>(pl.host.blocks));
+  const double hn = far - hh;
+  const double kn = std::min(cache, hn);
+  const double h = hh / far;
+  sel.nvme_homed_share = 1.0 - h;
+  sel.nvme_homed_cached_share = hn > 0 ? kn / hn : 1.0;
+  const double kappa = sel.nvme_homed_cached_share;
+  // Host-homed: an LRU cache of the rest over the host-homed far blocks.
+  const CacheHits host = lru_hits(cache - kn, hh, working_set * h, o);
+  // NVMe-homed, per selected block, three states: on the GPU (G), in host
+  // memory only (staging, St), neither (N: read this step). A new selection
+  // (1 - o) is on the GPU with kappa, staged with s, else read. A re-selected
+  // one (o) keeps its GPU copy; a staged one goes up when the planner uploads
+  // it (u: the executor uploads the latest host blocks first, and NVMe homes
+  // are the latest tokens); last step's read is staged now. Steady state:
+  //   N = (1 - o)(1 - kappa - s),  St = (o N + (1 - o) s) / (1 - o (1 - u)),  G = 1 - St - N.
+  // The staging cache keeps the last S reads: R = W h' N per step, so a read
+  // stays T = S / R steps, and it is in host memory only until it is
+  // selected again (then it goes up): with q = W (1 - o) h' / H_n the chance
+  // per step that a given NVMe-homed block is newly selected, the staging-
+  // only share over its stay is phi = (1 - (1 - q)^T) / (T q), and
+  //   s = min(1 - kappa, S phi / (H_n - K_n)),
+  // solved with N by bisection (the right side falls as s rises: fewer
+  // reads, a longer stay, a smaller phi).
+  const double staging = static_cast<double>(in.host_cache_bytes.value_or(0)) / static_cast<double>(c.block_bytes);
+  double s = 0;
+  if (hn > kn && staging > 0 && o < 1.0) {
+    const double q = std::min(working_set * (1.0 - o) * (1.0 - h) / hn, 1.0 - 1e-12);
+    const auto rhs = [&](double x) {
+      const double reads = working_set * (1.0 - h) * (1.0 - o) * std::max(0.0, 1.0 - kappa - x);
+      if (reads <= 0) return 0.0;  // nothing read: nothing new is staged
+      const double stay = staging / reads, tq = stay * q;
+      const double phi = tq > 1e-12 ? -std::expm1(stay * std::log1p(-q)) / tq : 1.0;
+      return std::min(1.0 - kappa, staging * phi / (hn - kn));
+    };
+    double lo = 0, hi = 1.0 - kappa;  // lo - rhs(lo) <= 0 <= hi - rhs(hi)
+    for (int i = 0; i < 60; ++i) {
+      const double mid = 0.5 * (lo + hi);
+      (mid - rhs(mid) < 0 ? lo : hi) = mid;
+    }
+    s = 0.5 * (lo + hi);
+  }
+  sel.staging_hit_share = s;
+  const double n = (1.0 - o) * std::max(0.0, 1.0 - kappa - s);
+  const double denominator = 1.0 - o * (1.0 - u);
+  const double staged = denominator > 1e-12 ? (o * n + (1.0 - o) * s) / denominator : 1.0 - kappa;
+  const double g = std::max(0.0, 1.0 - staged - n);
+  sel.new_gpu_share = h * host.new_share + (1.0 - h) * kappa;
+  sel.gpu_share = h * host.share + (1.0 - h) * g;
+  sel.nvme_share = (1.0 - h) * n;
   sel.host_share = std::max(0.0, 1.0 - sel.gpu_share - sel.nvme_share);
   return sel;
+}
+
+// Staged NVMe-homed blocks per selection list, of the selection model.
+double staged_per_list(const SelectionModel& sel) {
+  const double kappa = sel.nvme_homed_cached_share, s = sel.staging_hit_share, o = sel.overlap;
+  const double n = (1.0 - o) * std::max(0.0, 1.0 - kappa - s);
+  const double denominator = 1.0 - o * (1.0 - sel.staged_upload_share);
+  const double staged = denominator > 1e-12 ? (o * n + (1.0 - o) * s) / denominator : 1.0 - kappa;
+  return sel.topk_blocks * sel.nvme_homed_share * staged;
 }
 
 // Count for list i of n when the lists share a fractional mean `per_list`:
@@ -317,6 +406,21 @@ double utilisation(double busy, double span) { return span > 0 ? std::min(1.0, b
 
 Status add_decode(const SimInputs& in, PlanReport& r) {
   const double chunk = in.policy.chunk_tokens;
+  // Where NVMe homes exist, the share of staged blocks going up is the
+  // planner's choice: iterate the selection model with the planner's uploads
+  // (per list, of the open-tail plan) until they agree.
+  if (r.selection.nvme_homed_share > 0) {
+    for (int i = 0; i < 16; ++i) {
+      KVT_ASSIGN_OR_RETURN(const LayerPlan p, plan_one(in, r.selection, r.cap, r.rates, false));
+      double uploads = 0;
+      for (const HeadPlan& h : p.heads) uploads += static_cast<double>(h.upload.size());
+      uploads /= static_cast<double>(std::max<size_t>(p.heads.size(), 1));
+      const double staged = staged_per_list(r.selection);
+      const double u = staged > 0 ? std::min(1.0, uploads / staged) : 1.0;
+      if (std::abs(u - r.selection.staged_upload_share) < 1e-3) break;
+      r.selection = model_selection(in, r.cap, 0.5 * (u + r.selection.staged_upload_share));
+    }
+  }
   KVT_ASSIGN_OR_RETURN(const LayerPlan open_tail, plan_one(in, r.selection, r.cap, r.rates, false));
   KVT_ASSIGN_OR_RETURN(const LayerPlan full_tail, plan_one(in, r.selection, r.cap, r.rates, true));
   // One step in chunk_tokens completes the tail block: average the two plans.
@@ -503,17 +607,38 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               (in.selection_overlap ? " (given)" : " (default: measured by the synthetic model at query "
                                                    "correlation 0.9, 64K context)") +
               "; per step and KV head topk x (1 - o) selected blocks are new");
-  a.push_back("GPU-resident share of the selection = min(1, gpu_cache_blocks / W) x o + (1 - o) x n = " +
-              num(sel.gpu_share) + ", W = layers x kv_heads x topk x batch: the last step's selection is assumed "
-              "uploaded or kept on the GPU while the cache holds it (the planner may instead attend some host "
-              "blocks on the CPU, so this is optimistic about GPU hits), and a new selection is in the cache with "
-              "n = (gpu_cache_blocks - W) / (far blocks - W) = " + num(sel.new_gpu_share) +
-              ", the share of the other far blocks the rest of the cache holds (no reuse beyond one step modeled)");
-  a.push_back("new selections off the GPU fall on host or NVMe in proportion to their far blocks (host share " +
-              num(sel.host_homed_far_share) +
-              "); re-selected blocks read from NVMe earlier are in the host staging cache and count as host; NVMe "
-              "share = (1 - o) x (1 - n) x (1 - host share) = " + num(sel.nvme_share) +
-              "; no prefetch of NVMe blocks for future steps is modeled (all NVMe reads are issued after top-k)");
+  if (sel.nvme_homed_share == 0) {
+    a.push_back("GPU-resident share of the selection = min(1, gpu_cache_blocks / W) x o + (1 - o) x n = " +
+                num(sel.gpu_share) + ", W = layers x kv_heads x topk x batch: the last step's selection is assumed "
+                "uploaded or kept on the GPU while the cache holds it (the planner may instead attend some host "
+                "blocks on the CPU, so this is optimistic about GPU hits), and a new selection is in the cache with "
+                "n = (gpu_cache_blocks - W) / (far blocks - W) = " + num(sel.new_gpu_share) +
+                ", the share of the other far blocks the rest of the cache holds (no reuse beyond one step "
+                "modeled); every home is in host RAM, so nothing is read from NVMe");
+  } else {
+    a.push_back("NVMe homes exist: homes fill host RAM first in token order, and the GPU tier evicts host-homed "
+                "copies first (home-aware), so its cache holds K_n = min(C, H_n) NVMe-homed copies, kappa = K_n / "
+                "H_n = " + num(sel.nvme_homed_cached_share) + " of the NVMe-homed far blocks (a share h' = " +
+                num(sel.nvme_homed_share) + " of the far blocks, which the selection hits alike), and host-homed "
+                "ones only in the room beyond (an LRU cache over the host-homed blocks, as without NVMe)");
+    a.push_back("per selected NVMe-homed block, states GPU (G), staged in host memory only (St) and read this step "
+                "(N): a new selection (1 - o) is on the GPU with kappa, staged with s, else read; a re-selected one "
+                "keeps its GPU copy, goes up from staging with u (the executor uploads the latest host blocks "
+                "first and NVMe homes hold the latest tokens), and last step's reads are staged; steady state N = "
+                "(1 - o)(1 - kappa - s), St = (o N + (1 - o) s) / (1 - o (1 - u)), G = 1 - St - N; s = min(1 - "
+                "kappa, S phi / (H_n - K_n)) = " + num(sel.staging_hit_share) + " with S the staging cache's "
+                "blocks (" + (in.host_cache_bytes ? format_bytes(*in.host_cache_bytes) + " given" :
+                              std::string("none given: only last step's reads are staged")) +
+                ") and phi the share of its reads not selected again since (then they went up): a read stays S / R "
+                "steps (R = W h' N reads per step), and a given NVMe-homed block is newly selected with q = W (1 - "
+                "o) h' / H_n per step, phi = (1 - (1 - q)^(S/R)) / ((S/R) q), solved with N by iteration; the "
+                "staging cache is taken as in steady state (a short run after prefill may still hold prefill's "
+                "blocks there); u = " + num(sel.staged_upload_share) +
+                " from the planner's uploads per list over the staged blocks per list (iterated to agree)");
+    a.push_back("GPU-resident share of the selection = " + num(sel.gpu_share) + ", from NVMe = " +
+                num(sel.nvme_share) + ", from host memory = " + num(sel.host_share) +
+                "; no prefetch of NVMe blocks for future steps is modeled (all NVMe reads are issued after top-k)");
+  }
   a.push_back("decode: layers run one after another (each layer's query depends on the previous layer's "
               "output), all layers alike: one layer is planned by the real planner and its lane-schedule makespan "
               "is multiplied by layers; the tail block completes one step in chunk_tokens (plans with and without "
@@ -665,7 +790,11 @@ nlohmann::json to_json(const PlanReport& r) {
         {"gpu_share", sel.gpu_share},
         {"host_share", sel.host_share},
         {"nvme_share", sel.nvme_share},
-        {"host_homed_far_share", sel.host_homed_far_share}}},
+        {"host_homed_far_share", sel.host_homed_far_share},
+        {"nvme_homed_share", sel.nvme_homed_share},
+        {"nvme_homed_cached_share", sel.nvme_homed_cached_share},
+        {"staging_hit_share", sel.staging_hit_share},
+        {"staged_upload_share", sel.staged_upload_share}}},
       {"rates",
        {{"gpu_attend_gbps", r.rates.gpu_attend_gbps},
         {"cpu_attend_gbps", r.rates.cpu_attend_gbps},

@@ -41,6 +41,9 @@ po::options_description plan_options() {
       "GPU memory for KV in bytes (24GiB); default: GPU memory - weights - 2 GiB - 10%")(
       "host-budget", po::value<std::string>(),
       "host RAM for KV blocks in bytes; default: 80% of host RAM - summaries")(
+      "host-cache", po::value<std::string>(),
+      "host RAM beyond --host-budget for the NVMe staging cache (the runtime's host_cache_bytes); default: none "
+      "modeled, so only the last step's NVMe reads are still in host memory")(
       "selection-overlap", po::value<std::string>(),
       "share of each step's top-k also selected the step before, in [0, 1] (default 0.6, modeled)")(
       "score-on", po::value<std::string>()->default_value("gpu"),
@@ -76,11 +79,12 @@ std::string read_options(const po::variables_map& vm, Options& o) {
   Result<runtime::LatePolicy> late = scheduler::parse_late_policy(vm["late"].as<std::string>());
   if (!late.ok()) return "--late: " + late.status().message();
   q.late = *late;
-  for (const char* name : {"gpu-budget", "host-budget"}) {
+  for (const char* name : {"gpu-budget", "host-budget", "host-cache"}) {
     if (vm.count(name) == 0) continue;
     Result<uint64_t> bytes = parse_bytes(vm[name].as<std::string>());
     if (!bytes.ok() || *bytes == 0) return std::string("--") + name + " '" + vm[name].as<std::string>() + "' is not a size > 0 (e.g. 8GiB)";
-    (std::string_view(name) == "gpu-budget" ? q.gpu_budget_bytes : q.host_budget_bytes) = *bytes;
+    const std::string_view n = name;
+    (n == "gpu-budget" ? q.gpu_budget_bytes : n == "host-budget" ? q.host_budget_bytes : q.host_cache_bytes) = *bytes;
   }
   if (vm.count("selection-overlap") != 0) {
     const std::string text = vm["selection-overlap"].as<std::string>();

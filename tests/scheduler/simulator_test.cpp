@@ -4,6 +4,8 @@
 // predictions, lane accounting, the JSON keys, and bad input named.
 #include <doctest/doctest.h>
 
+#include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -210,13 +212,13 @@ TEST_CASE("lanes: the bottleneck is a lane, utilisations lie in [0, 1], traffic 
   }
 }
 
-TEST_CASE("selection: new selections hit the GPU cache by the share of far blocks it holds, by hand") {
+TEST_CASE("selection without NVMe homes: one LRU cache over the far blocks, by hand") {
   SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
-  in.gpu_budget_bytes = 8 * kGiB;
-  in.host_budget_bytes = 5 * kGiB;
+  in.gpu_budget_bytes = 8 * kGiB;  // host RAM holds every home
   in.selection_overlap = 0.5;
   const PlanReport r = run(in);
   const Placement& p = r.cap.placement;
+  REQUIRE(p.nvme.blocks == 0);
   // 128K tokens: 2048 chunks per list, 66 hot (2 sinks + 64 window); far range [2, 1984).
   const double lists = 32.0 * 8, far = lists * 1982, w = lists * 64;
   const double cache = static_cast<double>(p.gpu_cache_blocks);
@@ -226,9 +228,67 @@ TEST_CASE("selection: new selections hit the GPU cache by the share of far block
   const double n = (cache - w) / (far - w);
   CHECK(r.selection.new_gpu_share == doctest::Approx(n));
   CHECK(r.selection.gpu_share == doctest::Approx(0.5 + 0.5 * n));  // the cache holds all of last step's W
-  const double h = r.selection.host_homed_far_share;
-  CHECK(h == doctest::Approx(static_cast<double>(p.host.blocks) / static_cast<double>(p.host.blocks + p.nvme.blocks)));
-  CHECK(r.selection.nvme_share == doctest::Approx(0.5 * (1 - n) * (1 - h)));
+  CHECK(r.selection.nvme_share == 0);
+  CHECK(r.selection.nvme_homed_share == 0);
+}
+
+TEST_CASE("selection with NVMe homes: the GPU cache keeps NVMe-homed copies, by hand") {
+  SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
+  in.gpu_budget_bytes = 8 * kGiB;
+  in.host_budget_bytes = 5 * kGiB;
+  in.selection_overlap = 0.5;
+  const PlanReport r = run(in);
+  const Placement& p = r.cap.placement;
+  REQUIRE(p.nvme.blocks > 0);
+  const double lists = 32.0 * 8, far = lists * 1982;
+  const double cache = static_cast<double>(p.gpu_cache_blocks);
+  const double hh = static_cast<double>(p.host.blocks), hn = far - hh;
+  REQUIRE(cache < hn);  // every cache slot holds an NVMe-homed copy
+  const double kappa = cache / hn, h = hh / far, o = 0.5;
+  CHECK(r.selection.nvme_homed_share == doctest::Approx(1 - h));
+  CHECK(r.selection.nvme_homed_cached_share == doctest::Approx(kappa));
+  CHECK(r.selection.staging_hit_share == 0);  // no staging cache given
+  // Without staging: N = (1 - o)(1 - kappa), St = o N / (1 - o (1 - u)), G = 1 - St - N.
+  const double u = r.selection.staged_upload_share;
+  CHECK(u > 0);
+  CHECK(u <= 1);
+  const double n = (1 - o) * (1 - kappa), st = o * n / (1 - o * (1 - u)), g = 1 - st - n;
+  CHECK(r.selection.nvme_share == doctest::Approx((1 - h) * n));
+  // Host-homed copies get no room (the cache is all NVMe-homed), so only NVMe homes hit.
+  CHECK(r.selection.gpu_share == doctest::Approx((1 - h) * g));
+  CHECK(r.selection.gpu_share + r.selection.host_share + r.selection.nvme_share == doctest::Approx(1.0));
+}
+
+TEST_CASE("selection with NVMe homes: a staging cache turns reads into host hits, and more of it more") {
+  SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
+  in.gpu_budget_bytes = 8 * kGiB;
+  in.host_budget_bytes = 5 * kGiB;
+  in.selection_overlap = 0.5;
+  const PlanReport none = run(in);
+  double last_nvme = none.selection.nvme_share;
+  for (const uint64_t staging : {uint64_t{256} << 20, uint64_t{1} << 30, uint64_t{3} << 30}) {
+    CAPTURE(staging);
+    in.host_cache_bytes = staging;
+    const PlanReport r = run(in);
+    const SelectionModel& s = r.selection;
+    CHECK(s.staging_hit_share > 0);
+    CHECK(s.staging_hit_share <= 1 - s.nvme_homed_cached_share);
+    CHECK(s.nvme_share < last_nvme);
+    last_nvme = s.nvme_share;
+    // s solves its equation: S phi / (H_n - K_n), phi from the reads it leaves.
+    const Placement& p = r.cap.placement;
+    const double lists = 32.0 * 8, far = lists * 1982, w = lists * 64, o = 0.5;
+    const double hn = far - static_cast<double>(p.host.blocks), kn = static_cast<double>(p.gpu_cache_blocks);
+    const double h1 = s.nvme_homed_share, kappa = s.nvme_homed_cached_share;
+    const double blocks = static_cast<double>(staging) / 32768;
+    const double reads = w * h1 * (1 - o) * (1 - kappa - s.staging_hit_share);
+    const double q = w * (1 - o) * h1 / hn, stay = blocks / reads;
+    const double phi = (1 - std::pow(1 - q, stay)) / (stay * q);
+    CHECK(s.staging_hit_share == doctest::Approx(std::min(1 - kappa, blocks * phi / (hn - kn))).epsilon(1e-4));
+    CHECK(s.gpu_share + s.host_share + s.nvme_share == doctest::Approx(1.0));
+  }
+  in.host_cache_bytes = uint64_t{600} * kGiB;  // with the 5 GiB homes, more than the host has
+  CHECK(!simulate(in).ok());
 }
 
 TEST_CASE("rates follow the profile with the stated fractions") {

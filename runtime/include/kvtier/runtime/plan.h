@@ -30,6 +30,7 @@ struct PlanRequest {
   LatePolicy late = LatePolicy::kWait;
   std::optional<uint64_t> gpu_budget_bytes;
   std::optional<uint64_t> host_budget_bytes;
+  std::optional<uint64_t> host_cache_bytes;   // NVMe staging cache beyond the host budget (SimInputs)
   std::optional<double> selection_overlap;
   bool score_on_gpu = true;  // scheduler::SimInputs::score_on_gpu
 };

@@ -59,6 +59,10 @@ struct SimInputs {
   std::optional<uint64_t> gpu_budget_bytes;   // GPU memory for KV (hot set + block cache); default: derived
   std::optional<uint64_t> host_budget_bytes;  // host RAM for KV blocks (summaries apart); default: derived
   std::optional<double> selection_overlap;    // step-to-step top-k overlap in [0, 1]; default kDefaultOverlap
+  // Of host RAM beyond host_budget_bytes: the staging cache that keeps NVMe
+  // blocks read by earlier steps (ExecutorOptions::host_cache_bytes); unset
+  // models none, so that only last step's reads are still in host memory.
+  std::optional<uint64_t> host_cache_bytes;
   // The GPU scores the summaries where the executor would
   // (ExecutorOptions::score_on_gpu): mean-key summaries whose copy fits a
   // quarter of the GPU budget, which it then takes from the block cache.
@@ -131,6 +135,11 @@ struct SelectionModel {
   double host_share = 0;          // in host memory (home or NVMe staging)
   double nvme_share = 0;          // read from NVMe this step
   double host_homed_far_share = 0;  // host KV / far KV (GPU-cached far blocks excluded)
+  // Where NVMe homes exist (home-aware GPU eviction; simulator.cpp model_selection):
+  double nvme_homed_share = 0;         // h' = NVMe-homed far blocks / far blocks
+  double nvme_homed_cached_share = 0;  // kappa = NVMe-homed copies the GPU cache holds / NVMe-homed far blocks
+  double staging_hit_share = 0;        // s = a new NVMe-homed selection found in the staging cache
+  double staged_upload_share = 1;      // u = re-selected staged blocks the planner uploads (fixed point with it)
 };
 
 struct PlanReport {
