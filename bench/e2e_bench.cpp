@@ -25,8 +25,9 @@
 // KVTIER_E2E_EVICTION=lru (the GPU tier evicts least recently used copies
 // whatever their home; default home-aware; every run), KVTIER_E2E_GPU_SCORE=0
 // (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run)
-// and KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
-// check: speed figures only).
+// KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
+// check: speed figures only) and KVTIER_E2E_DECODE_STEPS (timed steps of
+// each phase, default 16, 8 with --quick; every run).
 #include <unistd.h>
 
 #include <algorithm>
@@ -203,6 +204,14 @@ Status switch_override(const char* name, const char* on, bool& out, std::vector<
 
 // The overrides of the main run's budgets, the policy and the fidelity checks.
 Status apply_overrides(E2eConfig& c) {
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_DECODE_STEPS")) {
+    char* end = nullptr;
+    const unsigned long v = std::strtoul(t->c_str(), &end, 10);
+    if (t->empty() || *end != '\0' || v == 0 || v > 4096)
+      return invalid_argument("KVTIER_E2E_DECODE_STEPS=" + *t + ": give the timed steps of each phase, 1 to 4096");
+    c.decode_steps = static_cast<uint32_t>(v);
+    c.overrides.push_back("KVTIER_E2E_DECODE_STEPS=" + *t);
+  }
   KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_GPU_BYTES", c.gpu_bytes, c.overrides));
   KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_HOST_BYTES", c.host_bytes, c.overrides));
   KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_HOST_CACHE_BYTES", c.host_cache_bytes, c.overrides));
