@@ -70,6 +70,8 @@ struct SeqStep {
   std::vector<std::vector<uint32_t>> cpu_chunks;     // [kv_heads]
   std::vector<std::vector<uint32_t>> late_chunks;    // [kv_heads]
   std::vector<uint32_t> reads;                  // flat ids of new NVMe reads attended this step
+  std::vector<uint32_t> reads_sorted;           // `reads`, sorted once they are final
+  bool read_now(uint32_t f) const { return std::binary_search(reads_sorted.begin(), reads_sorted.end(), f); }
   std::vector<uint32_t> late_reads;             // flat ids of new NVMe reads that land for later steps
   std::vector<std::vector<uint32_t>> rounds;    // `reads` in staging-sized rounds
   std::vector<storage::Ticket> tickets;         // [round], once issued
@@ -106,7 +108,7 @@ void Executor::issue_round(SequenceKv& seq, SeqStep& x) {
   const storage::Ticket t = seq.store_->prefetch(round, Tier::kHost);
   x.tickets.push_back(t);
   x.issued_us.push_back(options_.trace != nullptr ? options_.trace->now_us() : 0);
-  for (uint32_t f : round) seq.reading_[f] = t;
+  seq.track_reads(t, round);
 }
 
 // A pin of a block's host copy. The staging cache is shared by this step's
@@ -137,8 +139,7 @@ Status Executor::wait_read(SequenceKv& seq, storage::Ticket t, bool keep_warm) {
   }
   const Status st = landed ? std::move(*landed) : seq.store_->wait(t);
   hold.release();
-  for (auto r = seq.reading_.begin(); r != seq.reading_.end();)
-    r = r->second.id == t.id ? seq.reading_.erase(r) : std::next(r);
+  seq.forget_reads(t);
   seq.pending_tickets_.erase(std::remove_if(seq.pending_tickets_.begin(), seq.pending_tickets_.end(),
                                             [&](const storage::Ticket& q) { return q.id == t.id; }),
                              seq.pending_tickets_.end());
@@ -313,8 +314,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         ++it;
         continue;
       }
-      for (auto r = seq.reading_.begin(); r != seq.reading_.end();)
-        r = r->second.id == it->id ? seq.reading_.erase(r) : std::next(r);
+      seq.forget_reads(*it);
       it = seq.pending_tickets_.erase(it);  // a failed read is retried when selected again
     }
     upload_room = std::min(upload_room, seq.store_->gpu_room());
@@ -329,8 +329,12 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     seq.store_->residency(flat, tier);
     size_t i = 0;
     for (uint32_t h = 0; h < kvh; ++h) {
-      std::vector<uint32_t> prev = seq.last_selection_[layer][h];
-      std::sort(prev.begin(), prev.end());
+      const std::vector<uint32_t>& prev = seq.last_selection_[layer][h];
+      if (!prev.empty()) {
+        stats_.selection_compared += st[b].selected[h].size();
+        stats_.kept_from_previous += seq.count_kept(prev, st[b].selected[h]);
+      }
+      plan_in[b].selected[h].reserve(st[b].selected[h].size());
       for (uint32_t c : st[b].selected[h]) {
         const uint32_t f = flat[i];
         const Tier t = tier[i++];
@@ -339,10 +343,6 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
                                 : seq.reading_.count(f) != 0   ? Residency::kNvmeReading
                                                                : Residency::kNvme;
         plan_in[b].selected[h].push_back({c, where});
-        if (!prev.empty()) {
-          ++stats_.selection_compared;
-          if (std::binary_search(prev.begin(), prev.end(), c)) ++stats_.kept_from_previous;
-        }
       }
       stats_.selected_blocks += st[b].selected[h].size();
     }
@@ -405,11 +405,12 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     // Host copies the CPU will read are pinned now, before this step's reads
     // can evict them from the staging cache.
     std::vector<uint32_t> on_host;
+    x.reads_sorted = x.reads;
+    std::sort(x.reads_sorted.begin(), x.reads_sorted.end());
     for (uint32_t h = 0; h < kvh; ++h)
       for (uint32_t c : x.cpu_chunks[h]) {
         const uint32_t f = seq.flat(layer, h, c);
-        if (seq.reading_.count(f) == 0 && std::find(x.reads.begin(), x.reads.end(), f) == x.reads.end())
-          on_host.push_back(f);
+        if (seq.reading_.count(f) == 0 && !x.read_now(f)) on_host.push_back(f);
       }
     std::vector<storage::BlockPin> host_pinned(on_host.size());
     t_pin = wall_us();
@@ -421,6 +422,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       else
         x.reads.push_back(on_host[i]);  // dropped from staging since the plan looked: read it again
     }
+    x.reads_sorted = x.reads;
+    std::sort(x.reads_sorted.begin(), x.reads_sorted.end());
     stats_.uploaded_blocks += x.upload.size();
     stats_.nvme_read_blocks += x.reads.size() + x.late_reads.size();
     if (!x.upload.empty()) {
@@ -437,7 +440,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     if (!x.late_reads.empty()) {  // after the reads this step waits for
       const storage::Ticket t = seq.store_->prefetch(x.late_reads, Tier::kHost);
       seq.pending_tickets_.push_back(t);
-      for (uint32_t f : x.late_reads) seq.reading_[f] = t;
+      seq.track_reads(t, x.late_reads);
     }
   }
     return Status::ok_status();
@@ -455,7 +458,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
         const uint32_t f = seq.flat(layer, h, c);
         auto r = seq.reading_.find(f);
         if (r == seq.reading_.end() || x.host_pins.count(f) != 0 ||
-            std::find(x.reads.begin(), x.reads.end(), f) != x.reads.end())
+            x.read_now(f))
           continue;
         if (std::none_of(to_wait.begin(), to_wait.end(), [&](const storage::Ticket& t) { return t.id == r->second.id; }))
           to_wait.push_back(r->second);
@@ -474,7 +477,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     for (uint32_t h = 0; h < kvh; ++h)
       for (uint32_t c : x.cpu_chunks[h]) {
         const uint32_t f = seq.flat(layer, h, c);
-        if (std::find(x.reads.begin(), x.reads.end(), f) != x.reads.end()) continue;  // in a round below
+        if (x.read_now(f)) continue;  // in a round below
         auto have = x.host_pins.find(f);
         if (have == x.host_pins.end()) {
           Result<storage::BlockPin> pin = pin_host(seq, f, x.rereads);
@@ -760,7 +763,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       if (!ahead.empty()) {
         const storage::Ticket t = seq.store_->prefetch(ahead, Tier::kHost);
         seq.pending_tickets_.push_back(t);
-        for (uint32_t f : ahead) seq.reading_[f] = t;
+        seq.track_reads(t, ahead);
       }
     }
     stats_.merge_us += wall_us() - t0;

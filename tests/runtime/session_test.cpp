@@ -290,6 +290,40 @@ TEST_CASE("sparse budget: selection, fidelity report and a batch that equals ses
   }
 }
 
+TEST_CASE("the selection kept from the last step is counted per head, by hand") {
+  test::TempDir dir("kvt-session");
+  auto engine = make_engine(options(dir.path(), 8, 4));
+  auto s = engine->create_session(kContext + 8, "kept");
+  REQUIRE_MESSAGE(s.ok(), s.status().to_string());
+  const SyntheticModel m = model(kContext, 23);
+  prefill(**s, m, kContext, 512, nullptr);
+  engine->reset_stats();
+  const ModelShape sh = shape();
+  const size_t qrow = size_t{sh.q_heads} * sh.head_dim, kvrow = size_t{sh.kv_heads} * sh.head_dim;
+  uint64_t kept = 0, compared = 0;
+  for (uint64_t step = 0; step < 4; ++step)
+    for (uint32_t l = 0; l < sh.layers; ++l) {
+      const std::vector<std::vector<uint32_t>> before = (*s)->last_selection(l);
+      std::vector<bf16> q(qrow), k(kvrow), v(kvrow);
+      std::vector<float> out(qrow);
+      m.decode_query(l, step, q);
+      m.kv(l, (*s)->tokens(l), 1, k, v);
+      REQUIRE((*s)->decode_step(l, q, k, v, out).ok());
+      const std::vector<std::vector<uint32_t>>& now = (*s)->last_selection(l);
+      for (uint32_t h = 0; h < sh.kv_heads; ++h) {
+        if (before[h].empty()) continue;
+        compared += now[h].size();
+        for (uint32_t c : now[h]) kept += std::count(before[h].begin(), before[h].end(), c);
+      }
+    }
+  const scheduler::ExecutorStats st = engine->stats();
+  CHECK(compared == uint64_t{3} * sh.layers * sh.kv_heads * 8);  // steps 1-3, 8 blocks a head
+  CHECK(st.selection_compared == compared);
+  CHECK(st.kept_from_previous == kept);
+  CHECK(kept > 0);          // correlated queries keep some blocks
+  CHECK(kept < compared);   // and change some
+}
+
 #ifdef KVT_SESSION_TEST_CUDA
 // ExecutorOptions::score_on_gpu: the GPU scores the mirrored mean keys and the
 // CPU picks the top-k from those scores. Each selection must be a top-k of
