@@ -7,6 +7,7 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "kvtier/core/assert.h"
@@ -191,12 +192,12 @@ void score_summaries(Isa isa, Bf16View<2> q, const SummaryTable& table, float sc
                             scores.data().data() + uint64_t{h} * table.blocks());
 }
 
-void select_topk(F32View<2> scores, uint32_t h, uint32_t k, uint32_t far_begin, uint32_t far_end,
-                 std::vector<uint32_t>& out) {
-  KVT_ASSERT(h < scores.extent(0), "KV head ", h, " of ", scores.extent(0));
-  KVT_ASSERT(far_begin <= far_end && far_end <= scores.extent(1), "far blocks [", far_begin, ", ", far_end, ") of ",
-             scores.extent(1));
-  const float* s = scores.data().data() + uint64_t{h} * scores.extent(1);
+namespace {
+
+// The top k of s[far_begin, far_end) in one streaming pass (select_topk's
+// path for short ranges, and where the bound below leaves fewer than k).
+void select_topk_streaming(const float* s, uint32_t k, uint32_t far_begin, uint32_t far_end,
+                           std::vector<uint32_t>& out) {
   const RanksHigher higher{s};
   // `out` collects candidates, unordered, up to 2k of them (a caller that
   // reuses it allocates nothing); when full, the best k stay and the k-th
@@ -232,6 +233,56 @@ void select_topk(F32View<2> scores, uint32_t h, uint32_t k, uint32_t far_begin, 
   for (; b < far_end; ++b)
     if (!(s[b] < threshold)) collect(b);
   keep_best();
+  std::sort(out.begin(), out.end(), higher);
+}
+
+}  // namespace
+
+void select_topk(F32View<2> scores, uint32_t h, uint32_t k, uint32_t far_begin, uint32_t far_end,
+                 std::vector<uint32_t>& out) {
+  KVT_ASSERT(h < scores.extent(0), "KV head ", h, " of ", scores.extent(0));
+  KVT_ASSERT(far_begin <= far_end && far_end <= scores.extent(1), "far blocks [", far_begin, ", ", far_end, ") of ",
+             scores.extent(1));
+  const float* s = scores.data().data() + uint64_t{h} * scores.extent(1);
+  const uint32_t n = far_end - far_begin;
+  constexpr uint32_t kChunk = 16;
+  const uint32_t chunks = n / kChunk;
+  if (k == 0 || chunks < 4 * uint64_t{k}) return select_topk_streaming(s, k, far_begin, far_end, out);
+  // A bound first: the k-th largest of the chunks' maxima. k chunks reach
+  // it, so at least k blocks score at least that much, and so does every
+  // block of the top k (NaN compares below everything: a chunk of NaNs has
+  // max -inf). Only chunks whose maximum reaches the bound are scanned, and
+  // the few blocks there that reach it are ranked exactly as the streaming
+  // pass ranks (RanksHigher), so the result is the same.
+  thread_local std::vector<float> maxima, ranked;
+  maxima.resize(chunks);
+  for (uint32_t c = 0; c < chunks; ++c) {
+    const float* x = s + far_begin + size_t{c} * kChunk;
+    float m0 = -std::numeric_limits<float>::infinity(), m1 = m0, m2 = m0, m3 = m0;
+    for (uint32_t i = 0; i < kChunk; i += 4) {
+      m0 = m0 < x[i] ? x[i] : m0;
+      m1 = m1 < x[i + 1] ? x[i + 1] : m1;
+      m2 = m2 < x[i + 2] ? x[i + 2] : m2;
+      m3 = m3 < x[i + 3] ? x[i + 3] : m3;
+    }
+    maxima[c] = std::max(std::max(m0, m1), std::max(m2, m3));
+  }
+  ranked.assign(maxima.begin(), maxima.end());
+  std::nth_element(ranked.begin(), ranked.begin() + (k - 1), ranked.end(), std::greater<float>());
+  const float bound = ranked[k - 1];
+  out.clear();
+  for (uint32_t c = 0; c < chunks; ++c) {
+    if (maxima[c] < bound) continue;
+    const uint32_t b0 = far_begin + c * kChunk;
+    for (uint32_t i = 0; i < kChunk; ++i)
+      if (s[b0 + i] >= bound) out.push_back(b0 + i);
+  }
+  for (uint32_t b = far_begin + chunks * kChunk; b < far_end; ++b)  // the tail past the last whole chunk
+    if (s[b] >= bound) out.push_back(b);
+  if (out.size() < k) return select_topk_streaming(s, k, far_begin, far_end, out);  // -inf bound: NaNs needed
+  const RanksHigher higher{s};
+  std::nth_element(out.begin(), out.begin() + (k - 1), out.end(), higher);
+  out.resize(k);
   std::sort(out.begin(), out.end(), higher);
 }
 

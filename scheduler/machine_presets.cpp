@@ -158,7 +158,9 @@ constexpr double kPrefillStageGbps = 4.20;
 constexpr double kPrefillQueryGbps = 6.42;
 // Decode's top-k: 8 KV heads x 16318 fp32 block scores (522 KB) ranked in
 // 0.178 ms on the H200 host's Xeon (cpu:topk_1m,
-// bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json).
+// bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json), with the
+// streaming top-k. The chunk-bound top-k that replaced it ran 1.7x faster in
+// the cpu suite on the build machine; not yet measured on that host.
 constexpr double kTopkGbps = 2.93;
 constexpr const char* kExecutorSource =
     "kvtier calibrate --quick on that host, bench/results/2026-11-28-plan-validation-h200-v4/calibrated-profile.json";
@@ -190,7 +192,8 @@ HostProfile ddr_host(const DdrHost& h) {
       "summary scoring and 83 GB/s block attention at 104 GB/s read with 16 threads and AVX-512 bf16 "
       "(bench/results/2026-11-28-cpu-h200-host-16threads-scattered.json); CPUs without AVX-512 bf16 will be "
       "slower. [measured] topk_gbps = 2.93 GB/s: decode's top-k over 1M tokens' block scores (8 KV heads x 16318 "
-      "fp32 scores in 0.178 ms, one task per KV head, same file). [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us, attend_call_us: the decode "
+      "fp32 scores in 0.178 ms, one task per KV head, same file; the streaming top-k, which a faster one has since "
+      "replaced). [measured] prepare_us_per_list, plan_us_per_block, step_overhead_us, attend_call_us: the decode "
       "executor's host time on the H200 host's 16-vCPU Xeon, prefill_stage_gbps, prefill_query_gbps: its "
       "prefill's host passes there (%s); a desktop CPU with faster cores will likely spend less. "
       "Measure with kvtier calibrate.",

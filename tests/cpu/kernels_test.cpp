@@ -534,27 +534,43 @@ TEST_CASE("kernels: select_topk ranks by score, ties to the lower index") {
 }
 
 TEST_CASE("kernels: select_topk equals a full stable sort") {
-  // Few distinct scores (many ties), in random, ascending and descending
-  // order (ascending makes every block a new candidate), some with NaNs.
+  // Few distinct scores (many ties) or continuous ones with infinities and
+  // signed zeros, in random, ascending and descending order (ascending makes
+  // every block a new candidate), some with NaNs. Ranges of 4k whole chunks
+  // of 16 and more take the chunk-maxima bound; shorter ones stream.
   auto gen = test::rng(106);
   std::uniform_int_distribution<int> level(0, 20);
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> special(0, 99);
   std::bernoulli_distribution nan(0.05);
+  const auto draw = [&](bool continuous) {
+    if (!continuous) return static_cast<float>(level(gen)) * 0.5f;
+    switch (special(gen)) {
+      case 0: return std::numeric_limits<float>::infinity();
+      case 1: return -std::numeric_limits<float>::infinity();
+      case 2: return -0.0f;
+      case 3: return 0.0f;
+      default: return normal(gen);
+    }
+  };
   // NaN ranks last; stable_sort keeps equal scores in index order.
   auto ranks_higher = [](float x, float y) {
     if (std::isnan(x) || std::isnan(y)) return !std::isnan(x) && std::isnan(y);
     return x > y;
   };
+  for (bool continuous : {false, true})
   for (int order : {0, 1, 2})
     for (bool with_nan : {false, true})
-      for (uint32_t blocks : {1u, 17u, 1000u, 16384u})
+      for (uint32_t blocks : {1u, 17u, 1000u, 4099u, 16384u})
         for (uint32_t k : {0u, 1u, 5u, 64u, 20000u}) {
+          CAPTURE(continuous);
           CAPTURE(order);
           CAPTURE(with_nan);
           CAPTURE(blocks);
           CAPTURE(k);
           const uint32_t kv_heads = 2;
           std::vector<float> s(size_t{kv_heads} * blocks);
-          for (float& x : s) x = with_nan && nan(gen) ? NAN : static_cast<float>(level(gen)) * 0.5f;
+          for (float& x : s) x = with_nan && nan(gen) ? NAN : draw(continuous);
           for (uint32_t h = 0; h < kv_heads && order != 0; ++h) {
             const auto first = s.begin() + size_t{h} * blocks;
             auto ascending = [&](float x, float y) { return ranks_higher(y, x); };
