@@ -738,6 +738,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     for (uint32_t b = 0; b < B; ++b) {
       SequenceKv& seq = *batch[b].seq;
       SeqStep& x = st[b];
+      seq.store_->release(x.gpu_pins);  // one lock for the step's selected blocks
       x.gpu_pins.clear();
       seq.layer_tokens_[layer] = x.tokens;
       if (x.completed) {

@@ -588,6 +588,19 @@ Status TieredStore::pin_resident(std::span<const uint32_t> blocks, Tier tier, st
   return Status::ok_status();
 }
 
+void TieredStore::release(std::span<BlockPin> pins) {
+  std::lock_guard lock(impl_->mu);
+  for (BlockPin& p : pins) {
+    if (p.store_ != this) continue;
+    --impl_->user_pins;
+    if (p.tier_ == Tier::kGpu)
+      impl_->table.unpin_gpu(p.block_);
+    else
+      impl_->table.unpin_host(p.block_);
+    p.store_ = nullptr;
+  }
+}
+
 void TieredStore::unpin(uint32_t block, Tier tier) {
   std::lock_guard lock(impl_->mu);
   --impl_->user_pins;

@@ -416,6 +416,34 @@ TEST_CASE("pin_resident pins what is there under one lock, leaves the rest empty
   CHECK(bad[0]);  // made before the bad block; released with the vector
 }
 
+TEST_CASE("release drops a batch of pins under one lock: the pins are empty and their copies evictable again") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+  TieredStore& s = *store;
+  REQUIRE(s.wait(s.prefetch(chunk_range(10, 19), Tier::kGpu)).ok());
+  const std::vector<uint32_t> asked = {10, 3000, 15};  // 3000 is not on the gpu: its pin stays empty
+  std::vector<BlockPin> pins(asked.size());
+  REQUIRE(s.pin_resident(asked, Tier::kGpu, pins).ok());
+  std::vector<BlockPin> host(1);
+  REQUIRE(s.pin_resident(std::vector<uint32_t>{5}, Tier::kHost, host).ok());
+  pins.push_back(std::move(host[0]));
+  REQUIRE(pins[0]);
+  REQUIRE(pins[3]);
+  s.release(pins);
+  for (const BlockPin& p : pins) CHECK(!p);
+  // Unpinned, the gpu copies go in the churn like any other.
+  churn(s);
+  CHECK(!s.resident(10, Tier::kGpu));
+  CHECK(!s.resident(15, Tier::kGpu));
+  // A pin of another store is not this store's to release.
+  const std::unique_ptr<TieredStore> other = written_store(*backend, c);
+  std::vector<BlockPin> theirs(1);
+  REQUIRE(other->pin_resident(std::vector<uint32_t>{5}, Tier::kHost, theirs).ok());
+  s.release(theirs);
+  CHECK(theirs[0]);
+}
+
 TEST_CASE("many threads prefetching, pinning and reading at once see only right bytes") {
   auto backend = cpu::make_cpu_backend();
   const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 16 * kMiB);

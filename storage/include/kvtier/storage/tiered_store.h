@@ -197,6 +197,10 @@ class TieredStore {
   // (no error: the caller fetches it). out must hold empty pins on entry. An
   // invalid block is an error; pins made before it stay in out.
   Status pin_resident(std::span<const uint32_t> blocks, Tier tier, std::span<BlockPin> out);
+  // Releases every pin of this store in `pins` under one lock (as their
+  // destructors would one lock each); they are left empty. Pins of another
+  // store and empty ones are left as they are.
+  void release(std::span<BlockPin> pins);
 
   // The sequence now holds `tokens` tokens: sink and window blocks become
   // protected on the gpu; blocks that left the window become evictable.
