@@ -32,14 +32,22 @@ Status Executor::refresh_hot_pins(SequenceKv& seq, uint32_t layer, uint64_t toke
   std::vector<std::vector<uint32_t>> missing(kvh);
   bool any = false;
   for (uint32_t h = 0; h < kvh; ++h) {
+    // Both are in chunk order: one merge drops the pins no longer wanted and
+    // finds the wanted chunks not pinned.
     auto& pins = seq.hot_pins_[layer * kvh + h];
-    for (auto it = pins.begin(); it != pins.end();)
-      it = std::binary_search(want.begin(), want.end(), it->first) ? std::next(it) : pins.erase(it);
-    for (uint32_t c : want)
-      if (pins.count(c) == 0) {
-        missing[h].push_back(c);
+    auto it = pins.begin();
+    size_t i = 0;
+    while (it != pins.end() || i < want.size()) {
+      if (it == pins.end() || (i < want.size() && want[i] < it->first)) {
+        missing[h].push_back(want[i++]);
         any = true;
+      } else if (i == want.size() || it->first < want[i]) {
+        it = pins.erase(it);
+      } else {
+        ++it;
+        ++i;
       }
+    }
   }
   if (!any) return Status::ok_status();
   std::vector<std::vector<storage::BlockPin>> got;
@@ -497,7 +505,13 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     x.host = cpu::PartialState::empty(qh, d);
     if (std::any_of(lists.begin(), lists.end(), [](const auto& l) { return !l.empty(); }))
       engine_call([&] { cpu_.attend(q, lists, C, scale, x.host); });
-    x.host_pins.clear();
+    {  // the host copies are attended: their pins go under one lock
+      std::vector<storage::BlockPin> done;
+      done.reserve(x.host_pins.size());
+      for (auto& [f, pin] : x.host_pins) done.push_back(std::move(pin));
+      seq.store_->release(done);
+      x.host_pins.clear();
+    }
     // This step's reads, round by round as they land.
     for (size_t r = 0; r < x.rounds.size(); ++r) {
       const double w0 = wall_us();
