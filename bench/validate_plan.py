@@ -73,9 +73,11 @@ def bytes_of(text):
 
 def plan(args, point, overlap, summary):
     p = parse_point(point)
-    homes = bytes_of(p["host"]) - bytes_of(p["cache"])
+    host = bytes_of(p["host"])
+    # The run's staging cache: the given size, or the runtime's default of a quarter of host bytes.
+    cache = bytes_of(p["cache"]) or host // 4
     cmd = [args.kvtier, "plan", "--model", args.model, "--context", p["context"], "--machine", args.profile,
-           "--gpu-budget", p["gpu"], "--host-budget", str(homes), "--host-cache", p["cache"], "--json"]
+           "--gpu-budget", p["gpu"], "--host-budget", str(host - cache), "--host-cache", str(cache), "--json"]
     if summary:
         cmd += ["--policy", f"summary={summary}"]
     if overlap is not None:

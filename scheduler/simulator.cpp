@@ -67,11 +67,20 @@ Status check_inputs(const SimInputs& in) {
     return invalid_field(kWhat, "host_budget_bytes", *in.host_budget_bytes,
                          "must be > 0 and at most host memory (" + std::to_string(in.machine.host.memory_bytes) +
                              " bytes)");
-  if (in.host_cache_bytes &&
-      *in.host_cache_bytes + in.host_budget_bytes.value_or(0) > in.machine.host.memory_bytes)
-    return invalid_field(kWhat, "host_cache_bytes", *in.host_cache_bytes,
-                         "with host_budget_bytes must fit host memory (" +
-                             std::to_string(in.machine.host.memory_bytes) + " bytes)");
+  return Status::ok_status();
+}
+
+// The staging caches (one per sequence) beside the host budget must fit host
+// memory; checked once the default budget is known.
+Status check_host_cache(const SimInputs& in, const Capacity& c) {
+  if (!in.host_cache_bytes) return Status::ok_status();
+  const uint64_t mem = in.machine.host.memory_bytes, per_sequence = *in.host_cache_bytes;
+  const uint64_t budget = c.placement.host_budget_bytes;
+  if (per_sequence > mem / in.batch || budget > mem - per_sequence * in.batch)
+    return invalid_field(kWhat, "host_cache_bytes", per_sequence,
+                         "per sequence, x batch " + std::to_string(in.batch) + " beside the host budget (" +
+                             std::to_string(budget) + " bytes) must fit host memory (" + std::to_string(mem) +
+                             " bytes)");
   return Status::ok_status();
 }
 
@@ -201,7 +210,9 @@ CostRates rates_from_profile(const MachineProfile& m, const ModelShape& shape, c
 
 Result<Capacity> capacity(const SimInputs& in) {
   KVT_RETURN_IF_ERROR(check_inputs(in));
-  return capacity_of(in);
+  Capacity c = capacity_of(in);
+  KVT_RETURN_IF_ERROR(check_host_cache(in, c));
+  return c;
 }
 
 namespace {
@@ -277,7 +288,9 @@ SelectionModel model_selection(const SimInputs& in, const Capacity& c, double u 
   //   s = min(1 - kappa, S phi / (H_n - K_n)),
   // solved with N by bisection (the right side falls as s rises: fewer
   // reads, a longer stay, a smaller phi).
-  const double staging = static_cast<double>(in.host_cache_bytes.value_or(0)) / static_cast<double>(c.block_bytes);
+  // One staging cache per sequence, as the executor's host_cache_bytes.
+  const double staging = static_cast<double>(in.host_cache_bytes.value_or(0)) * in.batch /
+                         static_cast<double>(c.block_bytes);
   double s = 0;
   if (hn > kn && staging > 0 && o < 1.0) {
     const double q = std::min(working_set * (1.0 - o) * (1.0 - h) / hn, 1.0 - 1e-12);
@@ -631,7 +644,7 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
                               std::string("none given: only last step's reads are staged")) +
                 ") and phi the share of its reads not selected again since (then they went up): a read stays S / R "
                 "steps (R = W h' N reads per step), and a given NVMe-homed block is newly selected with q = W (1 - "
-                "o) h' / H_n per step, phi = (1 - (1 - q)^(S/R)) / ((S/R) q), solved with N by iteration; the "
+                "o) h' / H_n per step, phi = (1 - (1 - q)^(S/R)) / ((S/R) q), solved with N by bisection; the "
                 "staging cache is taken as in steady state (a short run after prefill may still hold prefill's "
                 "blocks there); u = " + num(sel.staged_upload_share) +
                 " from the planner's uploads per list over the staged blocks per list (iterated to agree)");
@@ -728,6 +741,7 @@ Result<PlanReport> simulate(const SimInputs& in) {
   r.weights_bytes = in.model.weights_bytes;
   r.gpu_memory_bytes = in.machine.gpu.memory_bytes;
   r.cap = capacity_of(in);
+  KVT_RETURN_IF_ERROR(check_host_cache(in, r.cap));
   r.max_context_tokens_that_fits = max_context_that_fits(in);
   r.rates = rates_from_profile(in.machine, in.model.shape, in.policy, in.batch, in.constants);
   KVT_RETURN_IF_ERROR(validate(r.rates).with_context("rates from machine '" + in.machine.name + "'"));

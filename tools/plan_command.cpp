@@ -42,8 +42,8 @@ po::options_description plan_options() {
       "host-budget", po::value<std::string>(),
       "host RAM for KV blocks in bytes; default: 80% of host RAM - summaries")(
       "host-cache", po::value<std::string>(),
-      "host RAM beyond --host-budget for the NVMe staging cache (the runtime's host_cache_bytes); default: none "
-      "modeled, so only the last step's NVMe reads are still in host memory")(
+      "host RAM beyond --host-budget for the NVMe staging cache, per sequence (the runtime's host_cache_bytes); "
+      "default: none modeled, so only the last step's NVMe reads are still in host memory")(
       "selection-overlap", po::value<std::string>(),
       "share of each step's top-k also selected the step before, in [0, 1] (default 0.6, modeled)")(
       "score-on", po::value<std::string>()->default_value("gpu"),

@@ -289,6 +289,20 @@ TEST_CASE("selection with NVMe homes: a staging cache turns reads into host hits
   }
   in.host_cache_bytes = uint64_t{600} * kGiB;  // with the 5 GiB homes, more than the host has
   CHECK(!simulate(in).ok());
+  in.host_cache_bytes = UINT64_MAX;  // no wrap-around lets it through
+  CHECK(!simulate(in).ok());
+  // The default host budget (80% of 512 GiB less summaries) counts too.
+  in.host_budget_bytes.reset();
+  in.host_cache_bytes = uint64_t{120} * kGiB;
+  const Result<PlanReport> over = simulate(in);
+  REQUIRE(!over.ok());
+  CHECK(over.status().message().find("host_cache_bytes") != std::string::npos);
+  in.host_cache_bytes = uint64_t{60} * kGiB;
+  CHECK(simulate(in).ok());
+  in.batch = 2;  // one staging cache per sequence: 120 GiB again
+  const Result<PlanReport> two = simulate(in);
+  REQUIRE(!two.ok());
+  CHECK(two.status().message().find("host_cache_bytes") != std::string::npos);
 }
 
 TEST_CASE("rates follow the profile with the stated fractions") {

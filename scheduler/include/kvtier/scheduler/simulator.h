@@ -59,9 +59,10 @@ struct SimInputs {
   std::optional<uint64_t> gpu_budget_bytes;   // GPU memory for KV (hot set + block cache); default: derived
   std::optional<uint64_t> host_budget_bytes;  // host RAM for KV blocks (summaries apart); default: derived
   std::optional<double> selection_overlap;    // step-to-step top-k overlap in [0, 1]; default kDefaultOverlap
-  // Of host RAM beyond host_budget_bytes: the staging cache that keeps NVMe
-  // blocks read by earlier steps (ExecutorOptions::host_cache_bytes); unset
-  // models none, so that only last step's reads are still in host memory.
+  // Of host RAM beyond host_budget_bytes, per sequence: the staging cache
+  // that keeps NVMe blocks read by earlier steps (ExecutorOptions::
+  // host_cache_bytes, one per sequence); unset models none, so that only
+  // last step's reads are still in host memory.
   std::optional<uint64_t> host_cache_bytes;
   // The GPU scores the summaries where the executor would
   // (ExecutorOptions::score_on_gpu): mean-key summaries whose copy fits a
