@@ -424,14 +424,17 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     t_pin = wall_us();
     KVT_RETURN_IF_ERROR(seq.store_->pin_resident(on_host, Tier::kHost, host_pinned));
     stats_.plan_pin_us += wall_us() - t_pin;
+    const size_t planned_reads = x.reads.size();
     for (size_t i = 0; i < on_host.size(); ++i) {
       if (host_pinned[i])
         x.host_pins.emplace(on_host[i], std::move(host_pinned[i]));
       else
         x.reads.push_back(on_host[i]);  // dropped from staging since the plan looked: read it again
     }
-    x.reads_sorted = x.reads;
-    std::sort(x.reads_sorted.begin(), x.reads_sorted.end());
+    if (x.reads.size() != planned_reads) {
+      x.reads_sorted = x.reads;
+      std::sort(x.reads_sorted.begin(), x.reads_sorted.end());
+    }
     stats_.uploaded_blocks += x.upload.size();
     stats_.nvme_read_blocks += x.reads.size() + x.late_reads.size();
     if (!x.upload.empty()) {

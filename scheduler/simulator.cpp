@@ -232,6 +232,20 @@ CacheHits lru_hits(double cache, double blocks, double working_set, double o) {
   return c;
 }
 
+// Steady state of a selected NVMe-homed block (model_selection below): read
+// this step (n), staged in host memory only, or on the GPU (g).
+struct NvmeStates {
+  double n = 0, staged = 0, g = 0;
+};
+NvmeStates nvme_states(double o, double kappa, double s, double u) {
+  NvmeStates x;
+  x.n = (1.0 - o) * std::max(0.0, 1.0 - kappa - s);
+  const double denominator = 1.0 - o * (1.0 - u);
+  x.staged = denominator > 1e-12 ? (o * x.n + (1.0 - o) * s) / denominator : 1.0 - kappa;
+  x.g = std::max(0.0, 1.0 - x.staged - x.n);
+  return x;
+}
+
 // Where the selected blocks are, modeled (simulator.h SelectionModel), with
 // `u` the share of re-selected staged blocks the planner uploads.
 SelectionModel model_selection(const SimInputs& in, const Capacity& c, double u = 1.0) {
@@ -309,24 +323,18 @@ SelectionModel model_selection(const SimInputs& in, const Capacity& c, double u 
     s = 0.5 * (lo + hi);
   }
   sel.staging_hit_share = s;
-  const double n = (1.0 - o) * std::max(0.0, 1.0 - kappa - s);
-  const double denominator = 1.0 - o * (1.0 - u);
-  const double staged = denominator > 1e-12 ? (o * n + (1.0 - o) * s) / denominator : 1.0 - kappa;
-  const double g = std::max(0.0, 1.0 - staged - n);
+  const NvmeStates x = nvme_states(o, kappa, s, u);
   sel.new_gpu_share = h * host.new_share + (1.0 - h) * kappa;
-  sel.gpu_share = h * host.share + (1.0 - h) * g;
-  sel.nvme_share = (1.0 - h) * n;
+  sel.gpu_share = h * host.share + (1.0 - h) * x.g;
+  sel.nvme_share = (1.0 - h) * x.n;
   sel.host_share = std::max(0.0, 1.0 - sel.gpu_share - sel.nvme_share);
   return sel;
 }
 
 // Staged NVMe-homed blocks per selection list, of the selection model.
 double staged_per_list(const SelectionModel& sel) {
-  const double kappa = sel.nvme_homed_cached_share, s = sel.staging_hit_share, o = sel.overlap;
-  const double n = (1.0 - o) * std::max(0.0, 1.0 - kappa - s);
-  const double denominator = 1.0 - o * (1.0 - sel.staged_upload_share);
-  const double staged = denominator > 1e-12 ? (o * n + (1.0 - o) * s) / denominator : 1.0 - kappa;
-  return sel.topk_blocks * sel.nvme_homed_share * staged;
+  return sel.topk_blocks * sel.nvme_homed_share *
+         nvme_states(sel.overlap, sel.nvme_homed_cached_share, sel.staging_hit_share, sel.staged_upload_share).staged;
 }
 
 // Count for list i of n when the lists share a fractional mean `per_list`:
@@ -422,19 +430,17 @@ Status add_decode(const SimInputs& in, PlanReport& r) {
   // Where NVMe homes exist, the share of staged blocks going up is the
   // planner's choice: iterate the selection model with the planner's uploads
   // (per list, of the open-tail plan) until they agree.
-  if (r.selection.nvme_homed_share > 0) {
-    for (int i = 0; i < 16; ++i) {
-      KVT_ASSIGN_OR_RETURN(const LayerPlan p, plan_one(in, r.selection, r.cap, r.rates, false));
-      double uploads = 0;
-      for (const HeadPlan& h : p.heads) uploads += static_cast<double>(h.upload.size());
-      uploads /= static_cast<double>(std::max<size_t>(p.heads.size(), 1));
-      const double staged = staged_per_list(r.selection);
-      const double u = staged > 0 ? std::min(1.0, uploads / staged) : 1.0;
-      if (std::abs(u - r.selection.staged_upload_share) < 1e-3) break;
-      r.selection = model_selection(in, r.cap, 0.5 * (u + r.selection.staged_upload_share));
-    }
+  KVT_ASSIGN_OR_RETURN(LayerPlan open_tail, plan_one(in, r.selection, r.cap, r.rates, false));
+  for (int i = 0; i < 16 && r.selection.nvme_homed_share > 0; ++i) {
+    double uploads = 0;
+    for (const HeadPlan& h : open_tail.heads) uploads += static_cast<double>(h.upload.size());
+    uploads /= static_cast<double>(std::max<size_t>(open_tail.heads.size(), 1));
+    const double staged = staged_per_list(r.selection);
+    const double u = staged > 0 ? std::min(1.0, uploads / staged) : 1.0;
+    if (std::abs(u - r.selection.staged_upload_share) < 1e-3) break;
+    r.selection = model_selection(in, r.cap, 0.5 * (u + r.selection.staged_upload_share));
+    KVT_ASSIGN_OR_RETURN(open_tail, plan_one(in, r.selection, r.cap, r.rates, false));
   }
-  KVT_ASSIGN_OR_RETURN(const LayerPlan open_tail, plan_one(in, r.selection, r.cap, r.rates, false));
   KVT_ASSIGN_OR_RETURN(const LayerPlan full_tail, plan_one(in, r.selection, r.cap, r.rates, true));
   // One step in chunk_tokens completes the tail block: average the two plans.
   StepSums sums;

@@ -47,6 +47,16 @@ PlanReport run(const SimInputs& in) {
   return *r;
 }
 
+// 128K tokens on an H200 with 8 GiB for KV and 5 GiB of host homes: the rest
+// of the far blocks are homed on NVMe. Overlap 0.5.
+SimInputs nvme_homes_128k() {
+  SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
+  in.gpu_budget_bytes = 8 * kGiB;
+  in.host_budget_bytes = 5 * kGiB;
+  in.selection_overlap = 0.5;
+  return in;
+}
+
 }  // namespace
 
 TEST_CASE("capacity of llama-3.1-8b at 1M on rtx4090,ddr5-128g,nvme-gen4, by hand") {
@@ -233,10 +243,7 @@ TEST_CASE("selection without NVMe homes: one LRU cache over the far blocks, by h
 }
 
 TEST_CASE("selection with NVMe homes: the GPU cache keeps NVMe-homed copies, by hand") {
-  SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
-  in.gpu_budget_bytes = 8 * kGiB;
-  in.host_budget_bytes = 5 * kGiB;
-  in.selection_overlap = 0.5;
+  SimInputs in = nvme_homes_128k();
   const PlanReport r = run(in);
   const Placement& p = r.cap.placement;
   REQUIRE(p.nvme.blocks > 0);
@@ -260,10 +267,7 @@ TEST_CASE("selection with NVMe homes: the GPU cache keeps NVMe-homed copies, by 
 }
 
 TEST_CASE("selection with NVMe homes: a staging cache turns reads into host hits, and more of it more") {
-  SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
-  in.gpu_budget_bytes = 8 * kGiB;
-  in.host_budget_bytes = 5 * kGiB;
-  in.selection_overlap = 0.5;
+  SimInputs in = nvme_homes_128k();
   const PlanReport none = run(in);
   double last_nvme = none.selection.nvme_share;
   for (const uint64_t staging : {uint64_t{256} << 20, uint64_t{1} << 30, uint64_t{3} << 30}) {

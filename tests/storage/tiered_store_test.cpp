@@ -262,6 +262,14 @@ void churn(TieredStore& s) {
     REQUIRE(s.wait(s.prefetch(chunk_range(first, first + 255), Tier::kGpu)).ok());
 }
 
+// A written store of 64K tokens whose chunks 10-19 are on the gpu.
+struct GpuFetched {
+  std::unique_ptr<ComputeBackend> backend = cpu::make_cpu_backend();
+  StoreConfig config = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+  std::unique_ptr<TieredStore> store = written_store(*backend, config);
+  GpuFetched() { REQUIRE(store->wait(store->prefetch(chunk_range(10, 19), Tier::kGpu)).ok()); }
+};
+
 }  // namespace
 
 TEST_CASE("an upload of host-resident blocks does not wait behind NVMe reads; one that needs a read does") {
@@ -387,11 +395,8 @@ TEST_CASE("the gpu tier keeps NVMe-homed copies while host-homed ones can make r
 }
 
 TEST_CASE("pin_resident pins what is there under one lock, leaves the rest empty, and refuses a bad block") {
-  auto backend = cpu::make_cpu_backend();
-  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
-  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
-  TieredStore& s = *store;
-  REQUIRE(s.wait(s.prefetch(chunk_range(10, 19), Tier::kGpu)).ok());
+  GpuFetched f;
+  TieredStore& s = *f.store;
   const std::vector<uint32_t> asked = {10, 3000, 15, 19, 2};  // 3000 is NVMe-homed, 2 never fetched
   std::vector<BlockPin> pins(asked.size());
   REQUIRE(s.pin_resident(asked, Tier::kGpu, pins).ok());
@@ -417,11 +422,8 @@ TEST_CASE("pin_resident pins what is there under one lock, leaves the rest empty
 }
 
 TEST_CASE("release drops a batch of pins under one lock: the pins are empty and their copies evictable again") {
-  auto backend = cpu::make_cpu_backend();
-  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
-  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
-  TieredStore& s = *store;
-  REQUIRE(s.wait(s.prefetch(chunk_range(10, 19), Tier::kGpu)).ok());
+  GpuFetched f;
+  TieredStore& s = *f.store;
   const std::vector<uint32_t> asked = {10, 3000, 15};  // 3000 is not on the gpu: its pin stays empty
   std::vector<BlockPin> pins(asked.size());
   REQUIRE(s.pin_resident(asked, Tier::kGpu, pins).ok());
@@ -437,7 +439,7 @@ TEST_CASE("release drops a batch of pins under one lock: the pins are empty and 
   CHECK(!s.resident(10, Tier::kGpu));
   CHECK(!s.resident(15, Tier::kGpu));
   // A pin of another store is not this store's to release.
-  const std::unique_ptr<TieredStore> other = written_store(*backend, c);
+  const std::unique_ptr<TieredStore> other = written_store(*f.backend, f.config);
   std::vector<BlockPin> theirs(1);
   REQUIRE(other->pin_resident(std::vector<uint32_t>{5}, Tier::kHost, theirs).ok());
   s.release(theirs);

@@ -227,32 +227,10 @@ class SequenceKv {
   std::unordered_map<uint32_t, storage::Ticket> reading_;
   std::unordered_map<uint64_t, std::vector<uint32_t>> ticket_blocks_;
   std::vector<storage::Ticket> pending_tickets_;
-  void track_reads(storage::Ticket t, std::span<const uint32_t> blocks) {
-    for (uint32_t f : blocks) reading_[f] = t;
-    auto& list = ticket_blocks_[t.id];
-    list.insert(list.end(), blocks.begin(), blocks.end());
-  }
-  void forget_reads(storage::Ticket t) {
-    auto it = ticket_blocks_.find(t.id);
-    if (it == ticket_blocks_.end()) return;
-    for (uint32_t f : it->second) {
-      auto r = reading_.find(f);
-      if (r != reading_.end() && r->second.id == t.id) reading_.erase(r);  // a later read of f keeps its entry
-    }
-    ticket_blocks_.erase(it);
-  }
+  void track_reads(storage::Ticket t, std::span<const uint32_t> blocks);
+  void forget_reads(storage::Ticket t);
   // How many of `now` (a head's selection, chunks) were in `before`.
-  uint64_t count_kept(std::span<const uint32_t> before, std::span<const uint32_t> now) {
-    if (++kept_stamp_ == 0) {  // wrapped: clear the marks once every 2^32 comparisons
-      std::fill(kept_mark_.begin(), kept_mark_.end(), 0);
-      kept_stamp_ = 1;
-    }
-    if (kept_mark_.size() < chunks_per_head_) kept_mark_.resize(chunks_per_head_, 0);
-    for (uint32_t c : before) kept_mark_[c] = kept_stamp_;
-    uint64_t kept = 0;
-    for (uint32_t c : now) kept += kept_mark_[c] == kept_stamp_;
-    return kept;
-  }
+  uint64_t count_kept(std::span<const uint32_t> before, std::span<const uint32_t> now);
   std::shared_ptr<std::atomic<uint32_t>> live_;  // the executor's count of open sequences
   GpuSummaries gpu_summaries_;  // empty: the CPU scores this sequence
 };
