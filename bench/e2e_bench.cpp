@@ -24,7 +24,9 @@
 // run), KVTIER_E2E_POLL=0 (read waits sleep on the store at once; every run),
 // KVTIER_E2E_EVICTION=lru (the GPU tier evicts least recently used copies
 // whatever their home; default home-aware; every run), KVTIER_E2E_GPU_SCORE=0
-// (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run)
+// (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run),
+// KVTIER_E2E_LATE_DROP=0 (late reads wait for room in a full read queue
+// instead of being dropped behind a step-deep one; every run),
 // KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
 // check: speed figures only) and KVTIER_E2E_DECODE_STEPS (timed steps of
 // each phase, default 16, 8 with --quick; every run).
@@ -112,6 +114,7 @@ struct E2eConfig {
   bool poll_reads = true;       // ExecutorOptions::poll_reads
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // ExecutorOptions::gpu_eviction
   bool score_on_gpu = true;     // ExecutorOptions::score_on_gpu
+  bool drop_late_reads = true;  // ExecutorOptions::drop_late_reads
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -238,6 +241,8 @@ Status apply_overrides(E2eConfig& c) {
   }
   KVT_RETURN_IF_ERROR(
       switch_override("KVTIER_E2E_POLL", "read waits poll the store first", c.poll_reads, c.overrides));
+  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_LATE_DROP", "late reads are dropped behind a step-deep read queue",
+                                      c.drop_late_reads, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_GPU_SCORE", "summaries are scored on the GPU where one runs the step",
                                       c.score_on_gpu, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_FIDELITY", "needles, verification and the full-budget check",
@@ -609,6 +614,7 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"plan_planner", x.plan_planner_us / n},
             {"plan_pin", x.plan_pin_us / n},
             {"plan_warm", x.plan_warm_us / n},
+            {"plan_issue", x.plan_issue_us / n},
             {"prepare_host", x.prepare_host_us / n},
             {"prepare_gpu", x.prepare_gpu_us / n}}},
           {"blocks_per_layer_step",
@@ -617,7 +623,8 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"uploaded", x.uploaded_blocks / n},
             {"cpu", x.cpu_blocks / n},
             {"nvme_read", x.nvme_read_blocks / n},
-            {"late", x.late_blocks / n}}},
+            {"late", x.late_blocks / n},
+            {"late_reads_dropped", x.late_reads_dropped / n}}},
           {"gpu_scored_sequences_per_layer_step", double(x.gpu_scored) / n}};
 }
 
@@ -691,6 +698,7 @@ class Runner {
     r.engine.poll_reads = c_.poll_reads;
     r.engine.gpu_eviction = c_.gpu_eviction;
     r.engine.score_on_gpu = c_.score_on_gpu;
+    r.engine.drop_late_reads = c_.drop_late_reads;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

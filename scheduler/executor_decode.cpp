@@ -435,8 +435,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       x.reads_sorted = x.reads;
       std::sort(x.reads_sorted.begin(), x.reads_sorted.end());
     }
-    stats_.uploaded_blocks += x.upload.size();
-    stats_.nvme_read_blocks += x.reads.size() + x.late_reads.size();
+    const double t_issue = wall_us();
     if (!x.upload.empty()) {
       x.upload_issued_us = tr != nullptr ? tr->now_us() : 0;
       x.upload_ticket = seq.store_->prefetch(x.upload, Tier::kGpu);
@@ -449,10 +448,22 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
                             x.reads.begin() + static_cast<ptrdiff_t>(std::min(x.reads.size(), i + kReadRoundBlocks)));
     while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
     if (!x.late_reads.empty()) {  // after the reads this step waits for
-      const storage::Ticket t = seq.store_->prefetch(x.late_reads, Tier::kHost);
-      seq.pending_tickets_.push_back(t);
-      seq.track_reads(t, x.late_reads);
+      std::optional<storage::Ticket> t;
+      if (options_.drop_late_reads)
+        t = seq.store_->try_prefetch(x.late_reads, Tier::kHost, s.layers);
+      else
+        t = seq.store_->prefetch(x.late_reads, Tier::kHost);
+      if (t) {
+        seq.pending_tickets_.push_back(*t);
+        seq.track_reads(*t, x.late_reads);
+      } else {
+        stats_.late_reads_dropped += x.late_reads.size();
+        x.late_reads.clear();
+      }
     }
+    stats_.plan_issue_us += wall_us() - t_issue;
+    stats_.uploaded_blocks += x.upload.size();
+    stats_.nvme_read_blocks += x.reads.size() + x.late_reads.size();
   }
     return Status::ok_status();
   };

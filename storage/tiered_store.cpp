@@ -1,6 +1,7 @@
 #include "kvtier/storage/tiered_store.h"
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -113,10 +114,15 @@ struct TieredStore::Impl {
   Status copy_to_gpu(const std::vector<uint32_t>& blocks);
   Result<uint32_t> take_cache_slot();
   Result<uint32_t> take_gpu_slot();
+  // Gives `job` the next ticket and moves it onto `lane`; returns the
+  // condition variable that wakes the lane's thread (notify it after
+  // unlocking). Under the lock, with room in the lane.
+  std::condition_variable& queue_job(Job& job, std::deque<Job>& lane);
   void free_gpu_slot(uint32_t slot) {
     gpu_arena->free(slot);
     --gpu_held;
-  }  // After a batched upload into slots taken for `blocks`: the copies become
+  }
+  // After a batched upload into slots taken for `blocks`: the copies become
   // GPU-resident when it succeeded (and count in the stats), else their
   // slots go back. Under the lock.
   void settle_gpu_copies(std::span<const uint32_t> blocks, bool copied) {
@@ -509,19 +515,57 @@ Status TieredStore::Impl::copy_to_gpu(const std::vector<uint32_t>& blocks) {
 
 // ---------------------------------------------------------------- callers
 
+namespace {
+
+std::vector<uint32_t> job_blocks(std::span<const uint32_t> blocks) {
+  std::vector<uint32_t> v(blocks.begin(), blocks.end());
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v;
+}
+
+}  // namespace
+
+std::condition_variable& TieredStore::Impl::queue_job(Job& job, std::deque<Job>& lane) {
+  job.id = next_ticket++;
+  const Tier tier = job.tier;
+  lane.push_back(std::move(job));
+  return tier == Tier::kGpu ? upload_cv : queue_cv;
+}
+
 Ticket TieredStore::prefetch(std::span<const uint32_t> blocks, Tier tier) {
   KVT_ASSERT(tier == Tier::kGpu || tier == Tier::kHost, "prefetch into ", tier_name(tier));
-  Job job{0, std::vector<uint32_t>(blocks.begin(), blocks.end()), tier};
-  std::sort(job.blocks.begin(), job.blocks.end());
-  job.blocks.erase(std::unique(job.blocks.begin(), job.blocks.end()), job.blocks.end());
+  Job job{0, job_blocks(blocks), tier};
   Impl& s = *impl_;
   std::unique_lock lock(s.mu);
   std::deque<Job>& lane = tier == Tier::kGpu ? s.upload_queue : s.queue;
-  s.space_cv.wait(lock, [&] { return lane.size() < kMaxQueuedJobs; });
-  job.id = s.next_ticket++;
-  const Ticket ticket{job.id};
-  lane.push_back(std::move(job));
-  (tier == Tier::kGpu ? s.upload_cv : s.queue_cv).notify_one();
+  if (lane.size() >= kMaxQueuedJobs) {
+    const auto t0 = std::chrono::steady_clock::now();
+    s.space_cv.wait(lock, [&] { return lane.size() < kMaxQueuedJobs; });
+    ++s.stats.prefetch_waits;
+    s.stats.prefetch_wait_us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  }
+  const Ticket ticket{s.next_ticket};
+  std::condition_variable& wake = s.queue_job(job, lane);
+  lock.unlock();  // the woken thread's first step is to take the lock
+  wake.notify_one();
+  return ticket;
+}
+
+std::optional<Ticket> TieredStore::try_prefetch(std::span<const uint32_t> blocks, Tier tier, size_t max_queued) {
+  KVT_ASSERT(tier == Tier::kGpu || tier == Tier::kHost, "try_prefetch into ", tier_name(tier));
+  Job job{0, job_blocks(blocks), tier};
+  Impl& s = *impl_;
+  std::unique_lock lock(s.mu);
+  std::deque<Job>& lane = tier == Tier::kGpu ? s.upload_queue : s.queue;
+  if (lane.size() >= std::min(max_queued, kMaxQueuedJobs)) {
+    ++s.stats.prefetches_refused;
+    return std::nullopt;
+  }
+  const Ticket ticket{s.next_ticket};
+  std::condition_variable& wake = s.queue_job(job, lane);
+  lock.unlock();
+  wake.notify_one();
   return ticket;
 }
 

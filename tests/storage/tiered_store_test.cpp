@@ -262,6 +262,16 @@ void churn(TieredStore& s) {
     REQUIRE(s.wait(s.prefetch(chunk_range(first, first + 255), Tier::kGpu)).ok());
 }
 
+// Makes every read request of a store over a fault device take latency_us.
+FaultDevice& slow_reads(TieredStore& s, uint32_t latency_us) {
+  auto* device = dynamic_cast<FaultDevice*>(&s.file().device());
+  REQUIRE(device != nullptr);
+  FaultConfig slow;
+  slow.latency_us = latency_us;
+  device->set_faults(slow);
+  return *device;
+}
+
 // A written store of 64K tokens whose chunks 10-19 are on the gpu.
 struct GpuFetched {
   std::unique_ptr<ComputeBackend> backend = cpu::make_cpu_backend();
@@ -284,11 +294,7 @@ TEST_CASE("an upload of host-resident blocks does not wait behind NVMe reads; on
   }
   REQUIRE(host.size() == 8);
   REQUIRE(nvme.size() == 8);
-  auto* device = dynamic_cast<FaultDevice*>(&s.file().device());
-  REQUIRE(device != nullptr);
-  FaultConfig slow;
-  slow.latency_us = 300'000;  // each read request takes 0.3 s
-  device->set_faults(slow);
+  FaultDevice& device = slow_reads(s, 300'000);  // each read request takes 0.3 s
   const Ticket read = s.prefetch(nvme, Tier::kHost);
   const Ticket up = s.prefetch(host, Tier::kGpu);
   REQUIRE(s.wait(up).ok());
@@ -299,7 +305,7 @@ TEST_CASE("an upload of host-resident blocks does not wait behind NVMe reads; on
   const Ticket behind = s.prefetch(std::vector<uint32_t>{nvme[0]}, Tier::kGpu);
   REQUIRE(s.wait(behind).ok());
   if (!read_done) REQUIRE(s.wait(read).ok());
-  device->set_faults(FaultConfig{});
+  device.set_faults(FaultConfig{});
   std::vector<std::byte> back(s.block_bytes());
   std::vector<uint32_t> check = host;
   check.push_back(nvme[0]);
@@ -311,6 +317,40 @@ TEST_CASE("an upload of host-resident blocks does not wait behind NVMe reads; on
     CHECK(block_matches(back.data(), back.size(), b));
   }
   for (uint32_t b : nvme) CHECK(s.resident(b, Tier::kHost));
+}
+
+TEST_CASE("try_prefetch queues nothing behind a queue as deep as asked, and queues like prefetch otherwise") {
+  auto backend = cpu::make_cpu_backend();
+  const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+  TieredStore& s = *store;
+  std::vector<uint32_t> nvme;
+  for (uint32_t b = 0; b < s.block_count() && nvme.size() < 5; ++b)
+    if (s.home_of(b) == Tier::kNvme && !s.resident(b, Tier::kHost)) nvme.push_back(b);
+  REQUIRE(nvme.size() == 5);
+  FaultDevice& device = slow_reads(s, 400'000);  // each read request takes 0.4 s
+  // One read runs (or is about to), two wait behind it for 0.4 s at least.
+  std::vector<Ticket> reads;
+  for (int i = 0; i < 3; ++i) reads.push_back(s.prefetch(std::vector<uint32_t>{nvme[i]}, Tier::kHost));
+  const std::optional<Ticket> refused = s.try_prefetch(std::vector<uint32_t>{nvme[3]}, Tier::kHost, 2);
+  CHECK_FALSE(refused.has_value());
+  CHECK(s.stats().prefetches_refused == 1);
+  // The upload lane is empty: a gpu prefetch of a host-homed block is queued.
+  uint32_t host_block = 0;
+  while (s.home_of(host_block) != Tier::kHost) ++host_block;
+  const std::optional<Ticket> up = s.try_prefetch(std::vector<uint32_t>{host_block}, Tier::kGpu, 1);
+  REQUIRE(up.has_value());
+  const std::optional<Ticket> queued = s.try_prefetch(std::vector<uint32_t>{nvme[4]}, Tier::kHost, 8);
+  REQUIRE(queued.has_value());
+  device.set_faults(FaultConfig{});
+  for (const Ticket& t : reads) REQUIRE(s.wait(t).ok());
+  REQUIRE(s.wait(*queued).ok());
+  REQUIRE(s.wait(*up).ok());
+  CHECK(s.stats().prefetches_refused == 1);
+  CHECK(s.stats().prefetch_waits == 0);
+  for (int i : {0, 1, 2, 4}) CHECK(s.resident(nvme[i], Tier::kHost));
+  CHECK_FALSE(s.resident(nvme[3], Tier::kHost));  // refused: never read
+  CHECK(s.resident(host_block, Tier::kGpu));
 }
 
 TEST_CASE("pinned, sink and window blocks survive eviction churn; blocks leaving the window do not") {

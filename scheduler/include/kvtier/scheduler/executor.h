@@ -71,6 +71,10 @@ struct ExecutorStats {
   uint64_t selected_blocks = 0;   // selected far blocks, summed over sequences and KV heads
   uint64_t gpu_resident_blocks = 0, uploaded_blocks = 0, cpu_blocks = 0, nvme_read_blocks = 0;
   uint64_t late_blocks = 0;       // contributed by summary (LatePolicy::kSummary)
+  // Late blocks whose read was not started because the sequence's read queue
+  // was a decode step deep (ExecutorOptions::drop_late_reads); they are read
+  // when selected again.
+  uint64_t late_reads_dropped = 0;
   uint64_t kept_from_previous = 0;  // selected blocks that the previous step of the layer selected too
   uint64_t selection_compared = 0;  // selected blocks that had a previous step to compare with
   uint64_t write_backs = 0;
@@ -97,9 +101,10 @@ struct ExecutorStats {
   double prepare_host_us = 0, prepare_gpu_us = 0;
   // Of plan_us: where the selected blocks are (store and read queries), the
   // planner itself, the store's GPU and host pins of the planned blocks
-  // (plan_pin_us), and starting the workers' spin (plan_warm_us); the rest is
-  // starting uploads and reads and the per-head bookkeeping.
-  double plan_residency_us = 0, plan_planner_us = 0, plan_pin_us = 0, plan_warm_us = 0;
+  // (plan_pin_us), starting the workers' spin (plan_warm_us), and queueing
+  // the uploads and reads on the store (plan_issue_us: includes any wait for
+  // room in a full request queue); the rest is the per-head bookkeeping.
+  double plan_residency_us = 0, plan_planner_us = 0, plan_pin_us = 0, plan_warm_us = 0, plan_issue_us = 0;
   double prefill_us = 0;
   // Where prefill's wall time goes, serially: appending the block and staging
   // its completed chunks (GPU copies, summaries, home writes started), the
@@ -146,6 +151,12 @@ struct ExecutorOptions {
   // take more than a quarter of a sequence's slots or leave it less than
   // twice its pinned hot set, the CPU scores (DESIGN.md's original split).
   bool score_on_gpu = true;
+  // A late block's read (LatePolicy::kSummary) only helps later steps, so it
+  // is not queued when the sequence's store already has a decode step of
+  // reads queued (one request per layer): a slow drive then drops late reads
+  // instead of stalling the plan node until the queue has room, and the
+  // blocks are read when selected again. Off: such reads wait for room.
+  bool drop_late_reads = true;
 };
 
 class Executor;

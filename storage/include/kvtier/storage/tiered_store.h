@@ -65,6 +65,10 @@ struct StoreStats {
   uint64_t h2d_blocks = 0, h2d_batches = 0;
   uint64_t gpu_evictions = 0, host_cache_evictions = 0;
   uint64_t gpu_hits = 0, host_cache_hits = 0;
+  // prefetch calls that found their request queue full and waited for room,
+  // and the time they waited; try_prefetch calls refused for a deep queue.
+  uint64_t prefetch_waits = 0, prefetches_refused = 0;
+  double prefetch_wait_us = 0;
 };
 
 class TieredStore;
@@ -185,6 +189,11 @@ class TieredStore {
   // there are touched. Blocks up to the call are bounded: a full request queue
   // makes the caller wait.
   Ticket prefetch(std::span<const uint32_t> blocks, Tier tier);
+  // As prefetch, but it never waits: when `tier`'s request queue already
+  // holds max_queued requests or more (the queue's own bound applies too),
+  // nothing is queued and nothing returned. For reads that are optional and
+  // worth less the later they land.
+  std::optional<Ticket> try_prefetch(std::span<const uint32_t> blocks, Tier tier, size_t max_queued);
   // Waits for a ticket; the Status says what failed (naming block and file).
   Status wait(Ticket ticket);
   // The ticket's Status if it has finished (the ticket is then spent), or
