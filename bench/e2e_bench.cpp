@@ -25,8 +25,9 @@
 // KVTIER_E2E_EVICTION=lru (the GPU tier evicts least recently used copies
 // whatever their home; default home-aware; every run), KVTIER_E2E_GPU_SCORE=0
 // (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run),
-// KVTIER_E2E_LATE_DROP=0 (late reads wait for room in a full read queue
-// instead of being dropped behind a step-deep one; every run),
+// KVTIER_E2E_LATE_DROP=0 (late reads and the prefetch ahead wait for room
+// in a full read queue instead of being dropped behind a step-deep one;
+// every run),
 // KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
 // check: speed figures only) and KVTIER_E2E_DECODE_STEPS (timed steps of
 // each phase, default 16, 8 with --quick; every run).
@@ -114,7 +115,7 @@ struct E2eConfig {
   bool poll_reads = true;       // ExecutorOptions::poll_reads
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // ExecutorOptions::gpu_eviction
   bool score_on_gpu = true;     // ExecutorOptions::score_on_gpu
-  bool drop_late_reads = true;  // ExecutorOptions::drop_late_reads
+  bool drop_optional_reads = true;  // ExecutorOptions::drop_optional_reads
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -241,8 +242,8 @@ Status apply_overrides(E2eConfig& c) {
   }
   KVT_RETURN_IF_ERROR(
       switch_override("KVTIER_E2E_POLL", "read waits poll the store first", c.poll_reads, c.overrides));
-  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_LATE_DROP", "late reads are dropped behind a step-deep read queue",
-                                      c.drop_late_reads, c.overrides));
+  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_LATE_DROP", "late and ahead reads are dropped behind a step-deep read queue",
+                                      c.drop_optional_reads, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_GPU_SCORE", "summaries are scored on the GPU where one runs the step",
                                       c.score_on_gpu, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_FIDELITY", "needles, verification and the full-budget check",
@@ -624,7 +625,8 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"cpu", x.cpu_blocks / n},
             {"nvme_read", x.nvme_read_blocks / n},
             {"late", x.late_blocks / n},
-            {"late_reads_dropped", x.late_reads_dropped / n}}},
+            {"late_reads_dropped", x.late_reads_dropped / n},
+            {"ahead_reads_dropped", x.ahead_reads_dropped / n}}},
           {"gpu_scored_sequences_per_layer_step", double(x.gpu_scored) / n}};
 }
 
@@ -698,7 +700,7 @@ class Runner {
     r.engine.poll_reads = c_.poll_reads;
     r.engine.gpu_eviction = c_.gpu_eviction;
     r.engine.score_on_gpu = c_.score_on_gpu;
-    r.engine.drop_late_reads = c_.drop_late_reads;
+    r.engine.drop_optional_reads = c_.drop_optional_reads;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

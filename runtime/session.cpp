@@ -127,7 +127,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   xo.gpu_eviction = options.gpu_eviction;
   xo.score_on_gpu = options.score_on_gpu;
   xo.poll_reads = options.poll_reads;
-  xo.drop_late_reads = options.drop_late_reads;
+  xo.drop_optional_reads = options.drop_optional_reads;
   xo.max_sequences = options.max_sessions;
   xo.host_cache_bytes = options.host_cache_bytes;
   xo.trace = options.trace;

@@ -448,6 +448,7 @@ nlohmann::json SyntheticRunReport::to_json() const {
                 {"plan_pin_us", st.plan_pin_us},
                 {"plan_issue_us", st.plan_issue_us},
                 {"late_reads_dropped", st.late_reads_dropped},
+                {"ahead_reads_dropped", st.ahead_reads_dropped},
                 {"plan_warm_us", st.plan_warm_us},
                 {"prepare_host_us", st.prepare_host_us},
                 {"prepare_gpu_us", st.prepare_gpu_us}};

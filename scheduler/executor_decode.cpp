@@ -449,7 +449,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
     if (!x.late_reads.empty()) {  // after the reads this step waits for
       std::optional<storage::Ticket> t;
-      if (options_.drop_late_reads)
+      if (options_.drop_optional_reads)
         t = seq.store_->try_prefetch(x.late_reads, Tier::kHost, s.layers);
       else
         t = seq.store_->prefetch(x.late_reads, Tier::kHost);
@@ -789,10 +789,20 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       seq.store_->residency(next_flat, where);
       for (size_t i = 0; i < next_flat.size(); ++i)
         if (where[i] == Tier::kNvme && seq.reading_.count(next_flat[i]) == 0) ahead.push_back(next_flat[i]);
+      // Optional, like a late read: with drop_optional_reads it is not queued
+      // behind a decode step of reads (the blocks are read when selected).
       if (!ahead.empty()) {
-        const storage::Ticket t = seq.store_->prefetch(ahead, Tier::kHost);
-        seq.pending_tickets_.push_back(t);
-        seq.track_reads(t, ahead);
+        std::optional<storage::Ticket> t;
+        if (options_.drop_optional_reads)
+          t = seq.store_->try_prefetch(ahead, Tier::kHost, s.layers);
+        else
+          t = seq.store_->prefetch(ahead, Tier::kHost);
+        if (t) {
+          seq.pending_tickets_.push_back(*t);
+          seq.track_reads(*t, ahead);
+        } else {
+          stats_.ahead_reads_dropped += ahead.size();
+        }
       }
     }
     stats_.merge_us += wall_us() - t0;

@@ -72,9 +72,12 @@ struct ExecutorStats {
   uint64_t gpu_resident_blocks = 0, uploaded_blocks = 0, cpu_blocks = 0, nvme_read_blocks = 0;
   uint64_t late_blocks = 0;       // contributed by summary (LatePolicy::kSummary)
   // Late blocks whose read was not started because the sequence's read queue
-  // was a decode step deep (ExecutorOptions::drop_late_reads); they are read
+  // was a decode step deep (ExecutorOptions::drop_optional_reads); they are read
   // when selected again.
   uint64_t late_reads_dropped = 0;
+  // The same for the write-back's prefetch ahead (the next layer's previous
+  // selection still on NVMe).
+  uint64_t ahead_reads_dropped = 0;
   uint64_t kept_from_previous = 0;  // selected blocks that the previous step of the layer selected too
   uint64_t selection_compared = 0;  // selected blocks that had a previous step to compare with
   uint64_t write_backs = 0;
@@ -151,12 +154,13 @@ struct ExecutorOptions {
   // take more than a quarter of a sequence's slots or leave it less than
   // twice its pinned hot set, the CPU scores (DESIGN.md's original split).
   bool score_on_gpu = true;
-  // A late block's read (LatePolicy::kSummary) only helps later steps, so it
-  // is not queued when the sequence's store already has a decode step of
-  // reads queued (one request per layer): a slow drive then drops late reads
-  // instead of stalling the plan node until the queue has room, and the
-  // blocks are read when selected again. Off: such reads wait for room.
-  bool drop_late_reads = true;
+  // A late block's read (LatePolicy::kSummary) and the write-back's prefetch
+  // ahead only help later steps, so they are not queued when the sequence's
+  // store already has a decode step of reads queued (one request per layer):
+  // a slow drive then drops them instead of stalling the plan node or the
+  // write-back until the queue has room, and the blocks are read when
+  // selected. Off: such reads wait for room.
+  bool drop_optional_reads = true;
 };
 
 class Executor;
