@@ -71,7 +71,7 @@ def bytes_of(text):
     return int(text)
 
 
-def plan(args, point, overlap, summary):
+def plan(args, point, overlap, summary, late=None):
     p = parse_point(point)
     host = bytes_of(p["host"])
     # The run's staging cache: the given size, or the runtime's default of a quarter of host bytes.
@@ -82,6 +82,8 @@ def plan(args, point, overlap, summary):
         cmd += ["--policy", f"summary={summary}"]
     if overlap is not None:
         cmd += ["--selection-overlap", f"{overlap:.4f}"]
+    if late is not None:
+        cmd += ["--late", late]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"validate_plan: {' '.join(cmd)} failed: {out.stderr.strip()}")
@@ -108,13 +110,16 @@ def compare(args):
         main = cfg["runs"]["main"]
         row = {"configuration": point, "placement_bytes": main["placement_bytes_sequence0"],
                "nvme_used": main["placement_bytes_sequence0"]["nvme_home"] > 0}
-        for phase, steps_key, overlap_key in (("rho 0.9", "decode_steps_per_s", "selection_overlap"),
-                                              ("rho 0", "decode_steps_per_s_uncorrelated",
-                                               "selection_overlap_uncorrelated")):
-            if steps_key not in r:
+        # The late=summary phase (rho 0.9, run after the two others) reports no
+        # overlap of its own: the main phase's, same query correlation, is used.
+        for phase, steps_key, overlap_key, late in (
+                ("rho 0.9", "decode_steps_per_s", "selection_overlap", None),
+                ("rho 0", "decode_steps_per_s_uncorrelated", "selection_overlap_uncorrelated", None),
+                ("rho 0.9, late=summary", "decode_steps_per_s_late_summary", "selection_overlap", "summary")):
+            if steps_key not in r or r[steps_key] is None or r.get(overlap_key) is None:
                 continue
             measured = r[steps_key]
-            pj, cmd = plan(args, point, r[overlap_key], summary)
+            pj, cmd = plan(args, point, r[overlap_key], summary, late)
             predicted = pj["decode_tokens_per_s"]["attention_tiering"]  # batch 1: steps/s
             row[f"decode {phase}"] = {"measured_overlap": r[overlap_key], "predicted_steps_per_s": predicted,
                                       "measured_steps_per_s": measured,

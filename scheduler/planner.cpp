@@ -205,7 +205,7 @@ double lane_schedule(std::span<const Task> tasks, std::vector<double>& finish_us
     for (uint32_t a : tasks[i].after) start = std::max(start, finish_us[a]);
     finish_us[i] = start + tasks[i].cost_us;
     lane_free[static_cast<size_t>(tasks[i].lane)] = finish_us[i];
-    makespan = std::max(makespan, finish_us[i]);
+    if (!tasks[i].background) makespan = std::max(makespan, finish_us[i]);
   }
   return makespan;
 }
@@ -283,10 +283,22 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   plan.late_blocks = static_cast<uint32_t>(pending.size() - in_time);
   const uint32_t new_reads = static_cast<uint32_t>(c.nvme.size());
   plan.nvme_read_bytes = uint64_t{new_reads} * block_bytes;
+  // The reads this step attends go first; those of late blocks follow in the
+  // background (the drive is busy with them, the step does not wait).
+  const uint32_t late_reads = std::min(new_reads, plan.late_blocks);
+  const uint32_t timely_reads = new_reads - late_reads;
   std::vector<uint32_t> read_tasks;
-  if (!pending.empty())
-    read_tasks.push_back(add(plan, TaskKind::kNvmeRead, Lane::kNvme, plan.nvme_read_bytes, new_reads,
-                             rt.nvme_latency_us + us_for(plan.nvme_read_bytes, rt.nvme_read_gbps), {planned}));
+  if (!pending.empty() && (timely_reads > 0 || late_reads == 0)) {
+    const uint64_t bytes = uint64_t{timely_reads} * block_bytes;
+    read_tasks.push_back(add(plan, TaskKind::kNvmeRead, Lane::kNvme, bytes, timely_reads,
+                             rt.nvme_latency_us + us_for(bytes, rt.nvme_read_gbps), {planned}));
+  }
+  if (late_reads > 0) {
+    const uint64_t bytes = uint64_t{late_reads} * block_bytes;
+    add(plan, TaskKind::kNvmeRead, Lane::kNvme, bytes, late_reads,
+        rt.nvme_latency_us + us_for(bytes, rt.nvme_read_gbps), {planned});
+    plan.tasks.back().background = true;
+  }
 
   std::vector<uint32_t> merge_after{hot};
   if (uploads > 0 || c.gpu > 0) {

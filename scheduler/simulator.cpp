@@ -662,6 +662,10 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               "output), all layers alike: one layer is planned by the real planner and its lane-schedule makespan "
               "is multiplied by layers; the tail block completes one step in chunk_tokens (plans with and without "
               "write-back averaged 1:" + std::to_string(in.policy.chunk_tokens - 1) + ")");
+  if (in.late == LatePolicy::kSummary)
+    a.push_back("late=summary: a selected NVMe block whose read cannot land before the rest of the step ends "
+                "contributes its summary; its read holds the drive (the nvme lane's busy time) but the step "
+                "neither waits for it nor ends with it, as in the executor, where it lands for later steps");
   a.push_back("gpu_attend_gbps = hbm_read_gbps x " + num(gpu_attend_fraction(in.batch)) +
               ": the decode kernel's measured share of the HBM copy rate at this batch (H200: 0.394 at batch 1, "
               "0.764 at 4, 0.981 at 16, 130 blocks per (sequence, KV head); linear in log2(batch) between, "
@@ -731,6 +735,11 @@ void add_warnings(const SimInputs& in, PlanReport& r) {
   if (r.late_blocks_per_step > 0)
     r.warnings.push_back(num(r.late_blocks_per_step) +
                          " selected blocks per step arrive late and contribute their summary only");
+  for (const LaneUse& lane : r.lanes)
+    if (lane.lane == "nvme" && lane.busy_us > r.step_us_attention * 1.001)
+      r.warnings.push_back("the drive needs " + num(lane.busy_us / 1e3) + " ms per " + num(r.step_us_attention / 1e3) +
+                           " ms step: late blocks' reads fall behind, and the executor drops those queued more than "
+                           "a step deep, so they stay late longer than modeled");
 }
 
 }  // namespace

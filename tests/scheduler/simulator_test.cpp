@@ -222,6 +222,33 @@ TEST_CASE("lanes: the bottleneck is a lane, utilisations lie in [0, 1], traffic 
   }
 }
 
+TEST_CASE("late=summary: late blocks' reads hold the drive but not the step, and an oversubscribed drive is named") {
+  SimInputs in = inputs("rtx4090,ddr4-64g,nvme-gen4");
+  for (NvmePoint& p : in.machine.nvme.read.points) p.gbps /= 20;  // a drive slower than the step
+  in.late = LatePolicy::kWait;
+  const PlanReport wait = run(in);
+  in.late = LatePolicy::kSummary;
+  const PlanReport summary = run(in);
+  const auto nvme_busy = [](const PlanReport& r) {
+    for (const LaneUse& l : r.lanes)
+      if (l.lane == "nvme") return l.busy_us;
+    FAIL("no nvme lane");
+    return 0.0;
+  };
+  const auto warned = [](const PlanReport& r) {
+    return std::any_of(r.warnings.begin(), r.warnings.end(),
+                       [](const std::string& w) { return w.find("the drive needs") != std::string::npos; });
+  };
+  REQUIRE(summary.late_blocks_per_step > 0);
+  // Under wait the step includes its reads; under summary the late ones run
+  // beside later steps, so the step is shorter than the drive's work.
+  CHECK(wait.step_us_attention >= nvme_busy(wait));
+  CHECK_FALSE(warned(wait));
+  CHECK(summary.step_us_attention < 0.5 * nvme_busy(summary));
+  CHECK(summary.step_us_attention < 0.5 * wait.step_us_attention);
+  CHECK(warned(summary));
+}
+
 TEST_CASE("selection without NVMe homes: one LRU cache over the far blocks, by hand") {
   SimInputs in = inputs("h200,ddr5-512g,nvme-gen5", 131072);
   in.gpu_budget_bytes = 8 * kGiB;  // host RAM holds every home

@@ -145,6 +145,9 @@ struct Task {
   uint32_t blocks = 0;     // blocks it touches (0 where that means nothing)
   double cost_us = 0;      // the cost model's estimate
   std::vector<uint32_t> after;  // indices of tasks that must finish first (all smaller)
+  // Runs for later steps (the reads of late blocks): it holds its lane like
+  // any task, but this step neither waits for it nor ends with it.
+  bool background = false;
 };
 
 // Where the selected blocks of one (sequence, KV head) are attended, by chunk.
@@ -175,7 +178,8 @@ Result<LayerPlan> plan_layer(const PlanInputs& in);
 // Earliest finish time of every task when each lane runs its tasks one at a
 // time in order and a task starts once its `after` tasks are done: the
 // schedule the simulator's virtual clock would give with one queue per lane.
-// finish_us[i] for task i; returns the makespan.
+// finish_us[i] for task i; returns the makespan of the tasks that are not
+// background (those still hold their lanes).
 double lane_schedule(std::span<const Task> tasks, std::vector<double>& finish_us);
 
 }  // namespace kvtier::scheduler
