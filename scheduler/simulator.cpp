@@ -717,11 +717,12 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
   a.push_back("checked against kvtier bench e2e on one H200 host with a profile kvtier calibrate measured there "
-              "in the same lease (bench/results/2026-11-28-plan-validation-h200-v5.json, docs/plan.md): prefill "
-              "within 15% at 5 of 6 configurations (worst -15%); decode within 15% at 2 of 6 (worst +116%), "
-              "because that lease's calibration measured the executor's host time 35-40% lower than its runs "
-              "then took (the same work ran 34.2 and 26.5 steps/s a minute apart; a repeat lease predicted "
-              "+14.5% at 128K); presets carry that host's executor times, not those of the machine asked about");
+              "in the same lease (bench/results/2026-11-29-plan-validation-h200-v9/, docs/plan.md): decode within "
+              "15% at 4 of 6 configurations (worst +32%, 128K on 8 GiB), late=summary at 5 of 6 (worst -16%), "
+              "prefill at 2 of 6 (worst -34%: that lease's calibration measured the prefill passes 1.7x faster "
+              "than its runs ran them; an earlier lease's was slower than its runs); host time on that host "
+              "drifts between runs minutes apart; presets carry that host's executor times, not those of the "
+              "machine asked about");
 }
 
 void add_warnings(const SimInputs& in, PlanReport& r) {
