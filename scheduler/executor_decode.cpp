@@ -111,6 +111,18 @@ constexpr std::chrono::microseconds kPollLimit{2000};
 
 }  // namespace
 
+bool Executor::issue_optional_read(SequenceKv& seq, std::span<const uint32_t> blocks) {
+  std::optional<storage::Ticket> t;
+  if (options_.drop_optional_reads)
+    t = seq.store_->try_prefetch(blocks, Tier::kHost, options_.shape.layers);
+  else
+    t = seq.store_->prefetch(blocks, Tier::kHost);
+  if (!t) return false;
+  seq.pending_tickets_.push_back(*t);
+  seq.track_reads(*t, blocks);
+  return true;
+}
+
 void Executor::issue_round(SequenceKv& seq, SeqStep& x) {
   const std::vector<uint32_t>& round = x.rounds[x.issued++];
   const storage::Ticket t = seq.store_->prefetch(round, Tier::kHost);
@@ -447,19 +459,10 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       x.rounds.emplace_back(x.reads.begin() + static_cast<ptrdiff_t>(i),
                             x.reads.begin() + static_cast<ptrdiff_t>(std::min(x.reads.size(), i + kReadRoundBlocks)));
     while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
-    if (!x.late_reads.empty()) {  // after the reads this step waits for
-      std::optional<storage::Ticket> t;
-      if (options_.drop_optional_reads)
-        t = seq.store_->try_prefetch(x.late_reads, Tier::kHost, s.layers);
-      else
-        t = seq.store_->prefetch(x.late_reads, Tier::kHost);
-      if (t) {
-        seq.pending_tickets_.push_back(*t);
-        seq.track_reads(*t, x.late_reads);
-      } else {
-        stats_.late_reads_dropped += x.late_reads.size();
-        x.late_reads.clear();
-      }
+    // After the reads this step waits for.
+    if (!x.late_reads.empty() && !issue_optional_read(seq, x.late_reads)) {
+      stats_.late_reads_dropped += x.late_reads.size();
+      x.late_reads.clear();
     }
     stats_.plan_issue_us += wall_us() - t_issue;
     stats_.uploaded_blocks += x.upload.size();
@@ -789,21 +792,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       seq.store_->residency(next_flat, where);
       for (size_t i = 0; i < next_flat.size(); ++i)
         if (where[i] == Tier::kNvme && seq.reading_.count(next_flat[i]) == 0) ahead.push_back(next_flat[i]);
-      // Optional, like a late read: with drop_optional_reads it is not queued
-      // behind a decode step of reads (the blocks are read when selected).
-      if (!ahead.empty()) {
-        std::optional<storage::Ticket> t;
-        if (options_.drop_optional_reads)
-          t = seq.store_->try_prefetch(ahead, Tier::kHost, s.layers);
-        else
-          t = seq.store_->prefetch(ahead, Tier::kHost);
-        if (t) {
-          seq.pending_tickets_.push_back(*t);
-          seq.track_reads(*t, ahead);
-        } else {
-          stats_.ahead_reads_dropped += ahead.size();
-        }
-      }
+      if (!ahead.empty() && !issue_optional_read(seq, ahead)) stats_.ahead_reads_dropped += ahead.size();
     }
     stats_.merge_us += wall_us() - t0;
   }

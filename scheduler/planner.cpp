@@ -285,20 +285,18 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   plan.nvme_read_bytes = uint64_t{new_reads} * block_bytes;
   // The reads this step attends go first; those of late blocks follow in the
   // background (the drive is busy with them, the step does not wait).
+  // (New reads are the tail of `pending`, so the late ones are new first.)
   const uint32_t late_reads = std::min(new_reads, plan.late_blocks);
   const uint32_t timely_reads = new_reads - late_reads;
+  const auto add_read = [&](uint32_t blocks) {
+    const uint64_t bytes = uint64_t{blocks} * block_bytes;
+    return add(plan, TaskKind::kNvmeRead, Lane::kNvme, bytes, blocks,
+               rt.nvme_latency_us + us_for(bytes, rt.nvme_read_gbps), {planned});
+  };
+  // Without late reads, reads only in flight still cost this step their latency.
   std::vector<uint32_t> read_tasks;
-  if (!pending.empty() && (timely_reads > 0 || late_reads == 0)) {
-    const uint64_t bytes = uint64_t{timely_reads} * block_bytes;
-    read_tasks.push_back(add(plan, TaskKind::kNvmeRead, Lane::kNvme, bytes, timely_reads,
-                             rt.nvme_latency_us + us_for(bytes, rt.nvme_read_gbps), {planned}));
-  }
-  if (late_reads > 0) {
-    const uint64_t bytes = uint64_t{late_reads} * block_bytes;
-    add(plan, TaskKind::kNvmeRead, Lane::kNvme, bytes, late_reads,
-        rt.nvme_latency_us + us_for(bytes, rt.nvme_read_gbps), {planned});
-    plan.tasks.back().background = true;
-  }
+  if (timely_reads > 0 || (late_reads == 0 && !pending.empty())) read_tasks.push_back(add_read(timely_reads));
+  if (late_reads > 0) plan.tasks[add_read(late_reads)].background = true;
 
   std::vector<uint32_t> merge_after{hot};
   if (uploads > 0 || c.gpu > 0) {

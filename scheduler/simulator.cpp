@@ -737,7 +737,7 @@ void add_warnings(const SimInputs& in, PlanReport& r) {
     r.warnings.push_back(num(r.late_blocks_per_step) +
                          " selected blocks per step arrive late and contribute their summary only");
   for (const LaneUse& lane : r.lanes)
-    if (lane.lane == "nvme" && lane.busy_us > r.step_us_attention * 1.001)
+    if (lane.lane == lane_name(Lane::kNvme) && lane.busy_us > r.step_us_attention * 1.001)
       r.warnings.push_back("the drive needs " + num(lane.busy_us / 1e3) + " ms per " + num(r.step_us_attention / 1e3) +
                            " ms step: late blocks' reads fall behind, and the executor drops those queued more than "
                            "a step deep, so they stay late longer than modeled");

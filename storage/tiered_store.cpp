@@ -114,10 +114,12 @@ struct TieredStore::Impl {
   Status copy_to_gpu(const std::vector<uint32_t>& blocks);
   Result<uint32_t> take_cache_slot();
   Result<uint32_t> take_gpu_slot();
-  // Gives `job` the next ticket and moves it onto `lane`; returns the
-  // condition variable that wakes the lane's thread (notify it after
-  // unlocking). Under the lock, with room in the lane.
-  std::condition_variable& queue_job(Job& job, std::deque<Job>& lane);
+  // The request queue of prefetches into `tier`.
+  std::deque<Job>& lane_of(Tier tier) { return tier == Tier::kGpu ? upload_queue : queue; }
+  // Gives `job` the next ticket, queues it on its lane and wakes the lane's
+  // thread after releasing `lock` (its first step is to take it). Called
+  // holding `lock` on mu, with room in the lane.
+  Ticket queue_job(Job job, std::unique_lock<std::mutex>& lock);
   void free_gpu_slot(uint32_t slot) {
     gpu_arena->free(slot);
     --gpu_held;
@@ -526,11 +528,14 @@ std::vector<uint32_t> job_blocks(std::span<const uint32_t> blocks) {
 
 }  // namespace
 
-std::condition_variable& TieredStore::Impl::queue_job(Job& job, std::deque<Job>& lane) {
+Ticket TieredStore::Impl::queue_job(Job job, std::unique_lock<std::mutex>& lock) {
   job.id = next_ticket++;
+  const Ticket ticket{job.id};
   const Tier tier = job.tier;
-  lane.push_back(std::move(job));
-  return tier == Tier::kGpu ? upload_cv : queue_cv;
+  lane_of(tier).push_back(std::move(job));
+  lock.unlock();
+  (tier == Tier::kGpu ? upload_cv : queue_cv).notify_one();
+  return ticket;
 }
 
 Ticket TieredStore::prefetch(std::span<const uint32_t> blocks, Tier tier) {
@@ -538,18 +543,14 @@ Ticket TieredStore::prefetch(std::span<const uint32_t> blocks, Tier tier) {
   Job job{0, job_blocks(blocks), tier};
   Impl& s = *impl_;
   std::unique_lock lock(s.mu);
-  std::deque<Job>& lane = tier == Tier::kGpu ? s.upload_queue : s.queue;
+  const std::deque<Job>& lane = s.lane_of(tier);
   if (lane.size() >= kMaxQueuedJobs) {
     const auto t0 = std::chrono::steady_clock::now();
     s.space_cv.wait(lock, [&] { return lane.size() < kMaxQueuedJobs; });
     ++s.stats.prefetch_waits;
     s.stats.prefetch_wait_us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
   }
-  const Ticket ticket{s.next_ticket};
-  std::condition_variable& wake = s.queue_job(job, lane);
-  lock.unlock();  // the woken thread's first step is to take the lock
-  wake.notify_one();
-  return ticket;
+  return s.queue_job(std::move(job), lock);
 }
 
 std::optional<Ticket> TieredStore::try_prefetch(std::span<const uint32_t> blocks, Tier tier, size_t max_queued) {
@@ -557,16 +558,11 @@ std::optional<Ticket> TieredStore::try_prefetch(std::span<const uint32_t> blocks
   Job job{0, job_blocks(blocks), tier};
   Impl& s = *impl_;
   std::unique_lock lock(s.mu);
-  std::deque<Job>& lane = tier == Tier::kGpu ? s.upload_queue : s.queue;
-  if (lane.size() >= std::min(max_queued, kMaxQueuedJobs)) {
+  if (s.lane_of(tier).size() >= std::min(max_queued, kMaxQueuedJobs)) {
     ++s.stats.prefetches_refused;
     return std::nullopt;
   }
-  const Ticket ticket{s.next_ticket};
-  std::condition_variable& wake = s.queue_job(job, lane);
-  lock.unlock();
-  wake.notify_one();
-  return ticket;
+  return s.queue_job(std::move(job), lock);
 }
 
 Status TieredStore::wait(Ticket ticket) {

@@ -333,6 +333,10 @@ class Executor {
   uint32_t quota_ = 0;         // gpu slots per sequence for cached blocks
   std::shared_ptr<std::atomic<uint32_t>> live_ = std::make_shared<std::atomic<uint32_t>>(0);
   void issue_round(SequenceKv& seq, SeqStep& x);
+  // Starts a read into host staging that only later steps need (a late
+  // block's, the prefetch ahead) and tracks it; false when drop_optional_reads
+  // refused it behind a decode step of queued reads (nothing started).
+  bool issue_optional_read(SequenceKv& seq, std::span<const uint32_t> blocks);
   // Waits for a read ticket (polling first under poll_reads; keep_warm: the
   // CPU workers spin meanwhile) and drops it from the sequence's bookkeeping.
   Status wait_read(SequenceKv& seq, storage::Ticket t, bool keep_warm = false);
