@@ -67,6 +67,12 @@ constexpr int kCachedDevices = 16;
 #ifndef KVT_DECODE_STAGES_D64
 #define KVT_DECODE_STAGES_D64 5
 #endif
+// A probe may define this to record when each CTA reaches marks 0 (start),
+// 1 (main loop done), 3 (warp states exchanged) and 2 (end); it expands to
+// nothing in the library (bench/probes/decode_timeline.cu).
+#ifndef KVT_DECODE_PROBE_MARK
+#define KVT_DECODE_PROBE_MARK(mark)
+#endif
 
 template <int D, int G>
 struct DecodeConfig {
@@ -330,6 +336,7 @@ __device__ __forceinline__ void merge_warps(unsigned char* smem, const WarpState
       *reinterpret_cast<float2*>(os + (warp * G + row) * D + 8 * n + 2 * quad) = make_float2(st.o[n][0], st.o[n][1]);
   }
   __syncthreads();
+  KVT_DECODE_PROBE_MARK(3);
   for (uint32_t i = threadIdx.x; i < G * D; i += kThreads) {
     const uint32_t g = i / D;
     float m = -INFINITY;
@@ -368,6 +375,7 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
 
   // The merge kernel that may follow only prepares; it waits for our results.
   allow_dependent_launch();
+  KVT_DECODE_PROBE_MARK(0);
 
   const uint32_t list = blockIdx.x;
   const uint32_t split = blockIdx.y;
@@ -436,9 +444,11 @@ __global__ void __launch_bounds__(kThreads, DecodeConfig<D, G>::kMinCtasPerSm)
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stages before they are reused
+  KVT_DECODE_PROBE_MARK(1);
 
   merge_warps<D, G>(smem, st, warp, lane, p.o + split * p.o_split_stride + uint64_t{list} * G * D,
                     p.lse + split * p.lse_split_stride + uint64_t{list} * G);
+  KVT_DECODE_PROBE_MARK(2);
 }
 
 // ---- Host side ------------------------------------------------------------------

@@ -18,6 +18,7 @@
 #include <numeric>
 #include <string>
 #include "decode.cuh"
+#include "decode_read_twin.cuh"
 
 using namespace kvtier::gpu::decode_detail;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); exit(1);} } while (0)
@@ -25,37 +26,6 @@ using namespace kvtier::gpu::decode_detail;
 constexpr uint32_t QH = 32, KVH = 8, HD = 128, CT = 64, LB = 130;
 constexpr uint64_t BB = 2ull * CT * HD * 2;
 
-template <int D, int G>
-__global__ void __launch_bounds__(kThreads, 2) read_kernel(const DecodeParams p) {
-  using Cfg = DecodeConfig<D, G>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ uint32_t slot_table[kMaxSplitBlocks];
-  const uint32_t list = blockIdx.x, split = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t begin = p.list_begin[list], end = p.list_begin[list + 1];
-  const uint32_t first = split * p.blocks_per_split;
-  const uint32_t blocks = first < end - begin ? min(end - begin - first, p.blocks_per_split) : 0;
-  uint32_t valid_tokens = blocks << p.chunk_shift;
-  for (uint32_t i = threadIdx.x; i < blocks; i += kThreads) slot_table[i] = p.slot_ids[begin + first + i];
-  __syncthreads();
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t tiles = (valid_tokens + kTileTokens - 1) / kTileTokens;
-  for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (uint32_t(s) < tiles) issue_tile<D, G>(base + s * Cfg::kStageBytes, s, p, slot_table, valid_tokens, warp, lane);
-    cp_async_commit();
-  }
-  float acc = 0.f;
-  for (uint32_t t = 0; t < tiles; ++t) {
-    __syncwarp();
-    const uint32_t ahead = t + Cfg::kStages - 1;
-    if (ahead < tiles) issue_tile<D, G>(base + (ahead % Cfg::kStages) * Cfg::kStageBytes, ahead, p, slot_table, valid_tokens, warp, lane);
-    cp_async_commit();
-    cp_async_wait<Cfg::kStages - 1>();
-    __syncwarp();
-    acc += reinterpret_cast<const float*>(smem + (t % Cfg::kStages) * Cfg::kStageBytes)[threadIdx.x];
-  }
-  cp_async_wait<0>();
-  if (acc == 12345.f) p.o[threadIdx.x] = acc;
-}
 
 struct Setup { std::byte* arena; uint32_t slots; uint16_t* q; uint32_t* begin; uint32_t* last; uint32_t* scat; float* o; float* lse; float* ws; std::byte* scratch; uint64_t scat_count; };
 static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
@@ -106,11 +76,16 @@ int main(int argc, char** argv) {
   bool firstrow = true;
   for (uint32_t batch : {1u, 4u, 16u}) {
     const uint32_t nl = batch * KVH, rows = batch * QH;
-    for (uint32_t bps : {4u, 5u, 6u, 8u, 9u, 11u, 13u, 15u, 17u, 19u, 22u, 26u, 33u, 44u, 65u, 130u}) {
+    for (uint32_t bps : {4u, 5u, 6u, 8u, 9u, 10u, 11u, 13u, 15u, 17u, 19u, 22u, 26u, 33u, 34u, 44u, 65u, 130u}) {
       const uint32_t splits = (LB + bps - 1) / bps;
       if (uint64_t(splits) * nl > 4 * 264 || uint64_t(splits) * nl < 64) continue;
       if (ncu && !(batch == 4 && bps == 33)) continue;  // "ncu": one config, for a profiler
-      if (plan_only && bps != (batch == 1 ? 9u : batch == 4 ? 33u : 130u)) continue;
+      // The library's plan (gpu/decode.cu plan_decode) on 132 SMs, for any tile size.
+      const uint32_t granule = std::max(1u, uint32_t(kTileTokens) / CT), granules = (LB + granule - 1) / granule;
+      const uint32_t want = std::min(std::max(1u, 132u / nl), granules);
+      const uint32_t plan_bps = (granules + want - 1) / want * granule;
+      if (plan_only && bps != (batch == 1 ? 9u : batch == 4 ? 33u : 130u) && bps != plan_bps) continue;
+      if (plan_only && kTileTokens != 64 && bps != plan_bps) continue;
       {
         DecodeParams p;
         p.q = s.q; p.arena = s.arena; p.slot_bytes = BB; p.arena_slots = s.slots; p.chunk_tokens = CT; p.chunk_shift = 6;
