@@ -27,6 +27,8 @@
 // (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run),
 // KVTIER_E2E_LATE_DROP=0 (late reads and the prefetch ahead wait for room
 // in a full read queue instead of being dropped behind a step-deep one;
+// every run), KVTIER_E2E_EARLY_READS=0 (under late=wait, NVMe reads go out
+// at the end of the plan node instead of right after its residency census;
 // every run),
 // KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
 // check: speed figures only) and KVTIER_E2E_DECODE_STEPS (timed steps of
@@ -116,6 +118,7 @@ struct E2eConfig {
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // ExecutorOptions::gpu_eviction
   bool score_on_gpu = true;     // ExecutorOptions::score_on_gpu
   bool drop_optional_reads = true;  // ExecutorOptions::drop_optional_reads
+  bool early_reads = true;          // ExecutorOptions::early_reads
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -244,6 +247,9 @@ Status apply_overrides(E2eConfig& c) {
       switch_override("KVTIER_E2E_POLL", "read waits poll the store first", c.poll_reads, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_LATE_DROP", "late and ahead reads are dropped behind a step-deep read queue",
                                       c.drop_optional_reads, c.overrides));
+  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_EARLY_READS",
+                                      "under late=wait, NVMe reads go out right after the residency census",
+                                      c.early_reads, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_GPU_SCORE", "summaries are scored on the GPU where one runs the step",
                                       c.score_on_gpu, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_FIDELITY", "needles, verification and the full-budget check",
@@ -701,6 +707,7 @@ class Runner {
     r.engine.gpu_eviction = c_.gpu_eviction;
     r.engine.score_on_gpu = c_.score_on_gpu;
     r.engine.drop_optional_reads = c_.drop_optional_reads;
+    r.engine.early_reads = c_.early_reads;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

@@ -82,6 +82,8 @@ struct SeqStep {
   bool read_now(uint32_t f) const { return std::binary_search(reads_sorted.begin(), reads_sorted.end(), f); }
   std::vector<uint32_t> late_reads;             // flat ids of new NVMe reads that land for later steps
   std::vector<std::vector<uint32_t>> rounds;    // `reads` in staging-sized rounds
+  size_t in_rounds = 0;                         // reads[0, in_rounds) are cut into rounds
+  size_t early_reads = 0;                       // reads[0, early_reads) went out right after the census
   std::vector<storage::Ticket> tickets;         // [round], once issued
   std::vector<double> issued_us;                // [round] trace time of issue
   size_t issued = 0;
@@ -122,6 +124,18 @@ bool Executor::issue_optional_read(SequenceKv& seq, std::span<const uint32_t> bl
   seq.track_reads(*t, blocks);
   return true;
 }
+
+namespace {
+
+// Cuts the reads not yet in a round into rounds of kReadRoundBlocks.
+void cut_rounds(SeqStep& x) {
+  for (size_t i = x.in_rounds; i < x.reads.size(); i += kReadRoundBlocks)
+    x.rounds.emplace_back(x.reads.begin() + static_cast<ptrdiff_t>(i),
+                          x.reads.begin() + static_cast<ptrdiff_t>(std::min(x.reads.size(), i + kReadRoundBlocks)));
+  x.in_rounds = x.reads.size();
+}
+
+}  // namespace
 
 void Executor::issue_round(SequenceKv& seq, SeqStep& x) {
   const std::vector<uint32_t>& round = x.rounds[x.issued++];
@@ -368,6 +382,24 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     }
   }
   stats_.plan_residency_us += wall_us() - t_plan;
+  // Under kWait every selected block found only on NVMe is read and waited
+  // for, whatever the plan decides for the others: its reads go out now, in
+  // rounds, before the planner, pins and uploads (the drive is this step's
+  // slowest device when it has any of them).
+  if (options_.late == LatePolicy::kWait && options_.early_reads) {
+    const double t_early = wall_us();
+    for (uint32_t b = 0; b < B; ++b) {
+      SequenceKv& seq = *batch[b].seq;
+      SeqStep& x = st[b];
+      for (uint32_t h = 0; h < kvh; ++h)
+        for (const SelectedBlock& sb : plan_in[b].selected[h])
+          if (sb.where == Residency::kNvme) x.reads.push_back(seq.flat(layer, h, sb.chunk));
+      x.early_reads = x.reads.size();
+      cut_rounds(x);
+      while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
+    }
+    stats_.plan_issue_us += wall_us() - t_early;
+  }
   PlanInputs pin_in;
   pin_in.shape = s;
   pin_in.policy = p;
@@ -395,6 +427,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     x.upload_chunks.assign(kvh, {});
     x.cpu_chunks.assign(kvh, {});
     x.late_chunks.assign(kvh, {});
+    std::vector<uint32_t> early(x.reads.begin(), x.reads.begin() + static_cast<ptrdiff_t>(x.early_reads));
+    std::sort(early.begin(), early.end());
     // The planned GPU-resident blocks of every head, pinned under one lock.
     const std::vector<uint32_t> resident =
         seq.flat_blocks(layer, [&](uint32_t h) -> const auto& { return plan.heads[size_t{b} * kvh + h].gpu; });
@@ -416,9 +450,13 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       x.cpu_chunks[h] = hp.cpu;
       x.late_chunks[h] = hp.late;
       for (uint32_t c : x.upload_chunks[h]) x.upload.push_back(seq.flat(layer, h, c));
-      for (uint32_t c : hp.read)
-        (std::find(hp.late.begin(), hp.late.end(), c) != hp.late.end() ? x.late_reads : x.reads)
-            .push_back(seq.flat(layer, h, c));
+      for (uint32_t c : hp.read) {
+        const uint32_t f = seq.flat(layer, h, c);
+        if (std::find(hp.late.begin(), hp.late.end(), c) != hp.late.end())
+          x.late_reads.push_back(f);
+        else if (!std::binary_search(early.begin(), early.end(), f))
+          x.reads.push_back(f);  // not read early (under kWait the plan reads exactly those)
+      }
       stats_.gpu_resident_blocks += hp.gpu.size();
       stats_.cpu_blocks += hp.cpu.size();
     }
@@ -455,9 +493,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     }
     // Reads the CPU waits for, in rounds the staging cache can hold; two
     // rounds are in flight at a time, the rest follow as rounds are attended.
-    for (size_t i = 0; i < x.reads.size(); i += kReadRoundBlocks)
-      x.rounds.emplace_back(x.reads.begin() + static_cast<ptrdiff_t>(i),
-                            x.reads.begin() + static_cast<ptrdiff_t>(std::min(x.reads.size(), i + kReadRoundBlocks)));
+    cut_rounds(x);
     while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
     // After the reads this step waits for.
     if (!x.late_reads.empty() && !issue_optional_read(seq, x.late_reads)) {

@@ -237,13 +237,18 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   const uint32_t hot = add(plan, TaskKind::kGpuAttendHot, Lane::kGpu, plan.hot_bytes, static_cast<uint32_t>(c.hot_blocks),
                            rt.launch_us + us_for(plan.hot_bytes, rt.gpu_attend_gbps), {prepare});
   // The plan node: where each selected block is, the plan, pins, I/O issue.
+  // Under kWait the executor reads the blocks found only on NVMe as soon as
+  // it knows where every block is (the census, the node's first part).
   const uint32_t selected = c.gpu + static_cast<uint32_t>(c.host.size() + c.nvme.size() + c.reading.size());
-  const uint32_t planned =
-      add(plan, TaskKind::kPlan, Lane::kCpu, 0, selected, selected * rt.host_block_us, {topk});
+  const double plan_us = selected * rt.host_block_us;
+  const bool early_reads = in.late == LatePolicy::kWait;
+  const uint32_t census =
+      early_reads ? add(plan, TaskKind::kPlan, Lane::kCpu, 0, 0, plan_us * kPlanCensusShare, {topk}) : topk;
+  const uint32_t planned = add(plan, TaskKind::kPlan, Lane::kCpu, 0, selected,
+                               early_reads ? plan_us * (1 - kPlanCensusShare) : plan_us, {census});
 
   Timeline t;
-  t.topk_end = plan.tasks[prepare].cost_us + plan.tasks[score].cost_us + plan.tasks[topk].cost_us +
-               plan.tasks[planned].cost_us;
+  t.topk_end = plan.tasks[prepare].cost_us + plan.tasks[score].cost_us + plan.tasks[topk].cost_us + plan_us;
   // The hot set queues behind the scoring kernel on the GPU.
   t.hot_end = plan.tasks[prepare].cost_us + (in.score_on_gpu ? plan.tasks[score].cost_us : 0.0) +
               plan.tasks[hot].cost_us;
@@ -291,7 +296,7 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   const auto add_read = [&](uint32_t blocks) {
     const uint64_t bytes = uint64_t{blocks} * block_bytes;
     return add(plan, TaskKind::kNvmeRead, Lane::kNvme, bytes, blocks,
-               rt.nvme_latency_us + us_for(bytes, rt.nvme_read_gbps), {planned});
+               rt.nvme_latency_us + us_for(bytes, rt.nvme_read_gbps), {early_reads ? census : planned});
   };
   // Without late reads, reads only in flight still cost this step their latency.
   std::vector<uint32_t> read_tasks;

@@ -688,7 +688,9 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("the executor's own host time per layer step, serial with the devices (host profile, from kvtier "
               "calibrate running the executor): prepare " + num(m.host.prepare_us_per_list) +
               " us per (sequence, KV head) before scoring, plan " + num(m.host.plan_us_per_block) +
-              " us per selected block between top-k and the devices, and " + num(m.host.step_overhead_us) +
+              " us per selected block between top-k and the devices (under late=wait the NVMe reads go out after "
+              "its first " + num(kPlanCensusShare * 100) + "%, the residency census, as the executor issues them), and " +
+              num(m.host.step_overhead_us) +
               " us per layer step after the merge (hand-offs, scoring beyond score_gbps, write-back bookkeeping); "
               "measured with every selected block GPU-resident, so pins, uploads and read issue of blocks "
               "elsewhere may cost more");

@@ -129,8 +129,17 @@ TEST_CASE("planner: the executor's host time lies on the critical path") {
   const LayerPlan with = plan_ok(in);
   check_invariants(in, with);
   CHECK(only(with, TaskKind::kPrepare).cost_us == doctest::Approx(8 * 10.0));
-  CHECK(only(with, TaskKind::kPlan).cost_us == doctest::Approx(512 * 0.5));
-  CHECK(only(with, TaskKind::kPlan).blocks == 512);
+  // The plan node is its residency census, then the rest (under kWait, the
+  // default, NVMe reads go out between the two).
+  REQUIRE(count_kind(with, TaskKind::kPlan) == 2);
+  const auto plan_task = std::find_if(with.tasks.begin(), with.tasks.end(), [](const Task& t) { return t.kind == TaskKind::kPlan; });
+  const Task& census = *plan_task;
+  const Task& rest = *std::find_if(plan_task + 1, with.tasks.end(), [](const Task& t) { return t.kind == TaskKind::kPlan; });
+  CHECK(census.cost_us == doctest::Approx(512 * 0.5 * kPlanCensusShare));
+  CHECK(rest.cost_us == doctest::Approx(512 * 0.5 * (1 - kPlanCensusShare)));
+  CHECK(rest.blocks == 512);
+  REQUIRE(rest.after.size() == 1);
+  CHECK(&with.tasks[rest.after[0]] == &census);
   CHECK(only(with, TaskKind::kFinish).cost_us == doctest::Approx(100.0));
   // Scoring 1M tokens' summaries (~420 us) outlasts the hot-set kernel, so
   // prepare -> score -> top-k -> plan -> attend -> merge -> finish is the
@@ -265,6 +274,27 @@ TEST_CASE("planner: NVMe blocks are waited for, or late and summarised under the
   CHECK(wait.nvme_read_bytes == (512 - 4) * kBlockBytes);
   CHECK(wait.heads[0].read.size() == 60);
   CHECK(wait.heads[0].cpu.size() == 64);
+  // The reads go out after the plan node's census, before the rest of it
+  // (ExecutorOptions::early_reads): with a slow plan node the step is
+  // shorter by the rest of the node than if they waited for all of it.
+  REQUIRE(read.after.size() == 1);
+  const Task& census = wait.tasks[read.after[0]];
+  CHECK(census.kind == TaskKind::kPlan);
+  CHECK(census.blocks == 0);
+  PlanInputs slow = in;
+  slow.late = LatePolicy::kWait;
+  slow.rates.host_block_us = 2;  // a 1 ms plan node for 512 blocks
+  const LayerPlan early = plan_ok(slow);
+  check_invariants(slow, early);
+  LayerPlan after_node = early;  // the same plan with the read issued after the whole node
+  const auto last_plan = std::find_if(after_node.tasks.rbegin(), after_node.tasks.rend(),
+                                      [](const Task& t) { return t.kind == TaskKind::kPlan; });
+  const uint32_t node = static_cast<uint32_t>(after_node.tasks.rend() - last_plan - 1);
+  for (Task& t : after_node.tasks)
+    if (t.kind == TaskKind::kNvmeRead) t.after = {node};
+  std::vector<double> finish;
+  const double later = lane_schedule(after_node.tasks, finish);
+  CHECK(later - early.estimated_us == doctest::Approx(512 * 2 * (1 - kPlanCensusShare)).epsilon(0.01));
 
   in.late = LatePolicy::kSummary;
   const LayerPlan summary = plan_ok(in);

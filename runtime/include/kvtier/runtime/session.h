@@ -54,6 +54,7 @@ struct EngineOptions {
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // scheduler::ExecutorOptions::gpu_eviction
   bool score_on_gpu = true;  // scheduler::ExecutorOptions::score_on_gpu
   bool drop_optional_reads = true;  // scheduler::ExecutorOptions::drop_optional_reads
+  bool early_reads = true;          // scheduler::ExecutorOptions::early_reads
   // The cost model's rates; unset: built-in estimates for this backend.
   std::optional<scheduler::CostRates> rates;
   scheduler::TraceRecorder* trace = nullptr;  // not owned; null: no trace

@@ -161,6 +161,12 @@ struct ExecutorOptions {
   // write-back until the queue has room, and the blocks are read when
   // selected. Off: such reads wait for room.
   bool drop_optional_reads = true;
+  // Under LatePolicy::kWait the reads of selected blocks found only on NVMe
+  // go out right after the plan node's residency census, before the
+  // planner, pins and uploads (the step waits for them whatever the plan
+  // decides for the other blocks). Off: they go out with the uploads at the
+  // end of the plan node, as before.
+  bool early_reads = true;
 };
 
 class Executor;

@@ -89,6 +89,13 @@ struct CostRates {
 // staging cache holds at least 64 blocks, and two rounds are in flight at once.
 inline constexpr uint32_t kReadRoundBlocks = 16;
 
+// The share of the executor's plan node spent finding where each selected
+// block is (its residency census), after which, under LatePolicy::kWait, it
+// issues the reads of blocks found only on NVMe (ExecutorOptions::early_reads):
+// 0.095-0.115 of the node in the six runs of validation v9 on the H200 host
+// (plan_residency_us / plan_us; bench/results/2026-11-29-plan-validation-h200-v9).
+inline constexpr double kPlanCensusShare = 0.1;
+
 // Bytes the scorer reads per far block and KV head: one summary row of
 // `kind`, padded as cpu::SummaryTable stores it.
 uint64_t summary_row_bytes(const ModelShape& shape, SummaryKind kind);
