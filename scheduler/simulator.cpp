@@ -722,9 +722,11 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               "in the same lease (bench/results/2026-11-29-plan-validation-h200-v9/, docs/plan.md): decode within "
               "15% at 4 of 6 configurations (worst +32%, 128K on 8 GiB), late=summary at 5 of 6 (worst -16%), "
               "prefill at 2 of 6 (worst -34%: that lease's calibration measured the prefill passes 1.7x faster "
-              "than its runs ran them; an earlier lease's was slower than its runs); host time on that host "
-              "drifts between runs minutes apart; presets carry that host's executor times, not those of the "
-              "machine asked about");
+              "than its runs ran them; an earlier lease's was slower than its runs); a later lease's partial "
+              "repeat (v10, three points) had decode within 15% at 1 of 3 (+23% at 128K on 8 GiB, -20% at 128K "
+              "all on the GPU, +13% at 512K), the all-GPU miss from calibration measuring the executor's host "
+              "terms 12-31% above the runs' own; host time on that host drifts between runs minutes apart; "
+              "presets carry that host's executor times, not those of the machine asked about");
 }
 
 void add_warnings(const SimInputs& in, PlanReport& r) {
