@@ -407,6 +407,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
   pin_in.batch = plan_in;
   pin_in.rates = options_.rates;
   pin_in.late = options_.late;
+  pin_in.early_reads = options_.early_reads;
   pin_in.score_on_gpu = std::all_of(st.begin(), st.end(), [](const SeqStep& x) { return x.gpu_scored; });
   // Room for uploads: free slots plus evictable copies, less a margin for the
   // blocks this step completes.

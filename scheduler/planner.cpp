@@ -241,7 +241,7 @@ Result<LayerPlan> plan_layer(const PlanInputs& in) {
   // it knows where every block is (the census, the node's first part).
   const uint32_t selected = c.gpu + static_cast<uint32_t>(c.host.size() + c.nvme.size() + c.reading.size());
   const double plan_us = selected * rt.host_block_us;
-  const bool early_reads = in.late == LatePolicy::kWait;
+  const bool early_reads = in.late == LatePolicy::kWait && in.early_reads;
   const uint32_t census =
       early_reads ? add(plan, TaskKind::kPlan, Lane::kCpu, 0, 0, plan_us * kPlanCensusShare, {topk}) : topk;
   const uint32_t planned = add(plan, TaskKind::kPlan, Lane::kCpu, 0, selected,

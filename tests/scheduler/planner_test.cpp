@@ -295,6 +295,14 @@ TEST_CASE("planner: NVMe blocks are waited for, or late and summarised under the
   std::vector<double> finish;
   const double later = lane_schedule(after_node.tasks, finish);
   CHECK(later - early.estimated_us == doctest::Approx(512 * 2 * (1 - kPlanCensusShare)).epsilon(0.01));
+  // With early reads off (ExecutorOptions::early_reads) the node is one task
+  // and the reads follow all of it, as the edited plan above does.
+  slow.early_reads = false;
+  const LayerPlan whole = plan_ok(slow);
+  check_invariants(slow, whole);
+  CHECK(count_kind(whole, TaskKind::kPlan) == 1);
+  CHECK(whole.tasks[only(whole, TaskKind::kNvmeRead).after[0]].kind == TaskKind::kPlan);
+  CHECK(whole.estimated_us == doctest::Approx(later));
 
   in.late = LatePolicy::kSummary;
   const LayerPlan summary = plan_ok(in);

@@ -117,6 +117,9 @@ struct PlanInputs {
   std::span<const SequenceStep> batch;
   CostRates rates;
   LatePolicy late = LatePolicy::kWait;
+  // Under kWait, NVMe reads go out after the plan node's residency census
+  // (ExecutorOptions::early_reads); off, after the whole node.
+  bool early_reads = true;
   // GPU slots this layer's uploads may fill without evicting a pinned,
   // protected or already selected block.
   uint32_t upload_slots_free = 0;
