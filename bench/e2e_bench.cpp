@@ -633,7 +633,8 @@ nlohmann::json breakdown_json(const scheduler::ExecutorStats& x) {
             {"late", x.late_blocks / n},
             {"late_reads_dropped", x.late_reads_dropped / n},
             {"ahead_reads_dropped", x.ahead_reads_dropped / n}}},
-          {"gpu_scored_sequences_per_layer_step", double(x.gpu_scored) / n}};
+          {"gpu_scored_sequences_per_layer_step", double(x.gpu_scored) / n},
+          {"uploads_via_mover_per_layer_step", double(x.uploads_via_mover) / n}};
 }
 
 // Where prefill's time went, per prefill call (one query block of one layer);

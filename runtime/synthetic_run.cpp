@@ -449,6 +449,8 @@ nlohmann::json SyntheticRunReport::to_json() const {
                 {"plan_issue_us", st.plan_issue_us},
                 {"late_reads_dropped", st.late_reads_dropped},
                 {"ahead_reads_dropped", st.ahead_reads_dropped},
+                {"uploads_via_mover", st.uploads_via_mover},
+                {"reread_blocks", st.reread_blocks},
                 {"plan_warm_us", st.plan_warm_us},
                 {"prepare_host_us", st.prepare_host_us},
                 {"prepare_gpu_us", st.prepare_gpu_us}};

@@ -91,6 +91,7 @@ struct SeqStep {
   storage::Ticket upload_ticket;
   bool has_upload = false;
   double upload_issued_us = 0;
+  uint64_t mover_uploads_before = 0;            // the store's uploads_via_mover when the upload was queued
   cpu::PartialState hot, sel, host, far;
   std::map<uint32_t, storage::BlockPin> host_pins;  // flat id -> host copy the CPU attends
   std::vector<float> scores;                    // [kv_heads][blocks]
@@ -489,6 +490,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     const double t_issue = wall_us();
     if (!x.upload.empty()) {
       x.upload_issued_us = tr != nullptr ? tr->now_us() : 0;
+      x.mover_uploads_before = seq.store_->stats().uploads_via_mover;
       x.upload_ticket = seq.store_->prefetch(x.upload, Tier::kGpu);
       x.has_upload = true;
     }
@@ -639,6 +641,7 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     const double t0 = wall_us();
     const Status us = seq.store_->wait(x.upload_ticket);
     stats_.upload_wait_us += wall_us() - t0;
+    stats_.uploads_via_mover += seq.store_->stats().uploads_via_mover - x.mover_uploads_before;
     if (tr != nullptr)
       tr->complete(lane_copy_, "upload (issue to landed)", x.upload_issued_us, tr->now_us() - x.upload_issued_us,
                    {{"blocks", x.upload.size()}});

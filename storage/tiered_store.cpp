@@ -350,6 +350,7 @@ std::optional<Status> TieredStore::Impl::run_upload(Job& job) {
       // being written, or invalid: the mover runs the job in order (and
       // names the error).
       queue.push_back(std::move(job));
+      ++stats.uploads_via_mover;
       queue_cv.notify_one();
       return std::nullopt;
     }

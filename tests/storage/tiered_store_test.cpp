@@ -301,9 +301,11 @@ TEST_CASE("an upload of host-resident blocks does not wait behind NVMe reads; on
   // The upload ran beside the read, not after it.
   const std::optional<Status> read_done = s.try_wait(read);
   CHECK_FALSE(read_done.has_value());
+  CHECK(s.stats().uploads_via_mover == 0);
   // An upload of a block that read brings in runs after it, on the mover.
   const Ticket behind = s.prefetch(std::vector<uint32_t>{nvme[0]}, Tier::kGpu);
   REQUIRE(s.wait(behind).ok());
+  CHECK(s.stats().uploads_via_mover == 1);
   if (!read_done) REQUIRE(s.wait(read).ok());
   device.set_faults(FaultConfig{});
   std::vector<std::byte> back(s.block_bytes());

@@ -82,6 +82,10 @@ struct ExecutorStats {
   uint64_t selection_compared = 0;  // selected blocks that had a previous step to compare with
   uint64_t write_backs = 0;
   uint64_t reread_blocks = 0;     // host copies evicted between landing and use, read again
+  // Decode uploads the store ran on its mover, behind NVMe reads, because a
+  // block was not host-resident when the upload lane took the job (evicted
+  // from the staging cache since the plan, or being written home).
+  uint64_t uploads_via_mover = 0;
   uint64_t gpu_scored = 0;        // sequence layer steps whose summaries the GPU scored
   double score_us = 0, gpu_wait_us = 0, cpu_attend_us = 0, upload_wait_us = 0, read_wait_us = 0, merge_us = 0;
   // Of cpu_attend_us (which also holds read_wait_us): inside the CPU engine's

@@ -69,6 +69,9 @@ struct StoreStats {
   // and the time they waited; try_prefetch calls refused for a deep queue.
   uint64_t prefetch_waits = 0, prefetches_refused = 0;
   double prefetch_wait_us = 0;
+  // GPU prefetches that could not run on the upload lane (a block still to be
+  // read, being written, or bad) and went to the mover's queue, behind its reads.
+  uint64_t uploads_via_mover = 0;
 };
 
 class TieredStore;
