@@ -356,12 +356,14 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     plan_in[b].context_tokens = st[b].tokens;
     plan_in[b].tail_block_completed = st[b].completed;
     plan_in[b].selected.assign(kvh, {});
-    // Where every selected block is, asked of the store in one call.
+    // Where every selected block is, asked of the store in one call, which
+    // also marks the copies found as used now: the reads this step issues
+    // next then evict other staging-cache copies first.
     std::vector<uint32_t> flat;
     for (uint32_t h = 0; h < kvh; ++h)
       for (uint32_t c : st[b].selected[h]) flat.push_back(seq.flat(layer, h, c));
     std::vector<Tier> tier(flat.size());
-    seq.store_->residency(flat, tier);
+    seq.store_->census(flat, tier);
     size_t i = 0;
     for (uint32_t h = 0; h < kvh; ++h) {
       const std::vector<uint32_t>& prev = seq.last_selection_[layer][h];

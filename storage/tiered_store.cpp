@@ -973,6 +973,9 @@ namespace {
 // A valid host home, or a copy in the host staging cache.
 bool host_resident(const BlockEntry& e) { return (e.home == Tier::kHost && e.home_valid) || e.host_cache_ready; }
 
+// The fastest tier holding a usable copy of the block.
+Tier fastest_tier(const BlockEntry& e) { return e.gpu_ready ? Tier::kGpu : host_resident(e) ? Tier::kHost : Tier::kNvme; }
+
 }  // namespace
 
 bool TieredStore::resident(uint32_t block, Tier tier) const {
@@ -989,9 +992,15 @@ bool TieredStore::resident(uint32_t block, Tier tier) const {
 void TieredStore::residency(std::span<const uint32_t> blocks, std::span<Tier> out) const {
   KVT_ASSERT(out.size() == blocks.size(), "residency: ", blocks.size(), " blocks but ", out.size(), " outputs");
   std::lock_guard lock(impl_->mu);
+  for (size_t i = 0; i < blocks.size(); ++i) out[i] = fastest_tier(impl_->table[blocks[i]]);
+}
+
+void TieredStore::census(std::span<const uint32_t> blocks, std::span<Tier> out) {
+  KVT_ASSERT(out.size() == blocks.size(), "census: ", blocks.size(), " blocks but ", out.size(), " outputs");
+  std::lock_guard lock(impl_->mu);
   for (size_t i = 0; i < blocks.size(); ++i) {
-    const BlockEntry& e = impl_->table[blocks[i]];
-    out[i] = e.gpu_ready ? Tier::kGpu : host_resident(e) ? Tier::kHost : Tier::kNvme;
+    out[i] = fastest_tier(impl_->table[blocks[i]]);
+    if (out[i] != Tier::kNvme) impl_->table.touch(blocks[i], impl_->step);
   }
 }
 

@@ -321,6 +321,38 @@ TEST_CASE("an upload of host-resident blocks does not wait behind NVMe reads; on
   for (uint32_t b : nvme) CHECK(s.resident(b, Tier::kHost));
 }
 
+TEST_CASE("a census marks the copies it finds as used, so that reads issued next evict other staging copies") {
+  auto backend = cpu::make_cpu_backend();
+  StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);
+  c.budgets.host_cache_bytes = 64 * 16 * 1024;  // a staging cache of 64 blocks
+  const std::unique_ptr<TieredStore> store = written_store(*backend, c);
+  TieredStore& s = *store;
+  std::vector<uint32_t> nvme;
+  for (uint32_t b = 0; b < s.block_count() && nvme.size() < 96; ++b)
+    if (s.home_of(b) == Tier::kNvme) nvme.push_back(b);
+  REQUIRE(nvme.size() == 96);
+  const std::vector<uint32_t> older(nvme.begin(), nvme.begin() + 8), newer(nvme.begin() + 8, nvme.begin() + 64),
+      next(nvme.begin() + 64, nvme.end());
+  // The cache fills: `older` first, so they are the least recently used.
+  REQUIRE(s.wait(s.prefetch(older, Tier::kHost)).ok());
+  REQUIRE(s.wait(s.prefetch(newer, Tier::kHost)).ok());
+  std::vector<Tier> where(older.size());
+  s.census(older, where);
+  for (Tier t : where) CHECK(t == Tier::kHost);
+  // 32 more reads evict 32 copies: the census made `older` the most recent.
+  const uint64_t evicted_before = s.stats().host_cache_evictions;
+  REQUIRE(s.wait(s.prefetch(next, Tier::kHost)).ok());
+  CHECK(s.stats().host_cache_evictions - evicted_before == 32);
+  for (uint32_t b : older) CHECK_MESSAGE(s.resident(b, Tier::kHost), "block " << b);
+  uint32_t newer_left = 0;
+  for (uint32_t b : newer) newer_left += s.resident(b, Tier::kHost);
+  CHECK(newer_left == 56 - 32);
+  // residency() answers the same without marking anything.
+  std::vector<Tier> again(older.size());
+  s.residency(older, again);
+  CHECK(again == where);
+}
+
 TEST_CASE("try_prefetch queues nothing behind a queue as deep as asked, and queues like prefetch otherwise") {
   auto backend = cpu::make_cpu_backend();
   const StoreConfig c = small_config(1 << 16, 512 * 16 * 1024, 32 * kMiB);

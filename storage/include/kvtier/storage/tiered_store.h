@@ -231,6 +231,10 @@ class TieredStore {
   // of hundreds of blocks): out[i] = kGpu if blocks[i] is GPU-resident, else
   // kHost if host-resident, else kNvme. out.size() == blocks.size().
   void residency(std::span<const uint32_t> blocks, std::span<Tier> out) const;
+  // residency() of blocks about to be used, which also marks each copy found
+  // as used now (the tiers' LRU), so that reads issued next evict other
+  // staging-cache copies first: a decode step's census before its reads.
+  void census(std::span<const uint32_t> blocks, std::span<Tier> out);
   uint32_t block_count() const;
   const BlockGeometry& geometry() const;
   uint32_t chunks_per_head() const;
