@@ -83,7 +83,6 @@ struct SeqStep {
   std::vector<uint32_t> late_reads;             // flat ids of new NVMe reads that land for later steps
   std::vector<std::vector<uint32_t>> rounds;    // `reads` in staging-sized rounds
   size_t in_rounds = 0;                         // reads[0, in_rounds) are cut into rounds
-  size_t early_reads = 0;                       // reads[0, early_reads) went out right after the census
   std::vector<storage::Ticket> tickets;         // [round], once issued
   std::vector<double> issued_us;                // [round] trace time of issue
   size_t issued = 0;
@@ -397,7 +396,6 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
       for (uint32_t h = 0; h < kvh; ++h)
         for (const SelectedBlock& sb : plan_in[b].selected[h])
           if (sb.where == Residency::kNvme) x.reads.push_back(seq.flat(layer, h, sb.chunk));
-      x.early_reads = x.reads.size();
       cut_rounds(x);
       while (x.issued < x.rounds.size() && x.issued < 2) issue_round(seq, x);
     }
@@ -431,7 +429,8 @@ Status Executor::decode(uint32_t layer, std::span<const DecodeItem> batch) {
     x.upload_chunks.assign(kvh, {});
     x.cpu_chunks.assign(kvh, {});
     x.late_chunks.assign(kvh, {});
-    std::vector<uint32_t> early(x.reads.begin(), x.reads.begin() + static_cast<ptrdiff_t>(x.early_reads));
+    // The reads so far are those issued right after the census (none without early reads).
+    std::vector<uint32_t> early = x.reads;
     std::sort(early.begin(), early.end());
     // The planned GPU-resident blocks of every head, pinned under one lock.
     const std::vector<uint32_t> resident =
