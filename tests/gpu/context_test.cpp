@@ -13,16 +13,12 @@
 
 #include "gpu_test_util.h"
 #include "random.h"
+#include "skip.h"
 
 using namespace kvtier;
 using test::cuda_context_or_skip;
 
 namespace {
-
-bool quick() {
-  const char* q = std::getenv("KVTIER_TEST_QUICK");
-  return q != nullptr && std::string(q) != "0";
-}
 
 std::vector<uint8_t> random_bytes(size_t n, uint64_t salt) {
   auto gen = test::rng(salt);
@@ -132,7 +128,7 @@ TEST_CASE("events time work on a stream") {
 
 TEST_CASE("out of GPU memory is a Status naming the bytes asked and free, and the context survives it") {
   gpu::CudaContext& ctx = cuda_context_or_skip();
-  if (quick()) {
+  if (test::quick_sweep()) {
     // compute-sanitizer counts the intended cudaMalloc failure as an error.
     MESSAGE("skipped under KVTIER_TEST_QUICK (the sanitizer sweep): it provokes a CUDA API error on purpose");
     return;

@@ -27,6 +27,7 @@
 #include "kvtier/gpu/device_query.h"
 #include "kvtier/gpu/kernels.h"
 #include "random.h"
+#include "skip.h"
 
 using namespace kvtier;
 using cpu::PartialState64;
@@ -53,11 +54,6 @@ constexpr double kOTol = 5e-5;
 constexpr double kLseTol = 5e-5;
 double g_worst_o = 0, g_worst_lse = 0;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-bool quick() {
-  const char* env = std::getenv("KVTIER_TEST_QUICK");
-  return env != nullptr && std::string(env) == "1";
-}
 
 void require_ok(const Status& s) { REQUIRE_MESSAGE(s.ok(), s.to_string()); }
 
@@ -290,7 +286,7 @@ TEST_CASE("decode matches the fp64 reference for every head dim, group and chunk
   cuda_context_or_skip();
   auto gen = test::rng(1);
   const std::vector<uint32_t> chunk_sizes =
-      quick() ? std::vector<uint32_t>{16, 64, 256} : std::vector<uint32_t>{16, 32, 64, 128, 256};
+      test::quick_sweep() ? std::vector<uint32_t>{16, 64, 256} : std::vector<uint32_t>{16, 32, 64, 128, 256};
   for (uint32_t head_dim : {64u, 128u}) {
     for (uint32_t group : {1u, 2u, 4u, 8u}) {
       for (uint32_t chunk : chunk_sizes) {
@@ -298,7 +294,7 @@ TEST_CASE("decode matches the fp64 reference for every head dim, group and chunk
         // others, shuffled so each length meets several split positions.
         const Shape s{3, 2 * group, 2, head_dim, chunk};
         std::vector<uint32_t> lengths = {0, 1, 17, 97, 5, 33};
-        if (quick() && chunk == 256) lengths = {0, 1, 17, 40, 5, 9};
+        if (test::quick_sweep() && chunk == 256) lengths = {0, 1, 17, 40, 5, 9};
         std::shuffle(lengths.begin(), lengths.end(), gen);
         check_random_lists(s, lengths, chunk % 3, gen);
       }
@@ -362,7 +358,7 @@ TEST_CASE("decode over every block of a context equals dense attention (batch 17
   cuda_context_or_skip();
   auto gen = test::rng(4);
   const Shape s{17, 32, 8, 128, 64};
-  const uint64_t max_tokens = quick() ? 700 : 2000;
+  const uint64_t max_tokens = test::quick_sweep() ? 700 : 2000;
   std::uniform_int_distribution<uint64_t> len(1, max_tokens);
   std::vector<Context> seqs;
   uint32_t blocks = 0;

@@ -19,17 +19,13 @@
 #include "kvtier/cpu/kernels.h"
 #include "kvtier/gpu/kernels.h"
 #include "random.h"
+#include "skip.h"
 
 using namespace kvtier;
 using test::cuda_context_or_skip;
 using test::DeviceBuffer;
 
 namespace {
-
-bool quick() {
-  const char* q = std::getenv("KVTIER_TEST_QUICK");
-  return q != nullptr && std::string(q) != "0";
-}
 
 void require_ok(const Status& s) { REQUIRE_MESSAGE(s.ok(), s.to_string()); }
 
@@ -93,7 +89,7 @@ std::vector<uint32_t> scattered_slots(uint32_t count, uint32_t slots, std::mt199
   return all;
 }
 
-std::vector<uint32_t> chunk_sizes() { return quick() ? std::vector<uint32_t>{16, 64} : std::vector<uint32_t>{16, 64, 256}; }
+std::vector<uint32_t> chunk_sizes() { return test::quick_sweep() ? std::vector<uint32_t>{16, 64} : std::vector<uint32_t>{16, 64, 256}; }
 
 }  // namespace
 
@@ -101,7 +97,7 @@ std::vector<uint32_t> chunk_sizes() { return quick() ? std::vector<uint32_t>{16,
 
 TEST_CASE("append_kv writes each sequence's K and V row into its slots and nothing else") {
   gpu::CudaContext& ctx = cuda_context_or_skip();
-  const std::vector<uint32_t> batches = quick() ? std::vector<uint32_t>{1, 3} : std::vector<uint32_t>{1, 3, 17};
+  const std::vector<uint32_t> batches = test::quick_sweep() ? std::vector<uint32_t>{1, 3} : std::vector<uint32_t>{1, 3, 17};
   for (const uint32_t dim : {64u, 128u}) {
     for (const uint32_t chunk : chunk_sizes()) {
       for (const uint32_t batch : batches) {
@@ -159,7 +155,7 @@ TEST_CASE("append_kv writes each sequence's K and V row into its slots and nothi
 TEST_CASE("append_kv_range lays consecutive tokens across chunks from an unaligned first token") {
   gpu::CudaContext& ctx = cuda_context_or_skip();
   const std::vector<uint32_t> token_counts =
-      quick() ? std::vector<uint32_t>{1, 17, 97} : std::vector<uint32_t>{1, 17, 97, 1000};
+      test::quick_sweep() ? std::vector<uint32_t>{1, 17, 97} : std::vector<uint32_t>{1, 17, 97, 1000};
   for (const uint32_t dim : {64u, 128u}) {
     for (const uint32_t chunk : chunk_sizes()) {
       for (const uint32_t tokens : token_counts) {
@@ -395,7 +391,7 @@ void run_summary_case(gpu::CudaContext& ctx, const SummaryCase& c, uint64_t salt
 
 TEST_CASE("build_summaries matches the fp64 oracle and the CPU SummaryTable, partial blocks included") {
   gpu::CudaContext& ctx = cuda_context_or_skip();
-  const uint32_t count = quick() ? 21 : 133;
+  const uint32_t count = test::quick_sweep() ? 21 : 133;
   uint64_t salt = 100;
   for (const uint32_t dim : {64u, 128u}) {
     for (const uint32_t chunk : chunk_sizes()) {

@@ -36,6 +36,7 @@
 #include "kvtier/gpu/gemm.h"
 #include "kvtier/gpu/kernels.h"
 #include "random.h"
+#include "skip.h"
 
 using namespace kvtier;
 using namespace kvtier::cpu;
@@ -44,11 +45,6 @@ namespace {
 
 constexpr double kOTol = 1e-2;    // of max |v|
 constexpr double kLseTol = 1e-3;  // absolute, in natural-log units
-
-bool quick() {
-  const char* env = std::getenv("KVTIER_TEST_QUICK");
-  return env != nullptr && std::string(env) == "1";
-}
 
 enum class ListKind {
   kSparse,      // sinks + random earlier chunks + window + the query block's own chunks
@@ -311,10 +307,10 @@ TEST_CASE("prefill: sparse lists over every head dim, GQA group and chunk size")
   gpu::CudaContext& ctx = test::cuda_context_or_skip();
   auto gen = test::rng(0x5eed01);
   const std::vector<uint32_t> dims = {64, 128};
-  const std::vector<uint32_t> groups = quick() ? std::vector<uint32_t>{1, 8} : std::vector<uint32_t>{1, 2, 4, 8};
+  const std::vector<uint32_t> groups = test::quick_sweep() ? std::vector<uint32_t>{1, 8} : std::vector<uint32_t>{1, 2, 4, 8};
   const std::vector<uint32_t> chunks =
-      quick() ? std::vector<uint32_t>{16, 256} : std::vector<uint32_t>{16, 64, 128, 256};
-  const std::vector<uint32_t> nqs = quick() ? std::vector<uint32_t>{17, 97} : std::vector<uint32_t>{1, 17, 97, 300};
+      test::quick_sweep() ? std::vector<uint32_t>{16, 256} : std::vector<uint32_t>{16, 64, 128, 256};
+  const std::vector<uint32_t> nqs = test::quick_sweep() ? std::vector<uint32_t>{17, 97} : std::vector<uint32_t>{1, 17, 97, 300};
   size_t n = 0;
   for (uint32_t dim : dims)
     for (uint32_t group : groups)
@@ -325,7 +321,7 @@ TEST_CASE("prefill: sparse lists over every head dim, GQA group and chunk size")
         c.chunk = chunk;
         c.nq = nqs[n++ % nqs.size()];
         // Small chunks get a longer history, so that many blocks share a key tile.
-        c.history_chunks = quick() ? 12 : std::max(12u, 768u / chunk);
+        c.history_chunks = test::quick_sweep() ? 12 : std::max(12u, 768u / chunk);
         run_and_check(ctx, c, gen);
       }
 }
@@ -338,7 +334,7 @@ TEST_CASE("prefill: a partial tail block, 32-token chunks and a peaked softmax o
   c.group = 2;
   c.kv_heads = 3;
   c.chunk = 32;
-  c.nq = quick() ? 97 : 700;
+  c.nq = test::quick_sweep() ? 97 : 700;
   c.history_chunks = 40;
   c.q_range = 8.f;
   run_and_check(ctx, c, gen);
@@ -383,7 +379,7 @@ TEST_CASE("prefill: a list of every chunk is dense causal attention") {
   c.head_dim = 128;
   c.group = 4;
   c.chunk = 64;
-  c.nq = quick() ? 40 : 300;
+  c.nq = test::quick_sweep() ? 40 : 300;
   c.history_chunks = 10;
   c.list = ListKind::kFull;
   const Problem p = make_problem(c, gen);

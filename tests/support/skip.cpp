@@ -12,4 +12,9 @@ void require(bool available, std::string_view reason) {
   std::_Exit(77);
 }
 
+bool quick_sweep() {
+  const char* q = std::getenv("KVTIER_TEST_QUICK");
+  return q != nullptr && std::string_view(q) != "0";
+}
+
 }  // namespace kvtier::test

@@ -10,4 +10,9 @@ namespace kvtier::test {
 // Prints "SKIPPED: <reason>" and exits 77 unless `available`.
 void require(bool available, std::string_view reason);
 
+// KVTIER_TEST_QUICK set (and not "0"): the compute-sanitizer sweep
+// (tools/gpu-host.sh), which runs smaller sweeps and skips cases that provoke
+// a CUDA API error on purpose (the sanitizer counts those as errors).
+bool quick_sweep();
+
 }  // namespace kvtier::test
