@@ -29,7 +29,9 @@
 // several splits per list, each split writes its (o, lse) to the workspace
 // and the merge kernel in decode.cu combines them. (Merging in the decode
 // kernel instead, by thread block clusters or by the split that finishes
-// last, measured slower on the H200: bench/results/2026-11-28-gpu-h200-tc.json.)
+// last, measured slower on the H200: bench/results/2026-11-28-gpu-h200-tc.json.
+// So did persistent CTAs taking runs of tiles from a counter at run time, to
+// even out the SMs' differing bandwidth: 2026-11-29-gpu-h200-dynamic-balance.json.)
 #pragma once
 
 #include <cuda_runtime.h>
