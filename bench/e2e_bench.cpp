@@ -651,6 +651,13 @@ nlohmann::json prefill_breakdown_json(const scheduler::ExecutorStats& x) {
              (x.prefill_us - x.prefill_stage_us - x.prefill_score_us - x.prefill_pin_us - x.home_write_wait_us) / pb /
                  1e3}}},
           {"attended_blocks_per_layer_block", static_cast<double>(x.prefill_attended_blocks) / pb},
+          // Behind the timers: what the pin step fetched, and the home writes'
+          // own time to land (overlapped with the block's work; the part it
+          // outlasted the rest is home_write_wait above).
+          {"fetch_nvme_reads_per_layer_block", static_cast<double>(x.prefill_fetch_nvme_reads) / pb},
+          {"fetch_uploads_per_layer_block", static_cast<double>(x.prefill_fetch_uploads) / pb},
+          {"home_write_land_ms_per_layer_block", x.prefill_home_write_us / pb / 1e3},
+          {"home_write_nvme_blocks_per_layer_block", static_cast<double>(x.prefill_home_write_nvme_blocks) / pb},
           {"layer_blocks", x.prefill_calls},
           {"tokens_x_layers", x.prefill_tokens}};
 }

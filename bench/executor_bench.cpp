@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <string>
@@ -42,6 +43,9 @@ namespace {
 
 constexpr uint64_t kGiB = uint64_t{1} << 30;
 constexpr uint32_t kLayers = 2;
+// Another layer count for the suite (1-32), to see whether its per-layer-step
+// figures depend on it; kvtier calibrate never sets it.
+constexpr const char* kLayersEnv = "KVTIER_EXECUTOR_LAYERS";
 
 }  // namespace
 
@@ -49,12 +53,24 @@ int run_executor(const SuiteArgs& args) {
   runtime::SyntheticRunConfig run;
   run.engine.shape = llama31_8b_shape();
   run.engine.shape.layers = kLayers;
+  if (const char* text = std::getenv(kLayersEnv); text != nullptr && *text != '\0') {
+    char* end = nullptr;
+    const unsigned long layers = std::strtoul(text, &end, 10);
+    if (*end != '\0' || layers < 1 || layers > 32) {
+      std::cerr << "kvtier bench executor: " << kLayersEnv << "=" << text
+                << ": give a layer count from 1 to 32 (Llama-3.1-8B has 32), or unset it for the default "
+                << kLayers << "\n";
+      return 2;
+    }
+    run.engine.shape.layers = static_cast<uint32_t>(layers);
+  }
   const bool gpu = gpu_present();
   run.context_tokens = gpu ? 262144 : args.quick ? 12288 : 65536;
   // --quick on the CPU stand-in: one layer (prefill attention on the CPU is
   // most of the run; kvtier calibrate --quick keeps to about a minute on 2 cores).
-  if (!gpu && args.quick) run.engine.shape.layers = 1;
-  // At most 128 KiB of KV per token (two layers), plus room for decode's tail blocks.
+  if (!gpu && args.quick && std::getenv(kLayersEnv) == nullptr) run.engine.shape.layers = 1;
+  // 128 KiB per token, the KV of all 32 layers (so every block stays in GPU
+  // slots at any layer count), plus room for decode's tail blocks.
   run.engine.gpu_bytes = run.context_tokens * 128 * 1024 + kGiB;
   run.engine.host_bytes = run.engine.gpu_bytes;
   run.engine.cpu_threads = args.threads;

@@ -134,6 +134,16 @@ def compare(args):
             predicted_s = pj["prefill_seconds_attention"]
             row["prefill attention-only"] = {"predicted_s": predicted_s, "measured_s": measured_s,
                                              "error": error(predicted_s, measured_s) if predicted_s else None}
+            # By part: the model's prefill_parts_seconds against the executor's
+            # per-block timers summed over the run's layer blocks (seconds).
+            stats = main.get("prefill_stats", {})
+            per_block = stats.get("ms_per_layer_block", {})
+            if "prefill_parts_seconds" in pj and per_block:
+                blocks = stats.get("layer_blocks", 0)
+                row["prefill parts (predicted_s, measured_s)"] = {
+                    part: [pj["prefill_parts_seconds"][part], per_block[timer] * blocks / 1e3]
+                    for part, timer in (("stage", "stage"), ("query", "score"), ("fetch", "pin"),
+                                        ("attention", "attention_and_rest"), ("home_write_exposed", "home_write_wait"))}
         for k, v in row.items():
             if isinstance(v, dict) and v.get("error") is not None:
                 kind = "prefill" if k.startswith("prefill") else k

@@ -600,8 +600,12 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     const bool with_tail = pass == 0 && tail_partial;
     std::vector<std::vector<storage::BlockPin>> pins;
     const double t_pin = wall_us();
+    const storage::StoreStats pin0 = seq.store_->stats();
     KVT_RETURN_IF_ERROR(pin_on_gpu(seq, layer, part, pins, &writing));
     stats_.prefill_pin_us += wall_us() - t_pin;
+    const storage::StoreStats pin1 = seq.store_->stats();
+    stats_.prefill_fetch_nvme_reads += pin1.nvme_reads - pin0.nvme_reads;
+    stats_.prefill_fetch_uploads += pin1.h2d_blocks - pin0.h2d_blocks;
     stats_.prefill_attended_blocks += taken;
     float* o_dst = keep ? pass_state.o.data() : nullptr;
     float* lse_dst = keep ? pass_state.lse.data() : nullptr;
@@ -647,6 +651,8 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   const double t_join = wall_us();
   const Status landed = writing.join();
   stats_.home_write_wait_us += wall_us() - t_join;
+  stats_.prefill_home_write_us += writing.land_us();
+  stats_.prefill_home_write_nvme_blocks += writing.nvme_blocks();
   KVT_RETURN_IF_ERROR(landed.with_context("prefill of layer " + std::to_string(layer) + ", tokens " +
                                           std::to_string(first_token) + "+" + std::to_string(n)));
   // The GPU scorer's copy of the summaries this call completed.

@@ -103,10 +103,13 @@ class WriteBehind {
     KVT_ASSERT(!thread_.joinable(), "one write behind at a time");
     write_ = std::move(write);
     status_ = Status::ok_status();
+    land_us_ = 0;
     if (write_.size() == 0) return;
     thread_ = std::thread([this, pf = std::move(parallel_for), trace, lane] {
       TraceScope scope(trace, lane, "prefill home write (behind)");
+      const auto t0 = std::chrono::steady_clock::now();
       (void)write_.land(pf);
+      land_us_ = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     });
   }
   // Whether `block` is being written and not yet joined.
@@ -121,11 +124,16 @@ class WriteBehind {
     }
     return status_;
   }
+  // After join(): how long the last write's land took (copies and NVMe
+  // writes), and how many of its blocks went to NVMe.
+  double land_us() const { return land_us_; }
+  size_t nvme_blocks() const { return write_.nvme_size(); }
 
  private:
   storage::HomeWrite write_;
   std::thread thread_;
   Status status_;
+  double land_us_ = 0;  // written by the thread, read after join
 };
 
 }  // namespace kvtier::scheduler::detail

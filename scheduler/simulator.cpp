@@ -576,6 +576,12 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     const double behind = home_host + home_nvme + fetch_nvme;
     total += front + std::max(scoring + fetch + attention + weights_s, behind);
     total_attention += front + std::max(scoring + fetch + attention, behind);
+    PlanReport::PrefillParts& parts = r.prefill_parts;
+    parts.stage += front;
+    parts.query += scoring;
+    parts.fetch += fetch;
+    parts.attention += attention;
+    parts.home_write_exposed += std::max(0.0, behind - (scoring + fetch + attention));
   }
   r.prefill_seconds = total;
   r.prefill_seconds_attention = total_attention;
@@ -847,6 +853,12 @@ nlohmann::json to_json(const PlanReport& r) {
       {"prefill_seconds", r.prefill_seconds},
       {"prefill_seconds_attention", r.prefill_seconds_attention},
       {"prefill_bottleneck", {{"lane", r.prefill_bottleneck.lane}, {"utilisation", r.prefill_bottleneck.utilisation}}},
+      {"prefill_parts_seconds",
+       {{"stage", r.prefill_parts.stage},
+        {"query", r.prefill_parts.query},
+        {"fetch", r.prefill_parts.fetch},
+        {"attention", r.prefill_parts.attention},
+        {"home_write_exposed", r.prefill_parts.home_write_exposed}}},
       {"bottleneck", {{"lane", r.bottleneck.lane}, {"utilisation", r.bottleneck.utilisation}}},
       {"bottleneck_full_model",
        {{"lane", r.bottleneck_full_model.lane}, {"utilisation", r.bottleneck_full_model.utilisation}}},

@@ -901,6 +901,7 @@ bool HomeWrite::holds(uint32_t block) const {
 }
 
 size_t HomeWrite::size() const { return state_ == nullptr ? 0 : state_->writes.size(); }
+size_t HomeWrite::nvme_size() const { return state_ == nullptr ? 0 : state_->nvme.size(); }
 
 // ---------------------------------------------------------------- protection
 

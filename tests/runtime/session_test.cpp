@@ -13,6 +13,7 @@
 #include <fstream>
 #include <vector>
 
+#include "kvtier/core/block.h"
 #include "kvtier/cpu/kernels.h"
 #include "kvtier/cpu/reference.h"
 #include "kvtier/runtime/session.h"
@@ -206,6 +207,12 @@ TEST_CASE("full budget: prefill and decode over three tiers equal dense attentio
   CHECK(pl.host_home_bytes > 0);
   CHECK(pl.nvme_home_bytes > pl.host_home_bytes);
   CHECK(pl.gpu_cached_bytes > 0);
+  {  // every NVMe-homed block went home once, in prefill's timed writes
+    const scheduler::ExecutorStats st = engine->stats();
+    const uint64_t block_bytes = BlockGeometry(shape(), policy(kAll).chunk_tokens).block_bytes();
+    CHECK(st.prefill_home_write_nvme_blocks * block_bytes == pl.nvme_home_bytes);
+    CHECK(st.prefill_home_write_us > 0);
+  }
   // Prefill outputs at odd positions: causal dense over [0, pos].
   const ModelShape sh = shape();
   const size_t qrow = size_t{sh.q_heads} * sh.head_dim;
@@ -522,6 +529,11 @@ TEST_CASE("prefill whose completed chunks are evicted before use reads them home
   const scheduler::ExecutorStats st = engine->stats();
   MESSAGE("early joins: " << st.home_write_early_joins << ", home write wait " << st.home_write_wait_us << " us");
   CHECK(st.home_write_early_joins > 0);
+  // The evicted blocks came back through the pin step: reads from NVMe homes, then uploads.
+  MESSAGE("fetched in prefill: " << st.prefill_fetch_nvme_reads << " NVMe reads, " << st.prefill_fetch_uploads
+                                 << " uploads");
+  CHECK(st.prefill_fetch_uploads > 0);
+  CHECK(st.prefill_fetch_nvme_reads > 0);
   const ModelShape sh = shape();
   const size_t qrow = size_t{sh.q_heads} * sh.head_dim;
   for (uint64_t pos : {0ull, 511ull, 512ull, 1023ull, 1030ull, 1535ull, 1999ull}) {

@@ -351,6 +351,30 @@ TEST_CASE("rates follow the profile with the stated fractions") {
   CHECK(validate(r).ok());
 }
 
+TEST_CASE("prefill parts add up to the attention-only prefill, and a slow drive's home writes show") {
+  SimInputs in = inputs("rtx4090,ddr5-128g,nvme-gen4");
+  const PlanReport r = run(in);
+  const PlanReport::PrefillParts& p = r.prefill_parts;
+  CHECK(p.stage > 0);
+  CHECK(p.query > 0);
+  CHECK(p.attention > 0);
+  CHECK(p.fetch >= 0);
+  CHECK(p.stage + p.query + p.fetch + p.attention + p.home_write_exposed ==
+        doctest::Approx(r.prefill_seconds_attention).epsilon(1e-12));
+  // At 1M on 128 GB of RAM most homes are on NVMe: a drive that writes 50x
+  // slower than the preset cannot keep up behind the blocks' work.
+  for (NvmePoint& w : in.machine.nvme.write.points) w.gbps /= 50;
+  const PlanReport slow = run(in);
+  CHECK(slow.prefill_parts.home_write_exposed > 0);
+  CHECK(slow.prefill_parts.home_write_exposed > r.prefill_parts.home_write_exposed);
+  CHECK(slow.prefill_seconds_attention ==
+        doctest::Approx(r.prefill_seconds_attention - r.prefill_parts.home_write_exposed +
+                        slow.prefill_parts.home_write_exposed)
+            .epsilon(1e-9));
+  const nlohmann::json j = to_json(slow);
+  CHECK(j["prefill_parts_seconds"]["home_write_exposed"].get<double>() == slow.prefill_parts.home_write_exposed);
+}
+
 TEST_CASE("to_json has the documented keys") {
   const nlohmann::json j = to_json(run(inputs()));
   for (const char* key : {"fits", "placement", "decode_tokens_per_s", "prefill_seconds", "bottleneck", "kv_bytes",

@@ -124,6 +124,13 @@ struct ExecutorStats {
   // time prefill still waited for them (at its end, or to re-read a block).
   double home_write_wait_us = 0;
   uint64_t home_write_early_joins = 0;  // waits because a block in flight had to come back from home
+  // What the pin step fetched (blocks the GPU cache missed): NVMe reads and
+  // uploads it caused, from the store's counters; and the home writes
+  // themselves: how long each took to land (copies and NVMe writes, from
+  // start, overlapped or not) and the NVMe-homed blocks among them.
+  uint64_t prefill_fetch_nvme_reads = 0, prefill_fetch_uploads = 0;
+  double prefill_home_write_us = 0;
+  uint64_t prefill_home_write_nvme_blocks = 0;
   uint64_t prefill_tokens = 0;    // tokens x layers prefilled
   uint64_t prefill_calls = 0;     // prefill calls: query blocks x layers
 };

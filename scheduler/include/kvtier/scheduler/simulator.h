@@ -167,6 +167,15 @@ struct PlanReport {
   double prefill_seconds = 0;       // one sequence's prompt of context_tokens, full model (weight GEMMs included)
   double prefill_seconds_attention = 0;  // the same without the weight GEMMs: attention and tiering only
   LaneUse prefill_bottleneck;       // the lane that sets most prefill blocks' time
+  // prefill_seconds_attention by part, seconds summed over the query blocks,
+  // in the executor's order (its per-block timers: stage, score, pin,
+  // attention and rest, home write wait): the block's K/V staged and copied
+  // up; the query pass with scoring and top-k; the fetch of selected far
+  // blocks the GPU cache misses; attention; and the part of the home writes
+  // (with the fetch's NVMe reads) that outlasts the rest of the block.
+  struct PrefillParts {
+    double stage = 0, query = 0, fetch = 0, attention = 0, home_write_exposed = 0;
+  } prefill_parts;
   Traffic traffic;                  // per decode step, whole batch
   std::vector<std::string> assumptions;
   std::vector<std::string> warnings;

@@ -146,6 +146,7 @@ class HomeWrite {
   // Whether `block` is one of this write's and the write is not finished.
   bool holds(uint32_t block) const;
   size_t size() const;  // blocks written
+  size_t nvme_size() const;  // of them, blocks homed on NVMe
 
   struct State;
 
