@@ -571,6 +571,19 @@ Status BlockFile::write_blocks(std::span<const BlockIo> blocks) {
   return Status::ok_status();
 }
 
+Status BlockFile::write_blocks(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs) {
+  if (crcs.size() != blocks.size())
+    return invalid_argument("write_blocks to " + path() + ": " + std::to_string(crcs.size()) + " checksums for " +
+                            std::to_string(blocks.size()) + " blocks; give one per block");
+  KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/true));
+  for (size_t at = 0; at < blocks.size(); at += kFileBatchBlocks) {
+    const size_t n = std::min(kFileBatchBlocks, blocks.size() - at);
+    std::lock_guard lock(impl_->mu);
+    KVT_RETURN_IF_ERROR(impl_->write_batch(blocks.subspan(at, n), crcs.subspan(at, n)));
+  }
+  return Status::ok_status();
+}
+
 Status BlockFile::read_blocks(std::span<const BlockIo> blocks) {
   KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/false));
   for (size_t at = 0; at < blocks.size(); at += kFileBatchBlocks) {

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "kvtier/storage/block_device.h"
+#include "kvtier/storage/crc32c.h"
 #include "random.h"
 #include "skip.h"
 
@@ -321,6 +322,65 @@ TEST_CASE("a joined write cut short: landed blocks are new, the rest of its requ
     }
   }
   CHECK(partial > 0);
+}
+
+TEST_CASE("checksums given with the blocks are the ones recorded: right ones read back, a wrong one reads as corrupt") {
+  auto gen = kvtier::test::rng(43);
+  auto medium = make_fault_medium();
+  Slots data(20, 8192);
+  data.fill_random(gen);
+  auto file = create_fault_file(medium, FaultConfig{});
+  std::vector<uint32_t> crcs;
+  for (size_t i = 0; i < 20; ++i) crcs.push_back(crc32c(data.at(i), 8192));
+  crcs[6] ^= 1u;  // block 6's bytes land intact; its checksum is off by one bit
+  const uint64_t before = fault_device(*file).counters().requests;
+  REQUIRE(file->write_blocks(ios(data, all_indices(20)), crcs).ok());
+  CHECK(fault_device(*file).counters().requests == before + 1);  // still joined into one request
+  CHECK(file->checksum(5) == crcs[5]);
+  CHECK(file->checksum(6) == crcs[6]);
+  Slots got(1, 8192);
+  for (uint64_t b : {0ull, 5ull, 7ull, 19ull}) {
+    CAPTURE(b);
+    got.poison();
+    REQUIRE(file->read_blocks(ios(got, {b})).ok());
+    CHECK(got.same_slot(0, data, b));
+  }
+  const Status bad = file->read_blocks(ios(got, {6}));
+  CHECK(bad.code() == StatusCode::kCorrupt);
+  CHECK(contains(bad.message(), "block 6 ("));
+  // One checksum per block, or nothing is written.
+  const Status count = file->write_blocks(ios(data, {3, 4}), std::span(crcs).first(1));
+  CHECK(count.code() == StatusCode::kInvalidArgument);
+  CHECK(contains(count.message(), "1 checksums for 2 blocks"));
+}
+
+TEST_CASE("given checksums across several batches: each block keeps its own") {
+  // 2 layers x 2 KV heads x 160 chunks = 640 blocks: three of the file's
+  // batches of kFileBatchBlocks, with a wrong checksum in the second.
+  auto gen = kvtier::test::rng(44);
+  auto medium = make_fault_medium();
+  const FileGeometry g{ModelShape{2, 4, 2, 64, kvtier::DType::kBf16}, 24, 160};
+  REQUIRE(g.block_count() == 640);
+  REQUIRE(g.block_count() > 2 * kFileBatchBlocks);
+  auto file = BlockFile::create_on(make_fault_device(medium, "mem:big", FaultConfig{}), g);
+  REQUIRE_MESSAGE(file.ok(), file.status().to_string());
+  Slots data(640, g.slot_bytes());
+  data.fill_random(gen);
+  std::vector<uint32_t> crcs;
+  for (size_t i = 0; i < 640; ++i) crcs.push_back(crc32c(data.at(i), g.slot_bytes()));
+  const uint64_t wrong = kFileBatchBlocks + 17;
+  crcs[wrong] ^= 0x80000000u;
+  REQUIRE((*file)->write_blocks(ios(data, all_indices(640)), crcs).ok());
+  for (uint64_t b : std::vector<uint64_t>{0, 255, 256, wrong - 1, wrong + 1, 511, 512, 639}) {
+    CAPTURE(b);
+    CHECK((*file)->checksum(b) == crcs[b]);
+    Slots got(1, g.slot_bytes());
+    got.poison();
+    REQUIRE((*file)->read_blocks(ios(got, {b})).ok());
+    CHECK(got.same_slot(0, data, b));
+  }
+  Slots got(1, g.slot_bytes());
+  CHECK((*file)->read_blocks(ios(got, {wrong})).code() == StatusCode::kCorrupt);
 }
 
 TEST_CASE("a bit flipped at rest is reported as corruption naming the block and offset") {

@@ -78,6 +78,11 @@ class BlockFile {
   // did not wholly land become unwritten (the drive may have stored any part
   // of it), where a lone block's failed write keeps its old contents.
   Status write_blocks(std::span<const BlockIo> blocks);
+  // The same with each block's CRC32C of its slot bytes computed by the
+  // caller (crcs[i] for blocks[i]), e.g. while copying the bytes into place,
+  // so that no pass over them runs between the drive's requests. A wrong
+  // checksum is recorded as given: the block then reads back as corrupt.
+  Status write_blocks(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs);
   // Reads blocks and verifies each against its checksum. Reading a block that
   // was never written is an error.
   Status read_blocks(std::span<const BlockIo> blocks);
