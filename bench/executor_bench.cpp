@@ -68,7 +68,9 @@ int run_executor(const SuiteArgs& args) {
   run.context_tokens = gpu ? 262144 : args.quick ? 12288 : 65536;
   // --quick on the CPU stand-in: one layer (prefill attention on the CPU is
   // most of the run; kvtier calibrate --quick keeps to about a minute on 2 cores).
-  if (!gpu && args.quick && std::getenv(kLayersEnv) == nullptr) run.engine.shape.layers = 1;
+  const char* layers_text = std::getenv(kLayersEnv);
+  const bool layers_given = layers_text != nullptr && *layers_text != '\0';
+  if (!gpu && args.quick && !layers_given) run.engine.shape.layers = 1;
   // 128 KiB per token, the KV of all 32 layers (so every block stays in GPU
   // slots at any layer count), plus room for decode's tail blocks.
   run.engine.gpu_bytes = run.context_tokens * 128 * 1024 + kGiB;

@@ -357,7 +357,7 @@ Status land_before_fetch(detail::WriteBehind* writing, std::span<const uint32_t>
     return Status::ok_status();
   const double t0 = wall_us();
   const Status st = writing->join();
-  stats.home_write_wait_us += wall_us() - t0;
+  stats.home_write_early_wait_us += wall_us() - t0;  // inside the caller's pin time
   ++stats.home_write_early_joins;
   return st;
 }
@@ -652,7 +652,7 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   const Status landed = writing.join();
   stats_.home_write_wait_us += wall_us() - t_join;
   stats_.prefill_home_write_us += writing.land_us();
-  stats_.prefill_home_write_nvme_blocks += writing.nvme_blocks();
+  if (landed.ok()) stats_.prefill_home_write_nvme_blocks += writing.nvme_blocks();
   KVT_RETURN_IF_ERROR(landed.with_context("prefill of layer " + std::to_string(layer) + ", tokens " +
                                           std::to_string(first_token) + "+" + std::to_string(n)));
   // The GPU scorer's copy of the summaries this call completed.

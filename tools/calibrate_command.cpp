@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -67,6 +68,10 @@ std::string usage_problem(const Options& o, const runtime::MachineFacts& facts) 
     return "--dir '" + o.dir + "' is not a directory; pass an existing directory on the drive that would hold the "
                                "NVMe tier";
   if (const std::string why = out_problem(o.out); !why.empty()) return "cannot write --out '" + o.out + "': " + why;
+  // The executor suite's layer count for experiments: a profile must come from the suite as documented.
+  if (const char* layers = std::getenv("KVTIER_EXECUTOR_LAYERS"); layers != nullptr && *layers != '\0')
+    return std::string("KVTIER_EXECUTOR_LAYERS=") + layers +
+           " is set: it changes the executor suite that calibration reads; unset it to calibrate";
   const std::vector<std::string> presets = runtime::gpu_preset_names();
   if (!o.gpu_preset.empty() && std::find(presets.begin(), presets.end(), o.gpu_preset) == presets.end())
     return "unknown --gpu preset '" + o.gpu_preset + "' (GPU presets: " + joined(presets) + ")";

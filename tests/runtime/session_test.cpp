@@ -527,7 +527,8 @@ TEST_CASE("prefill whose completed chunks are evicted before use reads them home
   std::vector<float> out0;
   prefill(s, m, kContext, 512, &out0);
   const scheduler::ExecutorStats st = engine->stats();
-  MESSAGE("early joins: " << st.home_write_early_joins << ", home write wait " << st.home_write_wait_us << " us");
+  MESSAGE("early joins: " << st.home_write_early_joins << ", waiting " << st.home_write_early_wait_us << " us");
+  CHECK(st.home_write_early_wait_us > 0);
   CHECK(st.home_write_early_joins > 0);
   // The evicted blocks came back through the pin step: reads from NVMe homes, then uploads.
   MESSAGE("fetched in prefill: " << st.prefill_fetch_nvme_reads << " NVMe reads, " << st.prefill_fetch_uploads

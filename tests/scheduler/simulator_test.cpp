@@ -358,7 +358,7 @@ TEST_CASE("prefill parts add up to the attention-only prefill, and a slow drive'
   CHECK(p.stage > 0);
   CHECK(p.query > 0);
   CHECK(p.attention > 0);
-  CHECK(p.fetch >= 0);
+  CHECK(p.fetch > 0);  // 1M does not fit the GPU cache: selected far blocks are fetched
   CHECK(p.stage + p.query + p.fetch + p.attention + p.home_write_exposed ==
         doctest::Approx(r.prefill_seconds_attention).epsilon(1e-12));
   // At 1M on 128 GB of RAM most homes are on NVMe: a drive that writes 50x

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -54,4 +55,12 @@ TEST_CASE("kvtier calibrate --quick --gpu rtx4090 writes a valid profile") {
   std::stringstream text;
   text << file.rdbuf();
   CHECK(nlohmann::json::parse(r.out) == nlohmann::json::parse(text.str()));
+}
+
+TEST_CASE("kvtier calibrate refuses to run with the executor suite's layer override set") {
+  const TempDir dir("kvtier-calibrate-test");
+  ::setenv("KVTIER_EXECUTOR_LAYERS", "8", 1);
+  kvtier::test::check_usage_error("calibrate --quick --gpu rtx4090 --dir " + dir.path().string(),
+                                  "KVTIER_EXECUTOR_LAYERS=8 is set");
+  ::unsetenv("KVTIER_EXECUTOR_LAYERS");
 }

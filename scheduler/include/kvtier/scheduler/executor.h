@@ -121,9 +121,12 @@ struct ExecutorStats {
   double prefill_stage_us = 0, prefill_score_us = 0, prefill_pin_us = 0;
   uint64_t prefill_attended_blocks = 0;  // full blocks pinned for attention, summed over query blocks and layers
   // Prefill's home writes run behind its scoring and attention; this is the
-  // time prefill still waited for them (at its end, or to re-read a block).
+  // time prefill still waited for them at the end of each call. A wait to
+  // re-read a block still being written (an early join) is counted apart,
+  // as part of the pin time it falls in.
   double home_write_wait_us = 0;
   uint64_t home_write_early_joins = 0;  // waits because a block in flight had to come back from home
+  double home_write_early_wait_us = 0;
   // What the pin step fetched (blocks the GPU cache missed): NVMe reads and
   // uploads it caused, from the store's counters; and the home writes
   // themselves: how long each took to land (copies and NVMe writes, from
