@@ -725,13 +725,12 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
   a.push_back("checked against kvtier bench e2e on one H200 host with a profile kvtier calibrate measured there "
-              "in the same lease (bench/results/2026-11-29-plan-validation-h200-v9/, docs/plan.md): decode within "
-              "15% at 4 of 6 configurations (worst +32%, 128K on 8 GiB), late=summary at 5 of 6 (worst -16%), "
-              "prefill at 2 of 6 (worst -34%: that lease's calibration measured the prefill passes 1.7x faster "
-              "than its runs ran them; an earlier lease's was slower than its runs); a later lease's partial "
-              "repeat (v10, three points) had decode within 15% at 1 of 3 (+23% at 128K on 8 GiB, -20% at 128K "
-              "all on the GPU, +13% at 512K), the all-GPU miss from calibration measuring the executor's host "
-              "terms 12-31% above the runs' own; host time on that host drifts between runs minutes apart; "
+              "in the same lease; the latest, out of sample (bench/results/2026-11-29-plan-validation-h200-v11/, "
+              "docs/plan.md): decode within 15% at 5 of 6 configurations (worst -24% at 1M, -33% there with "
+              "uncorrelated queries, where the model takes more NVMe reads per step than a short run after prefill "
+              "makes and the drive read faster than calibrated), late=summary at 4 of 6 (worst -26%), prefill at "
+              "4 of 6 (worst -23%: the NVMe home writes, taken as hidden behind the block's work, were partly "
+              "waited for); identical work on that host varies by up to 20-23% between runs minutes apart; "
               "presets carry that host's executor times, not those of the machine asked about");
 }
 
