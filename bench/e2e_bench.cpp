@@ -23,7 +23,9 @@
 // executor lets the CPU engine's workers sleep through serial phases; every
 // run), KVTIER_E2E_POLL=0 (read waits sleep on the store at once; every run),
 // KVTIER_E2E_EVICTION=lru (the GPU tier evicts least recently used copies
-// whatever their home; default home-aware; every run), KVTIER_E2E_GPU_SCORE=0
+// whatever their home; default home-aware; every run), KVTIER_E2E_WRITE_BATCH
+// (NVMe home writes per file write, 1-256 blocks, default 256: a read waits
+// for at most one; every run), KVTIER_E2E_GPU_SCORE=0
 // (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run),
 // KVTIER_E2E_LATE_DROP=0 (late reads and the prefetch ahead wait for room
 // in a full read queue instead of being dropped behind a step-deep one;
@@ -116,6 +118,7 @@ struct E2eConfig {
   bool warm_workers = true;     // ExecutorOptions::warm_workers
   bool poll_reads = true;       // ExecutorOptions::poll_reads
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // ExecutorOptions::gpu_eviction
+  uint32_t home_write_batch_blocks = static_cast<uint32_t>(storage::kFileBatchBlocks);  // ExecutorOptions::home_write_batch_blocks
   bool score_on_gpu = true;     // ExecutorOptions::score_on_gpu
   bool drop_optional_reads = true;  // ExecutorOptions::drop_optional_reads
   bool early_reads = true;          // ExecutorOptions::early_reads
@@ -242,6 +245,16 @@ Status apply_overrides(E2eConfig& c) {
                               ": give home-aware (the default: host-homed GPU copies are evicted first) or lru");
     c.gpu_eviction = *t == "lru" ? storage::GpuEviction::kLru : storage::GpuEviction::kHomeAware;
     c.overrides.push_back("KVTIER_E2E_EVICTION=" + *t);
+  }
+  if (const std::optional<std::string> t = env_text("KVTIER_E2E_WRITE_BATCH")) {
+    char* end = nullptr;
+    const unsigned long blocks = std::strtoul(t->c_str(), &end, 10);
+    if (*end != '\0' || blocks < 1 || blocks > storage::kFileBatchBlocks)
+      return invalid_argument("KVTIER_E2E_WRITE_BATCH=" + *t + ": give the NVMe home writes per file write, 1 to " +
+                              std::to_string(storage::kFileBatchBlocks) + " blocks (default " +
+                              std::to_string(storage::kFileBatchBlocks) + ")");
+    c.home_write_batch_blocks = static_cast<uint32_t>(blocks);
+    c.overrides.push_back("KVTIER_E2E_WRITE_BATCH=" + *t);
   }
   KVT_RETURN_IF_ERROR(
       switch_override("KVTIER_E2E_POLL", "read waits poll the store first", c.poll_reads, c.overrides));
@@ -716,6 +729,7 @@ class Runner {
     r.engine.warm_workers = c_.warm_workers;
     r.engine.poll_reads = c_.poll_reads;
     r.engine.gpu_eviction = c_.gpu_eviction;
+    r.engine.home_write_batch_blocks = c_.home_write_batch_blocks;
     r.engine.score_on_gpu = c_.score_on_gpu;
     r.engine.drop_optional_reads = c_.drop_optional_reads;
     r.engine.early_reads = c_.early_reads;

@@ -125,6 +125,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   xo.late = options.late;
   xo.warm_workers = options.warm_workers;
   xo.gpu_eviction = options.gpu_eviction;
+  xo.home_write_batch_blocks = options.home_write_batch_blocks;
   xo.score_on_gpu = options.score_on_gpu;
   xo.poll_reads = options.poll_reads;
   xo.drop_optional_reads = options.drop_optional_reads;

@@ -265,6 +265,7 @@ Result<storage::StoreConfig> Executor::store_config(uint64_t max_tokens, uint64_
   config.gpu_arena = arena_;
   config.gpu_slot_quota = quota_ - summaries.slots;
   config.gpu_eviction = options_.gpu_eviction;
+  config.write_batch_blocks = options_.home_write_batch_blocks;
   return config;
 }
 

@@ -797,7 +797,12 @@ Status TieredStore::Impl::land_nvme(const HomeWrite::State& w, const ParallelFor
     });
     io.clear();
     for (size_t k = 0; k < n; ++k) io.push_back(BlockIo{w.writes[w.nvme[first + k]].block, buf + k * slot});
-    KVT_RETURN_IF_ERROR(file->write_blocks(io, crcs));
+    const size_t batch = std::clamp<size_t>(config.write_batch_blocks, 1, kFileBatchBlocks);
+    for (size_t at = 0; at < n; at += batch) {
+      const size_t m = std::min(batch, n - at);
+      KVT_RETURN_IF_ERROR(file->write_blocks(std::span<const BlockIo>(io).subspan(at, m),
+                                             std::span<const uint32_t>(crcs).subspan(at, m)));
+    }
   }
   return Status::ok_status();
 }

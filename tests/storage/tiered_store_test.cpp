@@ -627,8 +627,9 @@ struct FaultStore {
   std::unique_ptr<ComputeBackend> backend = cpu::make_cpu_backend();
   FaultDevice* device = nullptr;
   std::unique_ptr<TieredStore> store;
-  explicit FaultStore(uint64_t gpu_bytes = 16 * kMiB) {
-    const StoreConfig c = small_config(1 << 16, gpu_bytes, 2 * kMiB);
+  explicit FaultStore(uint64_t gpu_bytes = 16 * kMiB, uint32_t write_batch_blocks = kFileBatchBlocks) {
+    StoreConfig c = small_config(1 << 16, gpu_bytes, 2 * kMiB);
+    c.write_batch_blocks = write_batch_blocks;
     auto dev = make_fault_device(make_fault_medium(), "fault:behind", FaultConfig{});
     device = dev.get();
     auto file = BlockFile::create_on(std::move(dev), file_geometry(c));
@@ -805,6 +806,26 @@ TEST_CASE("a refused write touches no block of the call") {
   std::vector<BlockWrite> twice = {v1.writes[5], v1.writes[70], v1.writes[5]};
   CHECK(s.write_home(twice).message().find("listed twice") != std::string::npos);
   check_version(s, 0, 100, Tier::kHost, 0);  // the blocks before the pinned one kept version 0
+}
+
+TEST_CASE("home writes go to the file in batches of write_batch_blocks, and land the same") {
+  // Blocks 0-63 get the host homes, 64-199 NVMe homes: 136 adjacent blocks
+  // of 16 KiB are 3 joined requests of at most 1 MiB in one file write, and
+  // at least 46 when the file gets them 3 at a time.
+  uint64_t requests[2] = {0, 0};
+  for (int i = 0; i < 2; ++i) {
+    CAPTURE(i);
+    FaultStore f(16 * kMiB, i == 0 ? static_cast<uint32_t>(kFileBatchBlocks) : 3u);
+    TieredStore& s = *f.store;
+    const uint64_t before = f.device->counters().requests;
+    REQUIRE(s.write_home(Versions(s, 0, 200, 0).writes).ok());
+    requests[i] = f.device->counters().requests - before;
+    REQUIRE(s.home_of(150) == Tier::kNvme);
+    CHECK(s.stats().nvme_writes == 136);
+    check_version(s, 0, 200, Tier::kHost, 0);
+  }
+  CHECK(requests[0] == 3);
+  CHECK(requests[1] >= 46);
 }
 
 TEST_CASE("a large write lands through the reused bounce buffer in pieces while other threads read") {

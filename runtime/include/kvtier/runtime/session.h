@@ -52,6 +52,7 @@ struct EngineOptions {
   bool warm_workers = true;  // scheduler::ExecutorOptions::warm_workers
   bool poll_reads = true;    // scheduler::ExecutorOptions::poll_reads
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;  // scheduler::ExecutorOptions::gpu_eviction
+  uint32_t home_write_batch_blocks = static_cast<uint32_t>(storage::kFileBatchBlocks);  // scheduler::ExecutorOptions::home_write_batch_blocks
   bool score_on_gpu = true;  // scheduler::ExecutorOptions::score_on_gpu
   bool drop_optional_reads = true;  // scheduler::ExecutorOptions::drop_optional_reads
   bool early_reads = true;          // scheduler::ExecutorOptions::early_reads

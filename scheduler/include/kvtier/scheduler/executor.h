@@ -159,6 +159,8 @@ struct ExecutorOptions {
   bool poll_reads = true;
   // Which cached GPU copy makes room for another (storage::GpuEviction).
   storage::GpuEviction gpu_eviction = storage::GpuEviction::kHomeAware;
+  // NVMe home writes per file write (storage::StoreConfig::write_batch_blocks).
+  uint32_t home_write_batch_blocks = static_cast<uint32_t>(storage::kFileBatchBlocks);
   // Score summaries on the GPU (gpu::score_summaries) where a CUDA device
   // runs the step and the summaries are mean keys (mean_bf16, mean_f32): each
   // sequence mirrors its mean keys in a run of its GPU slots (its share of

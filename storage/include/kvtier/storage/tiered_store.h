@@ -48,6 +48,11 @@ struct StoreConfig {
   TierBudgets budgets;
   int numa_node = -1;               // host arenas' NUMA node (-1: no binding)
   uint32_t read_batch_blocks = 256; // nvme reads handed to the file at once
+  // NVMe home writes handed to the file at once (1 to kFileBatchBlocks). The
+  // file holds its lock across each such write, so a read that arrives
+  // meanwhile (prefill's fetch, a decode step's reads) waits for at most one;
+  // smaller batches let reads in sooner and queue fewer writes at a time.
+  uint32_t write_batch_blocks = static_cast<uint32_t>(kFileBatchBlocks);
   // A gpu slot arena shared with other contexts (a batch of sequences whose
   // blocks one kernel reads through one base pointer). When set, gpu_bytes is
   // not allocated again: the sinks and window must fit the shared arena's free
