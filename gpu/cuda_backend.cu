@@ -38,6 +38,10 @@ constexpr int kUnroll = 4;
 // spreads over many SMs instead of crawling through one thread block.
 constexpr uint64_t kPieceBytes = 32 * 1024;
 constexpr uint32_t kMaxBlocks = 1u << 16;
+// Unpinned copies in one call from which the slow path is worth a warning: a
+// few (a decode step's completed tail blocks, cached on the GPU from the
+// caller's buffer) cost little one by one; a batch this large is a setup to fix.
+constexpr size_t kUnpinnedWarnCopies = 64;
 
 // Moves `count` vectors with the block's threads. Each thread issues kUnroll
 // loads before its first store: a read of mapped host memory crosses PCIe and
@@ -385,9 +389,9 @@ Status CudaBackend::enqueue_memcpy_batch() {
 // own call and the driver stages pageable memory through a bounce buffer.
 Status CudaBackend::enqueue_unpinned(Direction dir) {
   if (unpinned_.empty()) return Status::ok_status();
-  if (!warned_unpinned_.exchange(true)) {
-    KVT_LOG_WARN(name_, ": block copies from host memory that pin_host did not pin take the slow path "
-                        "(one cudaMemcpyAsync each); pin the host arena for batched copies");
+  if (unpinned_.size() >= kUnpinnedWarnCopies && !warned_unpinned_.exchange(true)) {
+    KVT_LOG_WARN(name_, ": ", unpinned_.size(), " block copies in one call from host memory that pin_host did "
+                 "not pin took the slow path (one cudaMemcpyAsync each); pin that memory for batched copies");
   }
   const cudaMemcpyKind kind = dir == Direction::kToDevice ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
   for (const BlockCopy& c : unpinned_) {
