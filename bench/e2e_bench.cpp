@@ -24,8 +24,9 @@
 // run), KVTIER_E2E_POLL=0 (read waits sleep on the store at once; every run),
 // KVTIER_E2E_EVICTION=lru (the GPU tier evicts least recently used copies
 // whatever their home; default home-aware; every run), KVTIER_E2E_WRITE_BATCH
-// (NVMe home writes per file write, 1-256 blocks, default 256: a read waits
-// for at most one; every run), KVTIER_E2E_GPU_SCORE=0
+// (NVMe home writes per file write, 1-256 blocks, default 256: the file
+// takes its lock per write, so reads can get in between; every run),
+// KVTIER_E2E_GPU_SCORE=0
 // (the CPU scores summaries, as before ExecutorOptions::score_on_gpu; every run),
 // KVTIER_E2E_LATE_DROP=0 (late reads and the prefetch ahead wait for room
 // in a full read queue instead of being dropped behind a step-deep one;

@@ -652,8 +652,10 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   const double t_join = wall_us();
   const Status landed = writing.join();
   stats_.home_write_wait_us += wall_us() - t_join;
-  stats_.prefill_home_write_us += writing.land_us();
-  if (landed.ok()) stats_.prefill_home_write_nvme_blocks += writing.nvme_blocks();
+  if (landed.ok()) {  // a failed write's time and blocks would skew the write rate they give
+    stats_.prefill_home_write_us += writing.land_us();
+    stats_.prefill_home_write_nvme_blocks += writing.nvme_blocks();
+  }
   KVT_RETURN_IF_ERROR(landed.with_context("prefill of layer " + std::to_string(layer) + ", tokens " +
                                           std::to_string(first_token) + "+" + std::to_string(n)));
   // The GPU scorer's copy of the summaries this call completed.

@@ -234,6 +234,9 @@ Result<std::unique_ptr<TieredStore>> TieredStore::create(ComputeBackend& backend
   KVT_RETURN_IF_ERROR(check_config(config, *file, chunks));
   if (g.block_count(chunks) >= UINT32_MAX)
     return out_of_range("tiered store: " + std::to_string(g.block_count(chunks)) + " blocks exceed 2^32");
+  if (config.write_batch_blocks < 1 || config.write_batch_blocks > kFileBatchBlocks)
+    return invalid_argument("tiered store: write_batch_blocks=" + std::to_string(config.write_batch_blocks) +
+                            " is outside 1-" + std::to_string(kFileBatchBlocks) + "; give NVMe home writes per file write in that range");
   const auto [cache_bytes, home_bytes] = split_host(config.budgets, g.slot_bytes());
   if (cache_bytes < g.slot_bytes())
     return invalid_argument("tiered store: host_bytes=" + format_bytes(config.budgets.host_bytes) +
@@ -797,7 +800,7 @@ Status TieredStore::Impl::land_nvme(const HomeWrite::State& w, const ParallelFor
     });
     io.clear();
     for (size_t k = 0; k < n; ++k) io.push_back(BlockIo{w.writes[w.nvme[first + k]].block, buf + k * slot});
-    const size_t batch = std::clamp<size_t>(config.write_batch_blocks, 1, kFileBatchBlocks);
+    const size_t batch = config.write_batch_blocks;  // 1 to kFileBatchBlocks (create checks it)
     for (size_t at = 0; at < n; at += batch) {
       const size_t m = std::min(batch, n - at);
       KVT_RETURN_IF_ERROR(file->write_blocks(std::span<const BlockIo>(io).subspan(at, m),

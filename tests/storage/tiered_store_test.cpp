@@ -177,6 +177,21 @@ TEST_CASE("budgets that cannot hold sinks and window are refused with the number
   CHECK(m.find("268 blocks") != std::string::npos);  // 2 x 2 x (2 sink + 64 window + 1)
 }
 
+TEST_CASE("a write batch outside 1 to the file's batch is refused, naming the field") {
+  auto backend = cpu::make_cpu_backend();
+  for (uint32_t blocks : {0u, static_cast<uint32_t>(kFileBatchBlocks) + 1}) {
+    CAPTURE(blocks);
+    StoreConfig c = small_config(1 << 16, 16 * kMiB, 2 * kMiB);
+    c.write_batch_blocks = blocks;
+    auto file = BlockFile::create_on(make_fault_device(make_fault_medium(), "mem", FaultConfig{}), file_geometry(c));
+    REQUIRE(file.ok());
+    const auto store = TieredStore::create(*backend, c, std::move(file).value());
+    REQUIRE_FALSE(store.ok());
+    CHECK(store.status().code() == StatusCode::kInvalidArgument);
+    CHECK(store.status().message().find("write_batch_blocks=" + std::to_string(blocks)) != std::string::npos);
+  }
+}
+
 TEST_CASE("an invalid shape or empty context is an error, not an abort") {
   auto backend = cpu::make_cpu_backend();
   StoreConfig c = small_config(1 << 16, 16 * kMiB, 16 * kMiB);

@@ -59,8 +59,10 @@ TEST_CASE("kvtier calibrate --quick --gpu rtx4090 writes a valid profile") {
 
 TEST_CASE("kvtier calibrate refuses to run with the executor suite's layer override set") {
   const TempDir dir("kvtier-calibrate-test");
+  struct Unset {  // also when a check below throws
+    ~Unset() { ::unsetenv("KVTIER_EXECUTOR_LAYERS"); }
+  } unset;
   ::setenv("KVTIER_EXECUTOR_LAYERS", "8", 1);
   kvtier::test::check_usage_error("calibrate --quick --gpu rtx4090 --dir " + dir.path().string(),
                                   "KVTIER_EXECUTOR_LAYERS=8 is set");
-  ::unsetenv("KVTIER_EXECUTOR_LAYERS");
 }

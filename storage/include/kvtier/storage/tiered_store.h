@@ -49,9 +49,12 @@ struct StoreConfig {
   int numa_node = -1;               // host arenas' NUMA node (-1: no binding)
   uint32_t read_batch_blocks = 256; // nvme reads handed to the file at once
   // NVMe home writes handed to the file at once (1 to kFileBatchBlocks). The
-  // file holds its lock across each such write, so a read that arrives
-  // meanwhile (prefill's fetch, a decode step's reads) waits for at most one;
-  // smaller batches let reads in sooner and queue fewer writes at a time.
+  // file holds its lock across each such write and takes it again for the
+  // next, so a read that arrives meanwhile (prefill's fetch, a decode step's
+  // reads) can get in between them (std::mutex promises no order); smaller
+  // batches also queue fewer writes on the drive at a time. On the H200 host
+  // 32 did not shorten prefill's fetch and slowed the writes
+  // (bench/results/2026-11-29-e2e-h200-write-batch-ab/).
   uint32_t write_batch_blocks = static_cast<uint32_t>(kFileBatchBlocks);
   // A gpu slot arena shared with other contexts (a batch of sequences whose
   // blocks one kernel reads through one base pointer). When set, gpu_bytes is
