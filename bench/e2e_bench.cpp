@@ -202,6 +202,22 @@ Status bytes_override(const char* name, uint64_t& out, std::vector<std::string>&
   return Status::ok_status();
 }
 
+// A whole number from `lo` to `hi` in environment setting `name`, when set
+// (`what` says what it counts, for the error).
+Status count_override(const char* name, const char* what, uint32_t lo, uint32_t hi, uint32_t& out,
+                      std::vector<std::string>& seen) {
+  const std::optional<std::string> text = env_text(name);
+  if (!text) return Status::ok_status();
+  char* end = nullptr;
+  const unsigned long v = std::strtoul(text->c_str(), &end, 10);
+  if (*end != '\0' || v < lo || v > hi)
+    return invalid_argument(std::string(name) + "=" + *text + ": give " + what + ", " + std::to_string(lo) + " to " +
+                            std::to_string(hi));
+  out = static_cast<uint32_t>(v);
+  seen.push_back(std::string(name) + "=" + *text);
+  return Status::ok_status();
+}
+
 // An on/off environment setting `name` (1 or 0; `on` says what 1 means).
 Status switch_override(const char* name, const char* on, bool& out, std::vector<std::string>& seen) {
   const std::optional<std::string> text = env_text(name);
@@ -215,14 +231,8 @@ Status switch_override(const char* name, const char* on, bool& out, std::vector<
 
 // The overrides of the main run's budgets, the policy and the fidelity checks.
 Status apply_overrides(E2eConfig& c) {
-  if (const std::optional<std::string> t = env_text("KVTIER_E2E_DECODE_STEPS")) {
-    char* end = nullptr;
-    const unsigned long v = std::strtoul(t->c_str(), &end, 10);
-    if (t->empty() || *end != '\0' || v == 0 || v > 4096)
-      return invalid_argument("KVTIER_E2E_DECODE_STEPS=" + *t + ": give the timed steps of each phase, 1 to 4096");
-    c.decode_steps = static_cast<uint32_t>(v);
-    c.overrides.push_back("KVTIER_E2E_DECODE_STEPS=" + *t);
-  }
+  KVT_RETURN_IF_ERROR(count_override("KVTIER_E2E_DECODE_STEPS", "the timed steps of each phase", 1, 4096,
+                                     c.decode_steps, c.overrides));
   KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_GPU_BYTES", c.gpu_bytes, c.overrides));
   KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_HOST_BYTES", c.host_bytes, c.overrides));
   KVT_RETURN_IF_ERROR(bytes_override("KVTIER_E2E_HOST_CACHE_BYTES", c.host_cache_bytes, c.overrides));
@@ -247,16 +257,9 @@ Status apply_overrides(E2eConfig& c) {
     c.gpu_eviction = *t == "lru" ? storage::GpuEviction::kLru : storage::GpuEviction::kHomeAware;
     c.overrides.push_back("KVTIER_E2E_EVICTION=" + *t);
   }
-  if (const std::optional<std::string> t = env_text("KVTIER_E2E_WRITE_BATCH")) {
-    char* end = nullptr;
-    const unsigned long blocks = std::strtoul(t->c_str(), &end, 10);
-    if (*end != '\0' || blocks < 1 || blocks > storage::kFileBatchBlocks)
-      return invalid_argument("KVTIER_E2E_WRITE_BATCH=" + *t + ": give the NVMe home writes per file write, 1 to " +
-                              std::to_string(storage::kFileBatchBlocks) + " blocks (default " +
-                              std::to_string(storage::kFileBatchBlocks) + ")");
-    c.home_write_batch_blocks = static_cast<uint32_t>(blocks);
-    c.overrides.push_back("KVTIER_E2E_WRITE_BATCH=" + *t);
-  }
+  KVT_RETURN_IF_ERROR(count_override("KVTIER_E2E_WRITE_BATCH", "the NVMe home writes per file write in blocks", 1,
+                                     static_cast<uint32_t>(storage::kFileBatchBlocks), c.home_write_batch_blocks,
+                                     c.overrides));
   KVT_RETURN_IF_ERROR(
       switch_override("KVTIER_E2E_POLL", "read waits poll the store first", c.poll_reads, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_LATE_DROP", "late and ahead reads are dropped behind a step-deep read queue",

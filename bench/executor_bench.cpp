@@ -53,11 +53,13 @@ int run_executor(const SuiteArgs& args) {
   runtime::SyntheticRunConfig run;
   run.engine.shape = llama31_8b_shape();
   run.engine.shape.layers = kLayers;
-  if (const char* text = std::getenv(kLayersEnv); text != nullptr && *text != '\0') {
+  const char* layers_text = std::getenv(kLayersEnv);
+  const bool layers_given = layers_text != nullptr && *layers_text != '\0';
+  if (layers_given) {
     char* end = nullptr;
-    const unsigned long layers = std::strtoul(text, &end, 10);
+    const unsigned long layers = std::strtoul(layers_text, &end, 10);
     if (*end != '\0' || layers < 1 || layers > 32) {
-      std::cerr << "kvtier bench executor: " << kLayersEnv << "=" << text
+      std::cerr << "kvtier bench executor: " << kLayersEnv << "=" << layers_text
                 << ": give a layer count from 1 to 32 (Llama-3.1-8B has 32), or unset it for the default "
                 << kLayers << "\n";
       return 2;
@@ -68,8 +70,6 @@ int run_executor(const SuiteArgs& args) {
   run.context_tokens = gpu ? 262144 : args.quick ? 12288 : 65536;
   // --quick on the CPU stand-in: one layer (prefill attention on the CPU is
   // most of the run; kvtier calibrate --quick keeps to about a minute on 2 cores).
-  const char* layers_text = std::getenv(kLayersEnv);
-  const bool layers_given = layers_text != nullptr && *layers_text != '\0';
   if (!gpu && args.quick && !layers_given) run.engine.shape.layers = 1;
   // 128 KiB per token, the KV of all 32 layers (so every block stays in GPU
   // slots at any layer count), plus room for decode's tail blocks.

@@ -223,6 +223,8 @@ struct BlockFile::Impl {
   // Reads the header and table region and checks the table against expected_crc.
   Status load_table(uint32_t expected_crc);
   Status write_batch(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs);
+  // write_batch over checked blocks, kFileBatchBlocks at a time, each under the lock.
+  Status write_batches(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs);
   Status read_batch(std::span<const BlockIo> blocks);
   Status read_verified(std::span<const BlockIo> blocks, std::vector<uint32_t>* read_crcs);
 };
@@ -558,17 +560,21 @@ Result<std::unique_ptr<BlockFile>> BlockFile::open(const std::string& path, cons
 // reads in between its batches instead of holding them for the whole call.
 // Checksums are computed before the lock. check_blocks reads only the layout,
 // which never changes.
+Status BlockFile::Impl::write_batches(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs) {
+  for (size_t at = 0; at < blocks.size(); at += kFileBatchBlocks) {
+    const size_t n = std::min(kFileBatchBlocks, blocks.size() - at);
+    std::lock_guard lock(mu);
+    KVT_RETURN_IF_ERROR(write_batch(blocks.subspan(at, n), crcs.subspan(at, n)));
+  }
+  return Status::ok_status();
+}
+
 Status BlockFile::write_blocks(std::span<const BlockIo> blocks) {
   KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/true));
   std::vector<uint32_t> crcs;
-  for (size_t at = 0; at < blocks.size(); at += kFileBatchBlocks) {
-    const std::span<const BlockIo> batch = blocks.subspan(at, std::min(kFileBatchBlocks, blocks.size() - at));
-    crcs.clear();
-    for (const BlockIo& b : batch) crcs.push_back(crc32c(b.buf, impl_->layout.slot_bytes));
-    std::lock_guard lock(impl_->mu);
-    KVT_RETURN_IF_ERROR(impl_->write_batch(batch, crcs));
-  }
-  return Status::ok_status();
+  crcs.reserve(blocks.size());
+  for (const BlockIo& b : blocks) crcs.push_back(crc32c(b.buf, impl_->layout.slot_bytes));
+  return impl_->write_batches(blocks, crcs);
 }
 
 Status BlockFile::write_blocks(std::span<const BlockIo> blocks, std::span<const uint32_t> crcs) {
@@ -576,12 +582,7 @@ Status BlockFile::write_blocks(std::span<const BlockIo> blocks, std::span<const 
     return invalid_argument("write_blocks to " + path() + ": " + std::to_string(crcs.size()) + " checksums for " +
                             std::to_string(blocks.size()) + " blocks; give one per block");
   KVT_RETURN_IF_ERROR(impl_->check_blocks(blocks, /*write=*/true));
-  for (size_t at = 0; at < blocks.size(); at += kFileBatchBlocks) {
-    const size_t n = std::min(kFileBatchBlocks, blocks.size() - at);
-    std::lock_guard lock(impl_->mu);
-    KVT_RETURN_IF_ERROR(impl_->write_batch(blocks.subspan(at, n), crcs.subspan(at, n)));
-  }
-  return Status::ok_status();
+  return impl_->write_batches(blocks, crcs);
 }
 
 Status BlockFile::read_blocks(std::span<const BlockIo> blocks) {

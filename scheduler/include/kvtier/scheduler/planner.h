@@ -94,6 +94,9 @@ inline constexpr uint32_t kReadRoundBlocks = 16;
 // issues the reads of blocks found only on NVMe (ExecutorOptions::early_reads):
 // 0.095-0.115 of the node in the six runs of validation v9 on the H200 host
 // (plan_residency_us / plan_us; bench/results/2026-11-29-plan-validation-h200-v9).
+// Since the census also marks the copies it finds as used (TieredStore::census)
+// it measured 0.30-0.41 (1M and 128K runs of v11 and 2026-11-29-e2e-h200-1m-census);
+// the constant is not yet refit to that.
 inline constexpr double kPlanCensusShare = 0.1;
 
 // Bytes the scorer reads per far block and KV head: one summary row of
