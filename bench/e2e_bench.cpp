@@ -668,6 +668,10 @@ nlohmann::json prefill_breakdown_json(const scheduler::ExecutorStats& x) {
              (x.prefill_us - x.prefill_stage_us - x.prefill_score_us - x.prefill_pin_us - x.home_write_wait_us) / pb /
                  1e3}}},
           {"attended_blocks_per_layer_block", static_cast<double>(x.prefill_attended_blocks) / pb},
+          // The attention calls alone (inside attention_and_rest), and the
+          // query-key pairs they attended (summed over q heads).
+          {"attention_ms_per_layer_block", x.prefill_attention_us / pb / 1e3},
+          {"attention_pairs_per_layer_block", static_cast<double>(x.prefill_attention_pairs) / pb},
           // Behind the timers: what the pin step fetched, and the home writes'
           // own time to land (overlapped with the block's work; the part it
           // outlasted the rest is home_write_wait above).

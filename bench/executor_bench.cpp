@@ -179,6 +179,14 @@ int run_executor(const SuiteArgs& args) {
   report.add("executor_prefill_rest_ms",
              (pf.prefill_us - pf.prefill_stage_us - pf.prefill_score_us) / calls / 1e3, "ms",
              "executor_prefill_layer_block_ms");
+  // Its attention alone (kernel calls, or the engine on the CPU stand-in), as
+  // a rate: 4 x head_dim FLOPs per query-key pair and q head.
+  report.add("executor_prefill_attention_ms", pf.prefill_attention_us / calls / 1e3, "ms",
+             "executor_prefill_layer_block_ms");
+  if (pf.prefill_attention_us > 0 && pf.prefill_attention_pairs > 0)
+    report.add("executor_prefill_attention_tflops",
+               4.0 * shape.head_dim * static_cast<double>(pf.prefill_attention_pairs) / (pf.prefill_attention_us * 1e6),
+               "TFLOP/s");
   report.add("executor_prefill_kv_bytes_per_layer_block", block_tokens * shape.kv_heads * shape.head_dim * 2 * 2,
              "bytes");
   report.add("executor_prefill_q_bytes_per_layer_block", block_tokens * shape.q_heads * shape.head_dim * 2, "bytes");

@@ -44,6 +44,11 @@ constexpr ScalarRule kCallRule{"host.attend_call_us", "executor", "executor_host
 // Its prefill's host passes per query block and layer, as rates.
 constexpr ScalarRule kPrefillStageRule{"host.prefill_stage_gbps", "executor", "executor_prefill_stage_ms", "ms"};
 constexpr ScalarRule kPrefillQueryRule{"host.prefill_query_gbps", "executor", "executor_prefill_query_ms", "ms"};
+// The CPU stand-in for a GPU (--gpu cpu-standin): its attention rates as the
+// executor and the cpu suite measure them, and the parallel memcpy its copies are.
+constexpr ScalarRule kStandinAttendRule{"gpu.hbm_read_gbps (cpu-standin)", "cpu", "block_attention_host", "GB/s"};
+constexpr ScalarRule kStandinPrefillRule{"gpu.bf16_tflops (cpu-standin)", "executor", "executor_prefill_attention_tflops", "TFLOP/s"};
+constexpr ScalarRule kStandinCopyRule{"link.h2d, link.d2h (cpu-standin)", "memory", "copy_gbps_all_threads", "GB/s"};
 
 // The link curve: one pinned copy of `bytes` each way (storage suite, h2d_bench.cpp).
 struct LinkPointRule {
@@ -343,6 +348,37 @@ Result<std::pair<GpuProfile, LinkProfile>> preset_parts(const std::string& name,
   return parts;
 }
 
+// The gpu and link parts of the CPU stand-in, measured on this host.
+Result<std::pair<GpuProfile, LinkProfile>> standin_parts(const MachineFacts& facts, const HostProfile& host,
+                                                         const SuiteReport& memory, const SuiteReport& cpu,
+                                                         const SuiteReport& executor, const CalibrationInputs& in) {
+  GpuProfile g;
+  g.name = "CPU stand-in (" + host.name + ")";
+  g.memory_bytes = facts.memory_bytes;
+  g.sm_count = host.cores;
+  g.cpu_standin = true;
+  KVT_ASSIGN_OR_RETURN(g.hbm_read_gbps, cpu.value(kStandinAttendRule));
+  KVT_ASSIGN_OR_RETURN(g.bf16_tflops, executor.value(kStandinPrefillRule));
+  g.source = "measured by " + in.origin + " with --gpu " + std::string(kCpuStandinName) +
+             ": no GPU; kvtier's CPU backend stands in for one, so its decode attention rate is the host's "
+             "block attention (" + rule_list({rule_of(kStandinAttendRule)}) + ") and its prefill attention rate "
+             "what the executor suite's prefill attention reached on the stand-in (" +
+             rule_list({rule_of(kStandinPrefillRule)}) + ", 4 x head_dim FLOPs per query-key pair and q head); "
+             "memory_bytes = host RAM (its slots are host memory), sm_count = host cores";
+  LinkProfile l;
+  KVT_ASSIGN_OR_RETURN(const double copy, memory.value(kStandinCopyRule));
+  // The suite counts a copy's bytes read and written; a copy moves half that.
+  const double moved = copy / 2;
+  l.h2d.points.push_back({32 * kMiB, moved});
+  l.d2h.points.push_back({32 * kMiB, moved});
+  l.duplex_factor = 0.5;  // both directions at once share the same cores and memory
+  l.name = "memcpy on " + host.name;
+  l.source = "measured by " + in.origin + ": the CPU stand-in's uploads and downloads are memcpy split over all "
+             "threads; both directions = memory:copy_gbps_all_threads / 2 (the suite counts bytes read plus "
+             "written); duplex_factor 0.5 assumed (both directions share the cores and memory)";
+  return std::pair<GpuProfile, LinkProfile>{std::move(g), std::move(l)};
+}
+
 Status no_gpu_error(const MachineFacts& facts) {
   std::string names;
   for (const std::string& n : preset_names(MachinePart::kGpu)) names += (names.empty() ? "" : ", ") + n;
@@ -350,7 +386,8 @@ Status no_gpu_error(const MachineFacts& facts) {
                               ? "this machine has no GPU" + (facts.gpu_error.empty() ? "" : " (" + facts.gpu_error + ")")
                               : "there is no gpu report";
   return invalid_argument(why + ": the gpu and link parts cannot be measured; give a GPU preset (--gpu NAME, one of " +
-                          names + ") to take them from it");
+                          names + ") to take them from it, or --gpu " + std::string(kCpuStandinName) +
+                          " to measure kvtier's CPU stand-in for one");
 }
 
 }  // namespace
@@ -358,7 +395,8 @@ Status no_gpu_error(const MachineFacts& facts) {
 std::vector<CalibrationRule> calibration_rules() {
   std::vector<CalibrationRule> rules;
   for (const ScalarRule& r : {kReadRule, kScoreRule, kAttendRule, kTopkRule, kPrepareRule, kPlanRule, kStepRule, kCallRule,
-                              kPrefillStageRule, kPrefillQueryRule, kHbmRule, kTflopsRule})
+                              kPrefillStageRule, kPrefillQueryRule, kHbmRule, kTflopsRule, kStandinAttendRule,
+                              kStandinPrefillRule, kStandinCopyRule})
     rules.push_back(rule_of(r));
   for (const LinkPointRule& p : kLinkRules) {
     rules.push_back({link_field("h2d", p.bytes), "storage", p.h2d, "GB/s"});
@@ -380,7 +418,11 @@ Result<MachineProfile> profile_from_reports(const MachineFacts& facts, const Ben
   KVT_ASSIGN_OR_RETURN(const SuiteReport executor, SuiteReport::open("executor", reports.executor));
   KVT_ASSIGN_OR_RETURN(m.host, host_part(facts, memory, cpu, executor, inputs));
   KVT_ASSIGN_OR_RETURN(m.nvme, nvme_part(storage, inputs));
-  if (!inputs.gpu_preset.empty()) {
+  if (inputs.gpu_preset == kCpuStandinName) {
+    KVT_ASSIGN_OR_RETURN(auto parts, standin_parts(facts, m.host, memory, cpu, executor, inputs));
+    m.gpu = std::move(parts.first);
+    m.link = std::move(parts.second);
+  } else if (!inputs.gpu_preset.empty()) {
     KVT_ASSIGN_OR_RETURN(auto parts, preset_parts(inputs.gpu_preset, inputs));
     m.gpu = std::move(parts.first);
     m.link = std::move(parts.second);

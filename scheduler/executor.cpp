@@ -421,6 +421,24 @@ Status Executor::write_completed(SequenceKv& seq, uint32_t layer, std::span<cons
   return write.finish();
 }
 
+namespace {
+
+// Keys of chunk c that queries at positions [first, first + n) attend, summed
+// over the queries: all C of it for a query in a later chunk, the causal part
+// of it for a query inside it, none for one before it.
+uint64_t prefill_keys(uint64_t first, uint32_t n, uint32_t c, uint32_t C) {
+  const uint64_t begin = uint64_t{c} * C, end = begin + C, last = first + n;
+  uint64_t keys = 0;
+  // Queries inside the chunk: position p attends p - begin + 1 keys.
+  const uint64_t in0 = std::max(first, begin), in1 = std::min(last, end);
+  if (in1 > in0) keys += (in0 - begin + 1 + in1 - begin) * (in1 - in0) / 2;
+  // Queries after it attend all of it.
+  if (last > end) keys += (last - std::max(first, end)) * C;
+  return keys;
+}
+
+}  // namespace
+
 // Pins of the GPU copies of the given chunks of (layer, h) for every h; missing
 // copies are fetched first. out[h] lists the pins in `chunks` order. Copies
 // already on the GPU are pinned before anything is fetched, and each fetch
@@ -656,6 +674,13 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
     stats_.prefill_attended_blocks += taken;
     float* o_dst = keep ? pass_state.o.data() : nullptr;
     float* lse_dst = keep ? pass_state.lse.data() : nullptr;
+    for (uint32_t h = 0; h < kvh; ++h) {
+      uint64_t keys = 0;  // over the block's queries, for one q head of KV head h
+      for (uint32_t c : part[h]) keys += prefill_keys(first_token, n, c, C);
+      if (with_tail) keys += prefill_keys(first_token, n, last_chunk, C);
+      stats_.prefill_attention_pairs += keys * (qh / kvh);
+    }
+    const double t_attend = wall_us();
     if (cuda_ != nullptr) {
       KVT_RETURN_IF_ERROR(gpu_->prefill(*this, seq, layer, first_token, n, q_pinned, part, pins, with_tail, last_chunk,
                                         scale, o_dst, lse_dst));
@@ -687,6 +712,7 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
         }
       });
     }
+    stats_.prefill_attention_us += wall_us() - t_attend;
     if (keep) {
       const cpu::PartialState both[2] = {std::move(acc), pass_state};
       acc = cpu::merge_states(std::span<const cpu::PartialState>(both, 2));

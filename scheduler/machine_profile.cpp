@@ -282,7 +282,8 @@ Result<NvmeCurve> read_grid(const Fields& f, std::string_view key) {
 
 Result<GpuProfile> read_gpu(const json& j) {
   KVT_ASSIGN_OR_RETURN(const Fields f, Fields::open(j, "gpu"));
-  KVT_RETURN_IF_ERROR(f.only({"name", "source", "memory_bytes", "hbm_read_gbps", "bf16_tflops", "sm_count"}));
+  KVT_RETURN_IF_ERROR(
+      f.only({"name", "source", "memory_bytes", "hbm_read_gbps", "bf16_tflops", "sm_count", "cpu_standin"}));
   GpuProfile g;
   KVT_ASSIGN_OR_RETURN(g.name, f.string("name"));
   KVT_ASSIGN_OR_RETURN(g.source, f.string("source"));
@@ -290,6 +291,11 @@ Result<GpuProfile> read_gpu(const json& j) {
   KVT_ASSIGN_OR_RETURN(g.hbm_read_gbps, f.number("hbm_read_gbps"));
   KVT_ASSIGN_OR_RETURN(g.bf16_tflops, f.number("bf16_tflops"));
   KVT_ASSIGN_OR_RETURN(g.sm_count, f.u32("sm_count"));
+  if (j.contains("cpu_standin")) {  // optional: false when absent
+    const json& v = j["cpu_standin"];
+    if (!v.is_boolean()) return field_error("gpu.cpu_standin", shown(v), "must be true or false");
+    g.cpu_standin = v.get<bool>();
+  }
   KVT_RETURN_IF_ERROR(validate(g));
   return g;
 }
@@ -674,7 +680,8 @@ json to_json(const GpuProfile& g) {
           {"memory_bytes", g.memory_bytes},
           {"hbm_read_gbps", g.hbm_read_gbps},
           {"bf16_tflops", g.bf16_tflops},
-          {"sm_count", g.sm_count}};
+          {"sm_count", g.sm_count},
+          {"cpu_standin", g.cpu_standin}};
 }
 
 json to_json(const LinkProfile& l) {

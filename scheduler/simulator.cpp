@@ -117,7 +117,9 @@ Capacity capacity_of(const SimInputs& in) {
   // The executor mirrors mean keys in GPU slots when they take at most a
   // quarter of a sequence's share (reserve_gpu_summaries).
   const bool mean_keys = p.summary_kind == SummaryKind::kMeanBf16 || p.summary_kind == SummaryKind::kMeanF32;
-  if (in.score_on_gpu && mean_keys && p.topk_chunks > 0 && c.summary_bytes <= pl.gpu_budget_bytes / 4)
+  // The CPU stand-in scores on the CPU (the executor scores on a GPU only).
+  if (in.score_on_gpu && !in.machine.gpu.cpu_standin && mean_keys && p.topk_chunks > 0 &&
+      c.summary_bytes <= pl.gpu_budget_bytes / 4)
     pl.gpu_summary_bytes = c.summary_bytes;
   const uint64_t gpu_used = pl.gpu_hot_bytes + pl.gpu_summary_bytes;
   const uint64_t gpu_room = pl.gpu_budget_bytes > gpu_used ? pl.gpu_budget_bytes - gpu_used : 0;
@@ -190,7 +192,8 @@ CostRates rates_from_profile(const MachineProfile& m, const ModelShape& shape, c
                              uint32_t batch, const SimConstants& k) {
   const uint64_t block = block_bytes_of(shape, policy);
   CostRates r;
-  r.gpu_attend_gbps = m.gpu.hbm_read_gbps * gpu_attend_fraction(batch);
+  // The CPU stand-in's hbm_read_gbps is its measured attention rate already.
+  r.gpu_attend_gbps = m.gpu.hbm_read_gbps * (m.gpu.cpu_standin ? 1.0 : gpu_attend_fraction(batch));
   r.cpu_attend_gbps = m.host.attend_gbps;
   r.cpu_score_gbps = m.host.score_gbps;
   r.cpu_topk_gbps = m.host.topk_gbps;
@@ -369,6 +372,16 @@ std::vector<SequenceStep> modeled_batch(const SimInputs& in, const SelectionMode
   return batch;
 }
 
+// On the CPU stand-in the "GPU" kernels and the copies (memcpy) run on the
+// host's cores with the CPU lane's work: one queue, in the plan's order. The
+// NVMe lane stays apart (io_uring runs beside the cores).
+void on_cpu_standin(LayerPlan& plan) {
+  for (Task& t : plan.tasks)
+    if (t.lane == Lane::kGpu || t.lane == Lane::kCopyH2d || t.lane == Lane::kCopyD2h) t.lane = Lane::kCpu;
+  std::vector<double> finish;
+  plan.estimated_us = lane_schedule(plan.tasks, finish);
+}
+
 // One layer's plan with the tail block completed or not.
 Result<LayerPlan> plan_one(const SimInputs& in, const SelectionModel& sel, const Capacity& c, const CostRates& rates,
                            bool tail_completed) {
@@ -387,7 +400,9 @@ Result<LayerPlan> plan_one(const SimInputs& in, const SelectionModel& sel, const
   p.score_on_gpu = c.placement.gpu_summary_bytes > 0;
   p.upload_slots_free =
       static_cast<uint32_t>(std::min<uint64_t>(per_layer_slots > resident ? per_layer_slots - resident : 0, 1u << 30));
-  return plan_layer(p);
+  KVT_ASSIGN_OR_RETURN(LayerPlan plan, plan_layer(p));
+  if (in.machine.gpu.cpu_standin) on_cpu_standin(plan);
+  return plan;
 }
 
 // Per-lane busy time, task kinds' bytes: one layer, weighted by `w`.
@@ -511,7 +526,9 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
   const SimConstants& k = in.constants;
   const double kvpt = static_cast<double>(s.kv_bytes_per_token());
   const double flops = m.gpu.bf16_tflops * 1e12;
-  const double attend_flops = k.prefill_attention_fraction * flops;
+  // The CPU stand-in's bf16_tflops is its measured prefill attention rate.
+  const bool standin = m.gpu.cpu_standin;
+  const double attend_flops = (standin ? 1.0 : k.prefill_attention_fraction) * flops;
   const double big_h2d = m.link.gbps_at(LinkDirection::kHostToDevice, k.link_large_copy_bytes) * 1e9;
   const double nvme_write = m.nvme.write_gbps_at(prefill_write_request(in, r), prefill_write_depth(in, r)) * 1e9;
   // A host copy reads and writes each byte: half the read bandwidth.
@@ -572,16 +589,20 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     busy[static_cast<size_t>(Lane::kNvme)] += home_nvme + fetch_nvme;
     const double front = front_cpu + front_h2d;
     const double fetch = fetch_nvme + fetch_h2d;
-    // The home writes share the drive with the fetch's reads.
-    const double behind = home_host + home_nvme + fetch_nvme;
-    total += front + std::max(scoring + fetch + attention + weights_s, behind);
-    total_attention += front + std::max(scoring + fetch + attention, behind);
+    // The home writes share the drive with the fetch's reads. Host homes are
+    // copied by the CPU workers; on the CPU stand-in those also run the
+    // attention, so the copies join the chain instead of running beside it.
+    const double chain_extra = standin ? home_host : 0.0;
+    const double behind = (standin ? 0.0 : home_host) + home_nvme + fetch_nvme;
+    const double chain = scoring + fetch + attention + chain_extra;
+    total += front + std::max(chain + weights_s, behind);
+    total_attention += front + std::max(chain, behind);
     PlanReport::PrefillParts& parts = r.prefill_parts;
     parts.stage += front;
     parts.query += scoring;
     parts.fetch += fetch;
-    parts.attention += attention;
-    parts.home_write_exposed += std::max(0.0, behind - (scoring + fetch + attention));
+    parts.attention += attention + chain_extra;
+    parts.home_write_exposed += std::max(0.0, behind - chain);
   }
   r.prefill_seconds = total;
   r.prefill_seconds_attention = total_attention;
@@ -606,9 +627,10 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
                         "launch_us), and the scores (4 B a block) come down at d2h_gbps (plus launch_us) for the "
                         "CPU's top-k"
                   : "decode scoring on the CPU at cpu_score_gbps (" +
-                        std::string(in.score_on_gpu ? "the summaries are not mean keys, or their copy would take more "
-                                                      "than a quarter of the GPU budget"
-                                                    : "GPU scoring switched off") +
+                        std::string(m.gpu.cpu_standin ? "the GPU is the CPU stand-in"
+                                    : in.score_on_gpu ? "the summaries are not mean keys, or their copy would take "
+                                                        "more than a quarter of the GPU budget"
+                                                      : "GPU scoring switched off") +
                         ")");
   a.push_back("weights: " + in.model.name + " bf16, " + gib(static_cast<double>(in.model.weights_bytes)) +
               ", held in GPU memory");
@@ -672,11 +694,19 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
     a.push_back("late=summary: a selected NVMe block whose read cannot land before the rest of the step ends "
                 "contributes its summary; its read holds the drive (the nvme lane's busy time) but the step "
                 "neither waits for it nor ends with it, as in the executor, where it lands for later steps");
-  a.push_back("gpu_attend_gbps = hbm_read_gbps x " + num(gpu_attend_fraction(in.batch)) +
-              ": the decode kernel's measured share of the HBM copy rate at this batch (H200: 0.394 at batch 1, "
-              "0.764 at 4, 0.981 at 16, 130 blocks per (sequence, KV head); linear in log2(batch) between, "
-              "clamped), bench/results/2026-11-28-gpu-h200-tc.json; hot-set and selected-block kernels are "
-              "costed separately at the same rate");
+  if (m.gpu.cpu_standin)
+    a.push_back("the GPU is kvtier's CPU stand-in (gpu.cpu_standin): its kernels run on the host's cores, so in "
+                "decode the gpu and copy lanes' tasks join the cpu lane's queue in the plan's order (the lanes "
+                "report them as cpu), gpu_attend_gbps = hbm_read_gbps (its measured attention rate, no kernel "
+                "curve), uploads and write-backs are memcpy at the link's rates; in prefill its attention runs at "
+                "bf16_tflops as measured (no kernel fraction) and the copies to host homes join the block's chain "
+                "instead of running beside it");
+  else
+    a.push_back("gpu_attend_gbps = hbm_read_gbps x " + num(gpu_attend_fraction(in.batch)) +
+                ": the decode kernel's measured share of the HBM copy rate at this batch (H200: 0.394 at batch 1, "
+                "0.764 at 4, 0.981 at 16, 130 blocks per (sequence, KV head); linear in log2(batch) between, "
+                "clamped), bench/results/2026-11-28-gpu-h200-tc.json; hot-set and selected-block kernels are "
+                "costed separately at the same rate");
   a.push_back("h2d_gbps = " + num(k.gather_fraction_of_copy) + " x the link's single-copy rate at " +
               format_bytes(k.link_large_copy_bytes) +
               ": uploads are gathered in one batch (measured gather of 32 KiB blocks: 0.897 of one 32 MiB copy); "

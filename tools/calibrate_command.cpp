@@ -73,12 +73,15 @@ std::string usage_problem(const Options& o, const runtime::MachineFacts& facts) 
     return std::string("KVTIER_EXECUTOR_LAYERS=") + layers +
            " is set: it changes the executor suite that calibration reads; unset it to calibrate";
   const std::vector<std::string> presets = runtime::gpu_preset_names();
-  if (!o.gpu_preset.empty() && std::find(presets.begin(), presets.end(), o.gpu_preset) == presets.end())
-    return "unknown --gpu preset '" + o.gpu_preset + "' (GPU presets: " + joined(presets) + ")";
+  if (!o.gpu_preset.empty() && o.gpu_preset != runtime::kCpuStandinName &&
+      std::find(presets.begin(), presets.end(), o.gpu_preset) == presets.end())
+    return "unknown --gpu preset '" + o.gpu_preset + "' (GPU presets: " + joined(presets) + "; or " +
+           std::string(runtime::kCpuStandinName) + " for kvtier's CPU stand-in)";
   if (o.gpu_preset.empty() && facts.gpus.empty())
     return "this machine has no GPU (" + (facts.gpu_error.empty() ? "none found" : facts.gpu_error) +
            "), so the gpu and link parts cannot be measured; pass --gpu PRESET to take them from a preset (" +
-           joined(presets) + ")";
+           joined(presets) + "), or --gpu " + std::string(runtime::kCpuStandinName) +
+           " to measure kvtier's CPU stand-in for a GPU (what kvtier runs on here)";
   return "";
 }
 
@@ -221,7 +224,7 @@ int calibrate(const Options& o, std::ostream& out, std::ostream& err) {
   if (o.json)
     out << j.dump(2) << "\n";
   else
-    out << profile_text(*profile, !o.gpu_preset.empty());
+    out << profile_text(*profile, !o.gpu_preset.empty() && o.gpu_preset != runtime::kCpuStandinName);
   return kExitOk;
 }
 
@@ -236,7 +239,9 @@ int calibrate_command(const std::vector<std::string>& args, std::ostream& out, s
       "out", po::value<std::string>()->default_value("machine-profile.json"), "file the profile is written to")(
       "gpu", po::value<std::string>()->default_value(""),
       ("take the gpu and link parts from this GPU preset instead of measuring them (needed on a machine without "
-       "a GPU): " + joined(runtime::gpu_preset_names()) + "; default: measure GPU 0").c_str())(
+       "a GPU): " + joined(runtime::gpu_preset_names()) + "; or " + std::string(runtime::kCpuStandinName) +
+       " to measure kvtier's CPU stand-in for a GPU instead (what kvtier runs on without one; kvtier plan then "
+       "models the GPU's work on the host's cores); default: measure GPU 0").c_str())(
       "json", po::bool_switch(), "print the profile as JSON on stdout (default: a summary)")(
       "quick", po::bool_switch(), "smaller sizes and fewer repeats in every suite: about 30 s on 2 cores (with --gpu)");
   po::variables_map vm;

@@ -212,6 +212,11 @@ TEST_CASE("full budget: prefill and decode over three tiers equal dense attentio
     const uint64_t block_bytes = BlockGeometry(shape(), policy(kAll).chunk_tokens).block_bytes();
     CHECK(st.prefill_home_write_nvme_blocks * block_bytes == pl.nvme_home_bytes);
     CHECK(st.prefill_home_write_us > 0);
+    // With every chunk selected, query p attends keys 0..p: the pairs over
+    // all layers and q heads are those of dense causal attention, in passes.
+    const ModelShape sh = shape();
+    CHECK(st.prefill_attention_pairs == uint64_t{sh.layers} * sh.q_heads * kContext * (kContext + 1) / 2);
+    CHECK(st.prefill_attention_us > 0);
   }
   // Prefill outputs at odd positions: causal dense over [0, pos].
   const ModelShape sh = shape();

@@ -33,7 +33,7 @@ json report(const char* suite, const std::vector<Row>& rows, json config = json:
 
 json memory_report() {
   return report("memory", {{"read_gbps_single_thread", 20.0}, {"read_gbps_all_threads", 61.0},
-                           {"copy_gbps_single_thread", 30.0}});
+                           {"copy_gbps_single_thread", 30.0}, {"copy_gbps_all_threads", 44.0}});
 }
 
 json cpu_report() {
@@ -95,7 +95,9 @@ json executor_report(double layer_step_us = 900, double score_bytes = 4.85e6) {
                  {"executor_prefill_query_ms", 10, "ms"},
                  {"executor_prefill_rest_ms", 12, "ms"},
                  {"executor_prefill_kv_bytes_per_layer_block", 33554432, "bytes"},
-                 {"executor_prefill_q_bytes_per_layer_block", 67108864, "bytes"}},
+                 {"executor_prefill_q_bytes_per_layer_block", 67108864, "bytes"},
+                 {"executor_prefill_attention_ms", 9, "ms"},
+                 {"executor_prefill_attention_tflops", 0.42, "TFLOP/s"}},
                 {{"context_tokens", 32768}, {"backend", "cuda:0 (NVIDIA GeForce RTX 4090)"}});
 }
 
@@ -302,7 +304,40 @@ TEST_CASE("without a GPU the gpu and link parts need a preset") {
   CHECK(contains(e, "no CUDA device"));
   CHECK(contains(e, "--gpu"));
   CHECK(contains(e, "rtx4090"));
+  CHECK(contains(e, "--gpu cpu-standin"));
   CHECK(contains(error_of(facts(false), reports(false), inputs("gtx480")), "unknown GPU preset 'gtx480'"));
+}
+
+TEST_CASE("--gpu cpu-standin measures kvtier's CPU stand-in for the gpu and link parts") {
+  const MachineProfile m = calibrated(facts(false), reports(false), inputs("cpu-standin"));
+  CHECK(validate(m).ok());
+  CHECK(m.gpu.cpu_standin);
+  CHECK(contains(m.gpu.name, "CPU stand-in"));
+  CHECK(contains(m.gpu.name, "AMD Ryzen 9 7950X"));
+  CHECK(m.gpu.hbm_read_gbps == 47.0);    // the cpu suite's block attention
+  CHECK(m.gpu.bf16_tflops == 0.42);      // the executor suite's prefill attention
+  CHECK(m.gpu.memory_bytes == 128 * kGiB);
+  CHECK(m.gpu.sm_count == 16);
+  REQUIRE(m.link.h2d.points.size() == 1);
+  CHECK(m.link.h2d.points[0] == BandwidthPoint{32 * kMiB, 22.0});  // 44 GB/s read + written: 22 moved
+  CHECK(m.link.d2h.points[0] == BandwidthPoint{32 * kMiB, 22.0});
+  CHECK(m.link.duplex_factor == 0.5);
+  CHECK(contains(m.gpu.source, "measured by kvtier calibrate 2026-11-28 with --gpu cpu-standin"));
+  CHECK(contains(m.gpu.source, "executor:executor_prefill_attention_tflops"));
+  CHECK(contains(m.link.source, "memory:copy_gbps_all_threads"));
+  // It round-trips, the stand-in mark included.
+  Result<MachineProfile> back = parse_machine_profile_json(json::parse(to_json(m).dump()), "standin.json");
+  REQUIRE(back.ok());
+  CHECK(*back == m);
+  // Without the figures it needs, the error names them.
+  BenchReports r = reports(false);
+  r.executor["results"].erase(r.executor["results"].end() - 1);
+  CHECK(contains(error_of(facts(false), r, inputs("cpu-standin")),
+                 "the executor report has no result 'executor_prefill_attention_tflops'"));
+  r = reports(false);
+  r.memory["results"].erase(r.memory["results"].end() - 1);
+  CHECK(contains(error_of(facts(false), r, inputs("cpu-standin")),
+                 "the memory report has no result 'copy_gbps_all_threads'"));
 }
 
 TEST_CASE("a GPU preset fills the gpu and link parts, marked as not measured") {
@@ -336,8 +371,9 @@ TEST_CASE("host.cores falls back to the cpu suite's threads without a topology")
 
 TEST_CASE("calibration_rules lists every measured field once") {
   const std::vector<CalibrationRule> rules = calibration_rules();
-  // 6 scalars, 6 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency.
-  CHECK(rules.size() == 6 + 6 + 10 + 1 + 16 + 1);
+  // 6 scalars, 6 executor host times, 5 link sizes x 2 directions, duplex, 8 x 2 NVMe points, latency,
+  // and the CPU stand-in's 3 (attention, prefill attention, copies).
+  CHECK(rules.size() == 6 + 6 + 10 + 1 + 16 + 1 + 3);
   for (size_t i = 0; i < rules.size(); ++i)
     for (size_t k = i + 1; k < rules.size(); ++k) CHECK(rules[i].field != rules[k].field);
   const auto has = [&](std::string_view field, std::string_view result) {
@@ -352,4 +388,5 @@ TEST_CASE("calibration_rules lists every measured field once") {
   CHECK(has("link.h2d[32 MiB].gbps", "h2d_single_copy_32mib"));
   CHECK(has("nvme.read[1 MiB, QD64].gbps", "ceiling_seq_read_1m_qd64"));
   CHECK(has("nvme.write[32 KiB, QD32].gbps", "uring_block_write_qd32"));
+  CHECK(has("gpu.bf16_tflops (cpu-standin)", "executor_prefill_attention_tflops"));
 }

@@ -351,6 +351,54 @@ TEST_CASE("rates follow the profile with the stated fractions") {
   CHECK(validate(r).ok());
 }
 
+TEST_CASE("the CPU stand-in: the GPU's and copies' work shares the cpu lane, at its measured rates") {
+  SimInputs gpu = nvme_homes_128k();
+  gpu.score_on_gpu = false;  // the stand-in scores on the CPU: compare like with like
+  SimInputs standin = gpu;
+  standin.machine.gpu.cpu_standin = true;
+  standin.machine.gpu.hbm_read_gbps = 30;
+  standin.machine.gpu.bf16_tflops = 0.4;
+  // A GPU whose kernels reach the same rates after their fractions: the same plans.
+  gpu.machine.gpu.hbm_read_gbps = 30 / gpu_attend_fraction(1);
+  gpu.machine.gpu.bf16_tflops = 0.4 / 0.285;
+  const CostRates r = rates_from_profile(standin.machine, standin.model.shape, standin.policy, 1);
+  CHECK(r.gpu_attend_gbps == 30.0);  // measured as run: no kernel curve
+  const PlanReport a = run(gpu), b = run(standin);
+  const auto busy = [](const PlanReport& p, const std::string& lane) {
+    for (const LaneUse& l : p.lanes)
+      if (l.lane == lane) return l.busy_us;
+    FAIL("no lane " << lane);
+    return 0.0;
+  };
+  // The same plan (rates alike), its GPU and copy work moved onto the cores.
+  CHECK(busy(b, "gpu") == 0.0);
+  CHECK(busy(b, "copy_h2d") == 0.0);
+  CHECK(busy(b, "copy_d2h") == 0.0);
+  CHECK(busy(b, "cpu") ==
+        doctest::Approx(busy(a, "cpu") + busy(a, "gpu") + busy(a, "copy_h2d") + busy(a, "copy_d2h")).epsilon(1e-9));
+  CHECK(busy(b, "nvme") == doctest::Approx(busy(a, "nvme")));
+  CHECK(b.step_us_attention >= busy(b, "cpu") - 1e-6);  // one queue: at least its busy time
+  CHECK(b.step_us_attention > a.step_us_attention);
+  CHECK(b.bottleneck.lane == "cpu");
+  // Scoring stays on the CPU even where a GPU would score.
+  standin.score_on_gpu = true;
+  CHECK(run(standin).cap.placement.gpu_summary_bytes == 0);
+  CHECK(to_json(run(standin))["decode_scoring"] == "cpu");
+  // Prefill: attention at bf16_tflops as measured (the GPU's kernel fraction
+  // is not applied), with the copies to host homes in the chain, not beside
+  // it; the parts still add up.
+  const PlanReport::PrefillParts& pa = a.prefill_parts;
+  const PlanReport::PrefillParts& pb = b.prefill_parts;
+  CHECK(pb.attention > pa.attention);
+  CHECK(pb.attention < 1.5 * pa.attention);
+  CHECK(b.prefill_seconds_attention > a.prefill_seconds_attention);
+  CHECK(pb.stage + pb.query + pb.fetch + pb.attention + pb.home_write_exposed ==
+        doctest::Approx(b.prefill_seconds_attention).epsilon(1e-12));
+  bool said = false;
+  for (const std::string& s : b.assumptions) said = said || s.find("CPU stand-in") != std::string::npos;
+  CHECK(said);
+}
+
 TEST_CASE("prefill parts add up to the attention-only prefill, and a slow drive's home writes show") {
   SimInputs in = inputs("rtx4090,ddr5-128g,nvme-gen4");
   const PlanReport r = run(in);

@@ -16,6 +16,7 @@
 namespace kvtier::runtime {
 
 using scheduler::BenchReports;
+using scheduler::kCpuStandinName;
 using scheduler::CalibrationInputs;
 using scheduler::MachineProfile;
 

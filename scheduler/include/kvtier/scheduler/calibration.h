@@ -36,8 +36,13 @@ struct CalibrationInputs {
   // A GPU preset name (preset_names(MachinePart::kGpu)): the gpu and link parts
   // come from it instead of the gpu report and the link figures. Empty:
   // measure them; then the machine must have a GPU.
+  // kCpuStandinName instead: kvtier's CPU stand-in for a GPU, measured here
+  // from the memory, cpu and executor suites (GpuProfile::cpu_standin).
   std::string gpu_preset;
 };
+
+// The --gpu value that calibrates the CPU stand-in instead of a GPU.
+inline constexpr std::string_view kCpuStandinName = "cpu-standin";
 
 // One profile field and the bench result it comes from.
 struct CalibrationRule {

@@ -134,6 +134,11 @@ struct ExecutorStats {
   uint64_t prefill_fetch_nvme_reads = 0, prefill_fetch_uploads = 0;
   double prefill_home_write_us = 0;
   uint64_t prefill_home_write_nvme_blocks = 0;
+  // The attention of prefill's passes (kernel calls or, on the CPU stand-in,
+  // the engine's), and the query-key pairs they attended, summed over q heads
+  // (4 x head_dim FLOPs each: QK and PV).
+  double prefill_attention_us = 0;
+  uint64_t prefill_attention_pairs = 0;
   uint64_t prefill_tokens = 0;    // tokens x layers prefilled
   uint64_t prefill_calls = 0;     // prefill calls: query blocks x layers
 };

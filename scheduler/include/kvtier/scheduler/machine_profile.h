@@ -9,7 +9,7 @@
 //
 //   { "name": string (optional),
 //     "gpu":  { "name", "source", "memory_bytes": uint, "hbm_read_gbps": number,
-//               "bf16_tflops": number, "sm_count": uint },
+//               "bf16_tflops": number, "sm_count": uint, "cpu_standin": bool (optional) },
 //     "link": { "name", "source", "duplex_factor": number in (0, 1],
 //               "h2d": [ {"bytes": uint, "gbps": number}, ... ],
 //               "d2h": [ {"bytes": uint, "gbps": number}, ... ] },
@@ -54,6 +54,13 @@ struct GpuProfile {
   double hbm_read_gbps = 0;    // device memory bandwidth, GB/s
   double bf16_tflops = 0;      // dense bf16 tensor-core rate with fp32 accumulate, no sparsity
   uint32_t sm_count = 0;
+  // kvtier's CPU stand-in for a GPU (the CPU backend, where no GPU is): its
+  // "kernels" run on the host's cores, hbm_read_gbps is the rate at which it
+  // attends K/V bytes in decode, bf16_tflops its prefill attention rate (as
+  // run, no kernel efficiency applied), memory_bytes the host RAM it takes
+  // its slots from, and its work and the link's copies (memcpy) share the
+  // cores with the CPU lane. kvtier calibrate --gpu cpu-standin measures it.
+  bool cpu_standin = false;
   friend bool operator==(const GpuProfile&, const GpuProfile&) = default;
 };
 
