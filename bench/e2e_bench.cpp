@@ -32,7 +32,8 @@
 // in a full read queue instead of being dropped behind a step-deep one;
 // every run), KVTIER_E2E_EARLY_READS=0 (under late=wait, NVMe reads go out
 // at the end of the plan node instead of right after its residency census;
-// every run),
+// every run), KVTIER_E2E_READ_AHEAD=0 (a fetch into GPU slots reads its
+// NVMe-only blocks inside its upload requests, as before; every run),
 // KVTIER_E2E_FIDELITY=0 (no needles, verification or full-budget
 // check: speed figures only) and KVTIER_E2E_DECODE_STEPS (timed steps of
 // each phase, default 16, 8 with --quick; every run).
@@ -123,6 +124,7 @@ struct E2eConfig {
   bool score_on_gpu = true;     // ExecutorOptions::score_on_gpu
   bool drop_optional_reads = true;  // ExecutorOptions::drop_optional_reads
   bool early_reads = true;          // ExecutorOptions::early_reads
+  bool fetch_read_ahead = true;     // ExecutorOptions::fetch_read_ahead
   std::vector<std::string> overrides;  // the environment settings that changed the defaults
 };
 
@@ -267,6 +269,9 @@ Status apply_overrides(E2eConfig& c) {
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_EARLY_READS",
                                       "under late=wait, NVMe reads go out right after the residency census",
                                       c.early_reads, c.overrides));
+  KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_READ_AHEAD",
+                                      "a fetch into GPU slots reads its NVMe-only blocks in one request first",
+                                      c.fetch_read_ahead, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_GPU_SCORE", "summaries are scored on the GPU where one runs the step",
                                       c.score_on_gpu, c.overrides));
   KVT_RETURN_IF_ERROR(switch_override("KVTIER_E2E_FIDELITY", "needles, verification and the full-budget check",
@@ -668,8 +673,9 @@ nlohmann::json prefill_breakdown_json(const scheduler::ExecutorStats& x) {
              (x.prefill_us - x.prefill_stage_us - x.prefill_score_us - x.prefill_pin_us - x.home_write_wait_us) / pb /
                  1e3}}},
           {"attended_blocks_per_layer_block", static_cast<double>(x.prefill_attended_blocks) / pb},
-          // The attention calls alone (inside attention_and_rest), and the
-          // query-key pairs they attended (summed over q heads).
+          // The attention calls (inside attention_and_rest: on a GPU with the
+          // tail's upload, the copies and the synchronize), and the query-key
+          // pairs they attended (summed over q heads).
           {"attention_ms_per_layer_block", x.prefill_attention_us / pb / 1e3},
           {"attention_pairs_per_layer_block", static_cast<double>(x.prefill_attention_pairs) / pb},
           // Behind the timers: what the pin step fetched, and the home writes'
@@ -677,6 +683,7 @@ nlohmann::json prefill_breakdown_json(const scheduler::ExecutorStats& x) {
           // outlasted the rest is home_write_wait above).
           {"fetch_nvme_reads_per_layer_block", static_cast<double>(x.prefill_fetch_nvme_reads) / pb},
           {"fetch_uploads_per_layer_block", static_cast<double>(x.prefill_fetch_uploads) / pb},
+          {"fetch_read_ahead_blocks_per_layer_block", static_cast<double>(x.fetch_read_ahead_blocks) / pb},
           {"home_write_land_ms_per_layer_block", x.prefill_home_write_us / pb / 1e3},
           {"home_write_nvme_blocks_per_layer_block", static_cast<double>(x.prefill_home_write_nvme_blocks) / pb},
           // Waits inside "pin" for a block still being written home.
@@ -741,6 +748,7 @@ class Runner {
     r.engine.score_on_gpu = c_.score_on_gpu;
     r.engine.drop_optional_reads = c_.drop_optional_reads;
     r.engine.early_reads = c_.early_reads;
+    r.engine.fetch_read_ahead = c_.fetch_read_ahead;
     r.context_tokens = context;
     r.batch = batch;
     r.decode_steps = c_.decode_steps;

@@ -130,6 +130,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   xo.poll_reads = options.poll_reads;
   xo.drop_optional_reads = options.drop_optional_reads;
   xo.early_reads = options.early_reads;
+  xo.fetch_read_ahead = options.fetch_read_ahead;
   xo.max_sequences = options.max_sessions;
   xo.host_cache_bytes = options.host_cache_bytes;
   xo.trace = options.trace;

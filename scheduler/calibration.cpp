@@ -352,6 +352,13 @@ Result<std::pair<GpuProfile, LinkProfile>> preset_parts(const std::string& name,
 Result<std::pair<GpuProfile, LinkProfile>> standin_parts(const MachineFacts& facts, const HostProfile& host,
                                                          const SuiteReport& memory, const SuiteReport& cpu,
                                                          const SuiteReport& executor, const CalibrationInputs& in) {
+  // The executor suite must have run on the stand-in, else its prefill rate is a GPU's.
+  const std::string backend = executor.config_text("backend", "");
+  if (backend.rfind("backend cpu", 0) != 0)
+    return invalid_argument("gpu.bf16_tflops (cpu-standin): the executor report's config.backend is '" +
+                            backend.substr(0, 60) +
+                            "', not the CPU stand-in ('backend cpu ...'); calibrate the stand-in on a machine "
+                            "without a GPU, or with it hidden (CUDA_VISIBLE_DEVICES=)");
   GpuProfile g;
   g.name = "CPU stand-in (" + host.name + ")";
   g.memory_bytes = facts.memory_bytes;

@@ -469,15 +469,18 @@ Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std
     // uploads of host-resident blocks run meanwhile; the store puts a GPU
     // request behind the staging read of a block it holds.
     ReadAhead ahead(*seq.store_);
-    {
+    if (options_.fetch_read_ahead) {
+      // The census marks the staged copies it finds as used, so that the
+      // read ahead evicts other staging copies first.
       std::vector<Tier> where(want.size());
-      seq.store_->residency(want, where);
+      seq.store_->census(want, where);
       std::vector<size_t> host_first, nvme_last;
       for (size_t k = 0; k < want.size(); ++k) (where[k] == Tier::kNvme ? nvme_last : host_first).push_back(missing[k]);
       if (!nvme_last.empty()) {
         std::vector<uint32_t> reads;
         for (size_t k = 0; k < std::min(kFetchBatch, nvme_last.size()); ++k) reads.push_back(blocks[nvme_last[k]]);
         ahead.start(reads);
+        stats_.fetch_read_ahead_blocks += reads.size();
         missing = std::move(host_first);
         missing.insert(missing.end(), nvme_last.begin(), nvme_last.end());
         for (size_t k = 0; k < missing.size(); ++k) want[k] = blocks[missing[k]];
@@ -501,7 +504,9 @@ Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std
           again.push_back(missing[first + k]);
       }
     }
-    KVT_RETURN_IF_ERROR(ahead.finish());
+    // A read ahead that failed is a hint lost, not an error: the upload
+    // requests of its blocks read them again and report their own errors.
+    (void)ahead.finish();
     missing = std::move(again);
   }
   out.clear();

@@ -583,9 +583,10 @@ void add_prefill(const SimInputs& in, PlanReport& r) {
     const double to_nvme = std::clamp(before + q - std::max(before, host_tokens), 0.0, q);
     const double home_host = (q - to_nvme) * kvpt / host_copy;
     const double home_nvme = to_nvme * kvpt / nvme_write;
+    // On the CPU stand-in the copies and the "GPU" work are the cores' too.
     busy[static_cast<size_t>(Lane::kCpu)] += front_cpu + scoring + home_host;
-    busy[static_cast<size_t>(Lane::kCopyH2d)] += front_h2d + fetch_h2d;
-    busy[static_cast<size_t>(Lane::kGpu)] += attention + weights_s;
+    busy[static_cast<size_t>(standin ? Lane::kCpu : Lane::kCopyH2d)] += front_h2d + fetch_h2d;
+    busy[static_cast<size_t>(standin ? Lane::kCpu : Lane::kGpu)] += attention + weights_s;
     busy[static_cast<size_t>(Lane::kNvme)] += home_nvme + fetch_nvme;
     const double front = front_cpu + front_h2d;
     const double fetch = fetch_nvme + fetch_h2d;
@@ -700,7 +701,8 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
                 "report them as cpu), gpu_attend_gbps = hbm_read_gbps (its measured attention rate, no kernel "
                 "curve), uploads and write-backs are memcpy at the link's rates; in prefill its attention runs at "
                 "bf16_tflops as measured (no kernel fraction) and the copies to host homes join the block's chain "
-                "instead of running beside it");
+                "instead of running beside it; the full-model figures price weights and GEMMs at the stand-in's "
+                "attention rates, though kvtier's stand-in runs no model");
   else
     a.push_back("gpu_attend_gbps = hbm_read_gbps x " + num(gpu_attend_fraction(in.batch)) +
                 ": the decode kernel's measured share of the HBM copy rate at this batch (H200: 0.394 at batch 1, "
@@ -744,9 +746,13 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               "upload at the 32 MiB h2d rate), then block-sparse attention, 4 x head_dim x q_heads x pairs x layers FLOPs "
               "(pairs per query: own causal + window + sinks + topk x chunk before the block) at " +
               num(k.prefill_attention_fraction) +
-              " x bf16_tflops (our kernel vs cuBLAS, measured on the H200), plus for the full model its GEMMs, "
+              (m.gpu.cpu_standin ? " x bf16_tflops on a GPU (our kernel vs cuBLAS, measured on the H200); here, "
+                                   "on the CPU stand-in, at bf16_tflops as measured,"
+                                 : " x bf16_tflops (our kernel vs cuBLAS, measured on the H200),") +
+              " plus for the full model its GEMMs, "
               "2 x parameters x tokens at bf16_tflops; beside them the home write behind (host homes copied at "
-              "host.read_gbps / 2, NVMe homes, which fill after the host ones in token order, at " +
+              "host.read_gbps / 2" + (m.gpu.cpu_standin ? ", on the stand-in in the chain instead" : "") +
+              ", NVMe homes, which fill after the host ones in token order, at " +
               format_bytes(prefill_write_request(in, r)) + " requests, QD " + std::to_string(prefill_write_depth(in, r)) +
               " (a KV head's new chunks are adjacent in the file; the file joins them up to " +
               format_bytes(storage::kFileWriteRequestBytesMax) + ", " + std::to_string(storage::kFileBatchBlocks) +

@@ -2,7 +2,8 @@
 // memory, storage, cpu and (with a GPU) gpu, each run as a child process
 // printing its JSON report, and writes the machine profile they give
 // (docs/machine-profile.md, "Calibrating"). Without a GPU, --gpu PRESET
-// supplies the gpu and link parts.
+// supplies the gpu and link parts, or --gpu cpu-standin measures kvtier's
+// CPU stand-in for one.
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -77,6 +78,10 @@ std::string usage_problem(const Options& o, const runtime::MachineFacts& facts) 
       std::find(presets.begin(), presets.end(), o.gpu_preset) == presets.end())
     return "unknown --gpu preset '" + o.gpu_preset + "' (GPU presets: " + joined(presets) + "; or " +
            std::string(runtime::kCpuStandinName) + " for kvtier's CPU stand-in)";
+  if (o.gpu_preset == runtime::kCpuStandinName && !facts.gpus.empty())
+    return "--gpu " + o.gpu_preset + ": this machine has a GPU (" + facts.gpus.front().name +
+           "), and kvtier runs on it, not on the CPU stand-in; drop --gpu to measure it, or hide it "
+           "(CUDA_VISIBLE_DEVICES=) to calibrate the stand-in";
   if (o.gpu_preset.empty() && facts.gpus.empty())
     return "this machine has no GPU (" + (facts.gpu_error.empty() ? "none found" : facts.gpu_error) +
            "), so the gpu and link parts cannot be measured; pass --gpu PRESET to take them from a preset (" +
@@ -181,7 +186,7 @@ std::string profile_text(const runtime::MachineProfile& m, bool gpu_from_preset)
      << gbps(m.host.plan_us_per_block) << " us per block, " << gbps(m.host.step_overhead_us)
      << " us more per layer step, " << gbps(m.host.attend_call_us) << " us per CPU attention call\n"
      << "  gpu   " << m.gpu.name << how << ": " << format_bytes(m.gpu.memory_bytes) << ", " << m.gpu.sm_count
-     << " SMs, " << gbps(m.gpu.hbm_read_gbps) << " GB/s, " << gbps(m.gpu.bf16_tflops) << " bf16 TFLOP/s\n"
+     << (m.gpu.cpu_standin ? " cores, " : " SMs, ") << gbps(m.gpu.hbm_read_gbps) << " GB/s, " << gbps(m.gpu.bf16_tflops) << " bf16 TFLOP/s\n"
      << "  link  " << m.link.name << how << ", duplex " << gbps(m.link.duplex_factor) << "\n"
      << "        h2d " << curve_text(m.link.h2d) << "\n"
      << "        d2h " << curve_text(m.link.d2h) << "\n"

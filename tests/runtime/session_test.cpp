@@ -193,64 +193,73 @@ constexpr uint32_t kAll = 200;       // top-k covering every far chunk
 
 }  // namespace
 
+// With fetch_read_ahead off, fetches read NVMe-only blocks inside their
+// upload requests, as before it: the same results either way.
 TEST_CASE("full budget: prefill and decode over three tiers equal dense attention to rounding") {
-  test::TempDir dir("kvt-session");
-  auto engine = make_engine(options(dir.path(), kAll));
-  auto session = engine->create_session(kContext + 24, "a");
-  REQUIRE_MESSAGE(session.ok(), session.status().to_string());
-  Session& s = **session;
-  const SyntheticModel m = model(kContext, 7);
-  std::vector<float> out0;
-  prefill(s, m, kContext, 300, &out0);  // blocks not aligned to chunks
-  CHECK(s.tokens() == kContext);
-  const scheduler::Placement pl = s.placement();
-  CHECK(pl.host_home_bytes > 0);
-  CHECK(pl.nvme_home_bytes > pl.host_home_bytes);
-  CHECK(pl.gpu_cached_bytes > 0);
-  {  // every NVMe-homed block went home once, in prefill's timed writes
-    const scheduler::ExecutorStats st = engine->stats();
-    const uint64_t block_bytes = BlockGeometry(shape(), policy(kAll).chunk_tokens).block_bytes();
-    CHECK(st.prefill_home_write_nvme_blocks * block_bytes == pl.nvme_home_bytes);
-    CHECK(st.prefill_home_write_us > 0);
-    // With every chunk selected, query p attends keys 0..p: the pairs over
-    // all layers and q heads are those of dense causal attention, in passes.
-    const ModelShape sh = shape();
-    CHECK(st.prefill_attention_pairs == uint64_t{sh.layers} * sh.q_heads * kContext * (kContext + 1) / 2);
-    CHECK(st.prefill_attention_us > 0);
-  }
-  // Prefill outputs at odd positions: causal dense over [0, pos].
-  const ModelShape sh = shape();
-  const size_t qrow = size_t{sh.q_heads} * sh.head_dim;
-  for (uint64_t pos : {0ull, 1ull, 15ull, 16ull, 299ull, 300ull, 1023ull, 1999ull}) {
-    std::vector<bf16> q(qrow);
-    std::vector<bf16> all(kContext * qrow);
-    m.prefill_query(0, pos, 1, q);
-    const cpu::PartialState64 want = dense(m, 0, pos + 1, q);
-    CAPTURE(pos);
-    // The GPU prefill kernel rounds P to bf16 for P.V (as FlashAttention does):
-    // about 2^-9 relative; the CPU path keeps fp32 throughout.
-    const double tol = kDevice == DeviceChoice::kCuda ? 2e-3 : 1e-5;
-    CHECK(rel_error(std::span<const float>(out0).subspan(pos * qrow, qrow), want.o) < tol);
-  }
-  // Decode steps, every layer, against dense over the whole context. 20
-  // steps move the window's start past a chunk boundary (token 1952), so the
-  // chunk that leaves it stops being hot and is selected like any far block.
-  for (uint64_t step = 0; step < 20; ++step) {
-    const StepIo io = decode(s, m, step);
-    for (uint32_t l = 0; l < sh.layers; ++l) {
-      const cpu::PartialState64 want = dense(m, l, s.tokens(l), io.q[l]);
-      CAPTURE(step);
-      CAPTURE(l);
-      CHECK(rel_error(io.out[l], want.o) < 1e-5);
-      Result<cpu::FidelityReport> f = s.verify_last_step(l, io.q[l], io.out[l]);
-      REQUIRE_MESSAGE(f.ok(), f.status().to_string());
-      CHECK(f->rel_error < 1e-5);
-      CHECK(f->mass_recall_min > 1 - 1e-12);
+  for (const bool read_ahead : {true, false}) {
+    CAPTURE(read_ahead);
+    test::TempDir dir("kvt-session");
+    EngineOptions o = options(dir.path(), kAll);
+    o.fetch_read_ahead = read_ahead;
+    auto engine = make_engine(o);
+    auto session = engine->create_session(kContext + 24, "a");
+    REQUIRE_MESSAGE(session.ok(), session.status().to_string());
+    Session& s = **session;
+    const SyntheticModel m = model(kContext, 7);
+    std::vector<float> out0;
+    prefill(s, m, kContext, 300, &out0);  // blocks not aligned to chunks
+    CHECK(s.tokens() == kContext);
+    const scheduler::Placement pl = s.placement();
+    CHECK(pl.host_home_bytes > 0);
+    CHECK(pl.nvme_home_bytes > pl.host_home_bytes);
+    CHECK(pl.gpu_cached_bytes > 0);
+    {  // every NVMe-homed block went home once, in prefill's timed writes
+      const scheduler::ExecutorStats st = engine->stats();
+      const uint64_t block_bytes = BlockGeometry(shape(), policy(kAll).chunk_tokens).block_bytes();
+      CHECK(st.prefill_home_write_nvme_blocks * block_bytes == pl.nvme_home_bytes);
+      CHECK(st.prefill_home_write_us > 0);
+      // With every chunk selected, query p attends keys 0..p: the pairs over
+      // all layers and q heads are those of dense causal attention, in passes.
+      const ModelShape sh = shape();
+      CHECK(st.prefill_attention_pairs == uint64_t{sh.layers} * sh.q_heads * kContext * (kContext + 1) / 2);
+      CHECK(st.prefill_attention_us > 0);
+      // Prefill's passes fetch selected blocks whose homes are on NVMe.
+      CHECK((st.fetch_read_ahead_blocks > 0) == read_ahead);
     }
+    // Prefill outputs at odd positions: causal dense over [0, pos].
+    const ModelShape sh = shape();
+    const size_t qrow = size_t{sh.q_heads} * sh.head_dim;
+    for (uint64_t pos : {0ull, 1ull, 15ull, 16ull, 299ull, 300ull, 1023ull, 1999ull}) {
+      std::vector<bf16> q(qrow);
+      std::vector<bf16> all(kContext * qrow);
+      m.prefill_query(0, pos, 1, q);
+      const cpu::PartialState64 want = dense(m, 0, pos + 1, q);
+      CAPTURE(pos);
+      // The GPU prefill kernel rounds P to bf16 for P.V (as FlashAttention does):
+      // about 2^-9 relative; the CPU path keeps fp32 throughout.
+      const double tol = kDevice == DeviceChoice::kCuda ? 2e-3 : 1e-5;
+      CHECK(rel_error(std::span<const float>(out0).subspan(pos * qrow, qrow), want.o) < tol);
+    }
+    // Decode steps, every layer, against dense over the whole context. 20
+    // steps move the window's start past a chunk boundary (token 1952), so the
+    // chunk that leaves it stops being hot and is selected like any far block.
+    for (uint64_t step = 0; step < 20; ++step) {
+      const StepIo io = decode(s, m, step);
+      for (uint32_t l = 0; l < sh.layers; ++l) {
+        const cpu::PartialState64 want = dense(m, l, s.tokens(l), io.q[l]);
+        CAPTURE(step);
+        CAPTURE(l);
+        CHECK(rel_error(io.out[l], want.o) < 1e-5);
+        Result<cpu::FidelityReport> f = s.verify_last_step(l, io.q[l], io.out[l]);
+        REQUIRE_MESSAGE(f.ok(), f.status().to_string());
+        CHECK(f->rel_error < 1e-5);
+        CHECK(f->mass_recall_min > 1 - 1e-12);
+      }
+    }
+    const scheduler::ExecutorStats st = engine->stats();
+    CHECK(st.nvme_read_blocks > 0);  // selected blocks came from every tier
+    CHECK(st.cpu_blocks + st.uploaded_blocks + st.gpu_resident_blocks == st.selected_blocks);
   }
-  const scheduler::ExecutorStats st = engine->stats();
-  CHECK(st.nvme_read_blocks > 0);  // selected blocks came from every tier
-  CHECK(st.cpu_blocks + st.uploaded_blocks + st.gpu_resident_blocks == st.selected_blocks);
 }
 
 TEST_CASE("sparse budget: selection, fidelity report and a batch that equals sessions alone") {

@@ -73,7 +73,8 @@ json storage_report(bool with_link) {
 // 900 us per layer step: prepare 96 over 8 lists, plan 256 over 512 blocks,
 // device waits 20, 4.85 MB of summaries, 100 us at the cpu report's 48.5 GB/s,
 // and 128 KB of scores ranked, 40 us at its top-k rate of 3.2 GB/s.
-json executor_report(double layer_step_us = 900, double score_bytes = 4.85e6) {
+json executor_report(double layer_step_us = 900, double score_bytes = 4.85e6,
+                     const char* backend = "cuda:0 (NVIDIA GeForce RTX 4090)") {
   return report("executor",
                 {{"executor_layer_step_us", layer_step_us, "us"},
                  {"executor_prepare_us", 96, "us"},
@@ -98,7 +99,7 @@ json executor_report(double layer_step_us = 900, double score_bytes = 4.85e6) {
                  {"executor_prefill_q_bytes_per_layer_block", 67108864, "bytes"},
                  {"executor_prefill_attention_ms", 9, "ms"},
                  {"executor_prefill_attention_tflops", 0.42, "TFLOP/s"}},
-                {{"context_tokens", 32768}, {"backend", "cuda:0 (NVIDIA GeForce RTX 4090)"}});
+                {{"context_tokens", 32768}, {"backend", backend}});
 }
 
 json gpu_report() {
@@ -308,8 +309,15 @@ TEST_CASE("without a GPU the gpu and link parts need a preset") {
   CHECK(contains(error_of(facts(false), reports(false), inputs("gtx480")), "unknown GPU preset 'gtx480'"));
 }
 
+// The reports of a machine without a GPU, whose executor suite ran on the CPU stand-in.
+BenchReports standin_reports() {
+  BenchReports r = reports(false);
+  r.executor = executor_report(900, 4.85e6, "backend cpu; gpu tier 2 GiB (65536 slots)");
+  return r;
+}
+
 TEST_CASE("--gpu cpu-standin measures kvtier's CPU stand-in for the gpu and link parts") {
-  const MachineProfile m = calibrated(facts(false), reports(false), inputs("cpu-standin"));
+  const MachineProfile m = calibrated(facts(false), standin_reports(), inputs("cpu-standin"));
   CHECK(validate(m).ok());
   CHECK(m.gpu.cpu_standin);
   CHECK(contains(m.gpu.name, "CPU stand-in"));
@@ -330,11 +338,15 @@ TEST_CASE("--gpu cpu-standin measures kvtier's CPU stand-in for the gpu and link
   REQUIRE(back.ok());
   CHECK(*back == m);
   // Without the figures it needs, the error names them.
-  BenchReports r = reports(false);
+  BenchReports r = standin_reports();
   r.executor["results"].erase(r.executor["results"].end() - 1);
   CHECK(contains(error_of(facts(false), r, inputs("cpu-standin")),
                  "the executor report has no result 'executor_prefill_attention_tflops'"));
-  r = reports(false);
+  // An executor suite that ran on a GPU measured the GPU's prefill, not the stand-in's.
+  const std::string on_gpu = error_of(facts(false), reports(false), inputs("cpu-standin"));
+  CHECK(contains(on_gpu, "config.backend is 'cuda:0"));
+  CHECK(contains(on_gpu, "CUDA_VISIBLE_DEVICES"));
+  r = standin_reports();
   r.memory["results"].erase(r.memory["results"].end() - 1);
   CHECK(contains(error_of(facts(false), r, inputs("cpu-standin")),
                  "the memory report has no result 'copy_gbps_all_threads'"));

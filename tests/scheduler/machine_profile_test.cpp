@@ -234,6 +234,8 @@ TEST_CASE("impossible machines are rejected with the field's path") {
       {"negative rate", json::json_pointer("/gpu/bf16_tflops"), -1.5, "gpu.bf16_tflops = -1.5: must be > 0"},
       {"zero SMs", json::json_pointer("/gpu/sm_count"), 0, "gpu.sm_count = 0: must be > 0"},
       {"wrong type", json::json_pointer("/gpu/sm_count"), "many", "gpu.sm_count = \"many\": must be a whole number"},
+      {"stand-in not a boolean", json::json_pointer("/gpu/cpu_standin"), "yes",
+       "gpu.cpu_standin = \"yes\": must be true or false"},
       {"fraction", json::json_pointer("/gpu/memory_bytes"), 1.5, "gpu.memory_bytes = 1.5: must be a whole number"},
       {"negative size", json::json_pointer("/host/memory_bytes"), -5, "host.memory_bytes = -5: must be > 0"},
       {"zero cores", json::json_pointer("/host/cores"), 0, "host.cores = 0: must be > 0"},

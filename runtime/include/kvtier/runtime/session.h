@@ -56,6 +56,7 @@ struct EngineOptions {
   bool score_on_gpu = true;  // scheduler::ExecutorOptions::score_on_gpu
   bool drop_optional_reads = true;  // scheduler::ExecutorOptions::drop_optional_reads
   bool early_reads = true;          // scheduler::ExecutorOptions::early_reads
+  bool fetch_read_ahead = true;     // scheduler::ExecutorOptions::fetch_read_ahead
   // The cost model's rates; unset: built-in estimates for this backend.
   std::optional<scheduler::CostRates> rates;
   scheduler::TraceRecorder* trace = nullptr;  // not owned; null: no trace

@@ -134,12 +134,17 @@ struct ExecutorStats {
   uint64_t prefill_fetch_nvme_reads = 0, prefill_fetch_uploads = 0;
   double prefill_home_write_us = 0;
   uint64_t prefill_home_write_nvme_blocks = 0;
-  // The attention of prefill's passes (kernel calls or, on the CPU stand-in,
-  // the engine's), and the query-key pairs they attended, summed over q heads
-  // (4 x head_dim FLOPs each: QK and PV).
+  // The attention of prefill's passes, from its call to its results on the
+  // host (on a GPU: the tail's upload, the lists, the kernels, the copies and
+  // the synchronize; on the CPU stand-in: the engine's attention), and the
+  // query-key pairs they attended, summed over q heads (4 x head_dim FLOPs
+  // each: QK and PV).
   double prefill_attention_us = 0;
   uint64_t prefill_attention_pairs = 0;
   uint64_t prefill_tokens = 0;    // tokens x layers prefilled
+  // Blocks a fetch into GPU slots read ahead into host staging
+  // (ExecutorOptions::fetch_read_ahead), prefill's and the hot set's.
+  uint64_t fetch_read_ahead_blocks = 0;
   uint64_t prefill_calls = 0;     // prefill calls: query blocks x layers
 };
 
@@ -188,6 +193,12 @@ struct ExecutorOptions {
   // decides for the other blocks). Off: they go out with the uploads at the
   // end of the plan node, as before.
   bool early_reads = true;
+  // Blocks a fetch into GPU slots finds only on NVMe (prefill's pin step,
+  // the hot set's refill) are read into host staging in one request before
+  // its upload requests, which send the host-resident blocks first. Off:
+  // they are read inside the upload requests of 32 blocks, each waited for
+  // in turn, as before.
+  bool fetch_read_ahead = true;
 };
 
 class Executor;
