@@ -761,13 +761,16 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("bf16_tflops and hbm_read_gbps are taken from the profile as given (presets: spec sheets, which "
               "measured runs reach only in part: cuBLAS reached 0.78 of the H200's dense spec)");
   a.push_back("checked against kvtier bench e2e on one H200 host with a profile kvtier calibrate measured there "
-              "in the same lease; the latest, out of sample (bench/results/2026-11-29-plan-validation-h200-v11/, "
-              "docs/plan.md): decode within 15% at 5 of 6 configurations (worst -24% at 1M, -33% there with "
-              "uncorrelated queries, where the model takes more NVMe reads per step than a short run after prefill "
-              "makes and the drive read faster than calibrated), late=summary at 4 of 6 (worst -26%), prefill at "
-              "4 of 6 (worst -23%: the NVMe home writes, taken as hidden behind the block's work, were partly "
-              "waited for); identical work on that host varies by up to 20-23% between runs minutes apart; "
-              "presets carry that host's executor times, not those of the machine asked about");
+              "in the same lease; the latest, out of sample (bench/results/2026-11-29-plan-validation-h200-v12/, "
+              "docs/plan.md): decode within 15% at 3 of 6 configurations with correlated queries (worst +23%), 5 "
+              "of 6 with uncorrelated ones (worst -31% at 1M, where the runs reuse staged blocks more than "
+              "selections spread evenly over the far blocks allow), late=summary at 2 of 6 (worst -21%), prefill "
+              "at 4 of 6 (worst -25%: the NVMe home writes, taken as hidden behind the block's work, were partly "
+              "waited for, and the fetch's reads took longer than modeled); the same point run twice in that "
+              "lease moved by up to 28%; presets carry that host's executor times, not those of the machine "
+              "asked about. On a 2-core build machine's CPU stand-in: decode within 16% where NVMe reads set "
+              "the step, 21-33% slow where they do not, prefill 60-68% slow "
+              "(bench/results/2026-11-29-plan-validation-build-machine/)");
 }
 
 void add_warnings(const SimInputs& in, PlanReport& r) {

@@ -9,7 +9,7 @@
 // each selected block is in is MODELED from the policy and a step-to-step
 // selection overlap, not measured from a trace; every modeled quantity and
 // constant is listed in PlanReport::assumptions. docs/plan.md has the model's
-// equations. No prediction has been checked against a measured run yet.
+// equations and its validation against measured runs.
 #pragma once
 
 #include <cstdint>
