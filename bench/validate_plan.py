@@ -9,7 +9,9 @@ Two steps, so that the GPU host only spends its time on measurements:
            calibrate` measured on that host, at each run's budgets, given the
            selection overlap the run measured and the plan's default; prints
            one JSON object with predicted vs measured decode steps/s and
-           prefill seconds and the error of each.
+           prefill seconds and the error of each. Decode is also predicted
+           from the run's own selection shares (--selection-shares), which
+           separates the timing model's error from the selection model's.
 
 A configuration is CONTEXT:GPU:HOST:CACHE, e.g. 128K:8GiB:6GiB:1GiB: context
 tokens, GPU budget, host budget per session and the part of it that stages
@@ -71,7 +73,7 @@ def bytes_of(text):
     return int(text)
 
 
-def plan(args, point, overlap, summary, late=None):
+def plan(args, point, overlap, summary, late=None, shares=None):
     p = parse_point(point)
     host = bytes_of(p["host"])
     # The run's staging cache: the given size, or the runtime's default of a quarter of host bytes.
@@ -84,6 +86,8 @@ def plan(args, point, overlap, summary, late=None):
         cmd += ["--selection-overlap", f"{overlap:.4f}"]
     if late is not None:
         cmd += ["--late", late]
+    if shares is not None:
+        cmd += ["--selection-shares", f"gpu={shares[0]:.4f},nvme={shares[1]:.4f}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"validate_plan: {' '.join(cmd)} failed: {out.stderr.strip()}")
@@ -124,6 +128,22 @@ def compare(args):
             row[f"decode {phase}"] = {"measured_overlap": r[overlap_key], "predicted_steps_per_s": predicted,
                                       "measured_steps_per_s": measured,
                                       "error": error(predicted, measured) if predicted else None, "plan": cmd}
+        # The same phases with the run's own selection shares (GPU-resident and
+        # NVMe-read blocks per layer step over the selected ones): what is
+        # left is the timing model's error, apart from the selection model's.
+        for phase, steps_key, overlap_key, stats_key in (
+                ("rho 0.9", "decode_steps_per_s", "selection_overlap", "stats"),
+                ("rho 0", "decode_steps_per_s_uncorrelated", "selection_overlap_uncorrelated", "stats_second")):
+            blocks = main.get(stats_key, {}).get("blocks_per_layer_step", {})
+            if r.get(steps_key) is None or not blocks.get("selected"):
+                continue
+            shares = (blocks["gpu_resident"] / blocks["selected"], blocks["nvme_read"] / blocks["selected"])
+            pj, cmd = plan(args, point, r.get(overlap_key), summary, None, shares)
+            predicted = pj["decode_tokens_per_s"]["attention_tiering"]
+            row[f"decode {phase}, measured selection"] = {
+                "measured_gpu_share": shares[0], "measured_nvme_share": shares[1],
+                "predicted_steps_per_s": predicted, "measured_steps_per_s": r[steps_key],
+                "error": error(predicted, r[steps_key]) if predicted else None, "plan": cmd}
         if "decode_steps_per_s" in r:
             pj, cmd = plan(args, point, None, summary)
             predicted = pj["decode_tokens_per_s"]["attention_tiering"]

@@ -123,6 +123,7 @@ Result<PlanReport> plan(const PlanRequest& q) {
   in.host_budget_bytes = q.host_budget_bytes;
   in.host_cache_bytes = q.host_cache_bytes;
   in.selection_overlap = q.selection_overlap;
+  in.selection_shares = q.selection_shares;
   in.score_on_gpu = q.score_on_gpu;
   return scheduler::simulate(in);
 }
@@ -138,7 +139,7 @@ std::string tier_line(const char* name, const scheduler::TierPlacement& t) {
 
 void text_decode(std::ostringstream& os, const PlanReport& r) {
   const scheduler::SelectionModel& s = r.selection;
-  os << "decode (selection MODELED: overlap " << num(s.overlap) << ", top-k " << s.topk_blocks
+  os << "decode (selection " << (s.measured ? "GIVEN" : "MODELED") << ": overlap " << num(s.overlap) << ", top-k " << s.topk_blocks
      << " blocks per KV head; selected blocks on gpu " << percent(s.gpu_share) << ", host " << percent(s.host_share)
      << ", nvme " << percent(s.nvme_share) << "):\n"
      << "  attention + tiering  " << num(r.decode_tokens_per_s_attention, "%.1f") << " tokens/s (step "

@@ -55,6 +55,12 @@ Status check_inputs(const SimInputs& in) {
   if (in.batch == 0 || in.batch > 4096) return invalid_field(kWhat, "batch", in.batch, "must be in 1..4096");
   if (in.model.weights_bytes == 0) return invalid_field(kWhat, "weights_bytes", 0, "must be > 0");
   if (in.model.parameters == 0) return invalid_field(kWhat, "parameters", 0, "must be > 0");
+  if (in.selection_shares) {
+    const MeasuredSelection& m = *in.selection_shares;
+    if (!(m.gpu_share >= 0 && m.nvme_share >= 0 && m.gpu_share + m.nvme_share <= 1 + 1e-9))
+      return invalid_argument(std::string(kWhat) + ": selection_shares gpu=" + num(m.gpu_share) + ", nvme=" +
+                              num(m.nvme_share) + ": each must be >= 0 and together at most 1 (the rest is host)");
+  }
   if (in.selection_overlap && !(*in.selection_overlap >= 0.0 && *in.selection_overlap <= 1.0))
     return invalid_argument(std::string(kWhat) + ": selection_overlap=" + num(*in.selection_overlap) +
                             " must be in [0, 1]");
@@ -446,7 +452,7 @@ Status add_decode(const SimInputs& in, PlanReport& r) {
   // planner's choice: iterate the selection model with the planner's uploads
   // (per list, of the open-tail plan) until they agree.
   KVT_ASSIGN_OR_RETURN(LayerPlan open_tail, plan_one(in, r.selection, r.cap, r.rates, false));
-  for (int i = 0; i < 16 && r.selection.nvme_homed_share > 0; ++i) {
+  for (int i = 0; i < 16 && r.selection.nvme_homed_share > 0 && !r.selection.measured; ++i) {
     double uploads = 0;
     for (const HeadPlan& h : open_tail.heads) uploads += static_cast<double>(h.upload.size());
     uploads /= static_cast<double>(std::max<size_t>(open_tail.heads.size(), 1));
@@ -650,42 +656,48 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
               "NVMe file must also hold the homes of GPU-held blocks once NVMe is used at all (DESIGN.md 2: homes "
               "are host or NVMe), which nvme_home_bytes includes; the GPU tier evicts host-homed copies first, so the "
               "NVMe-homed blocks it caches stay there (storage GpuEviction::kHomeAware)");
-  a.push_back("selection statistics are MODELED, not measured from a trace: step-to-step top-k overlap o = " +
-              num(sel.overlap) +
-              (in.selection_overlap ? " (given)" : " (default: measured by the synthetic model at query "
-                                                   "correlation 0.9, 64K context)") +
-              "; per step and KV head topk x (1 - o) selected blocks are new");
-  if (sel.nvme_homed_share == 0) {
-    a.push_back("GPU-resident share of the selection = min(1, gpu_cache_blocks / W) x o + (1 - o) x n = " +
-                num(sel.gpu_share) + ", W = layers x kv_heads x topk x batch: the last step's selection is assumed "
-                "uploaded or kept on the GPU while the cache holds it (the planner may instead attend some host "
-                "blocks on the CPU, so this is optimistic about GPU hits), and a new selection is in the cache with "
-                "n = (gpu_cache_blocks - W) / (far blocks - W) = " + num(sel.new_gpu_share) +
-                ", the share of the other far blocks the rest of the cache holds (no reuse beyond one step "
-                "modeled); every home is in host RAM, so nothing is read from NVMe");
+  if (sel.measured) {
+    a.push_back("selection statistics GIVEN (measured), not modeled: of each step's selected blocks " +
+                num(sel.gpu_share) + " GPU-resident, " + num(sel.nvme_share) + " read from NVMe, " +
+                num(sel.host_share) + " in host memory (the staging and cache models are not used)");
   } else {
-    a.push_back("NVMe homes exist: homes fill host RAM first in token order, and the GPU tier evicts host-homed "
-                "copies first (home-aware), so its cache holds K_n = min(C, H_n) NVMe-homed copies, kappa = K_n / "
-                "H_n = " + num(sel.nvme_homed_cached_share) + " of the NVMe-homed far blocks (a share h' = " +
-                num(sel.nvme_homed_share) + " of the far blocks, which the selection hits alike), and host-homed "
-                "ones only in the room beyond (an LRU cache over the host-homed blocks, as without NVMe)");
-    a.push_back("per selected NVMe-homed block, states GPU (G), staged in host memory only (St) and read this step "
-                "(N): a new selection (1 - o) is on the GPU with kappa, staged with s, else read; a re-selected one "
-                "keeps its GPU copy, goes up from staging with u (the executor uploads the latest host blocks "
-                "first and NVMe homes hold the latest tokens), and last step's reads are staged; steady state N = "
-                "(1 - o)(1 - kappa - s), St = (o N + (1 - o) s) / (1 - o (1 - u)), G = 1 - St - N; s = min(1 - "
-                "kappa, S phi / (H_n - K_n)) = " + num(sel.staging_hit_share) + " with S the staging cache's "
-                "blocks (" + (in.host_cache_bytes ? format_bytes(*in.host_cache_bytes) + " given" :
-                              std::string("none given: only last step's reads are staged")) +
-                ") and phi the share of its reads not selected again since (then they went up): a read stays S / R "
-                "steps (R = W h' N reads per step), and a given NVMe-homed block is newly selected with q = W (1 - "
-                "o) h' / H_n per step, phi = (1 - (1 - q)^(S/R)) / ((S/R) q), solved with N by bisection; the "
-                "staging cache is taken as in steady state (a short run after prefill may still hold prefill's "
-                "blocks there); u = " + num(sel.staged_upload_share) +
-                " from the planner's uploads per list over the staged blocks per list (iterated to agree)");
-    a.push_back("GPU-resident share of the selection = " + num(sel.gpu_share) + ", from NVMe = " +
-                num(sel.nvme_share) + ", from host memory = " + num(sel.host_share) +
-                "; no prefetch of NVMe blocks for future steps is modeled (all NVMe reads are issued after top-k)");
+    a.push_back("selection statistics are MODELED, not measured from a trace: step-to-step top-k overlap o = " +
+                num(sel.overlap) +
+                (in.selection_overlap ? " (given)" : " (default: measured by the synthetic model at query "
+                                                     "correlation 0.9, 64K context)") +
+                "; per step and KV head topk x (1 - o) selected blocks are new");
+    if (sel.nvme_homed_share == 0) {
+      a.push_back("GPU-resident share of the selection = min(1, gpu_cache_blocks / W) x o + (1 - o) x n = " +
+                  num(sel.gpu_share) + ", W = layers x kv_heads x topk x batch: the last step's selection is assumed "
+                  "uploaded or kept on the GPU while the cache holds it (the planner may instead attend some host "
+                  "blocks on the CPU, so this is optimistic about GPU hits), and a new selection is in the cache with "
+                  "n = (gpu_cache_blocks - W) / (far blocks - W) = " + num(sel.new_gpu_share) +
+                  ", the share of the other far blocks the rest of the cache holds (no reuse beyond one step "
+                  "modeled); every home is in host RAM, so nothing is read from NVMe");
+    } else {
+      a.push_back("NVMe homes exist: homes fill host RAM first in token order, and the GPU tier evicts host-homed "
+                  "copies first (home-aware), so its cache holds K_n = min(C, H_n) NVMe-homed copies, kappa = K_n / "
+                  "H_n = " + num(sel.nvme_homed_cached_share) + " of the NVMe-homed far blocks (a share h' = " +
+                  num(sel.nvme_homed_share) + " of the far blocks, which the selection hits alike), and host-homed "
+                  "ones only in the room beyond (an LRU cache over the host-homed blocks, as without NVMe)");
+      a.push_back("per selected NVMe-homed block, states GPU (G), staged in host memory only (St) and read this step "
+                  "(N): a new selection (1 - o) is on the GPU with kappa, staged with s, else read; a re-selected one "
+                  "keeps its GPU copy, goes up from staging with u (the executor uploads the latest host blocks "
+                  "first and NVMe homes hold the latest tokens), and last step's reads are staged; steady state N = "
+                  "(1 - o)(1 - kappa - s), St = (o N + (1 - o) s) / (1 - o (1 - u)), G = 1 - St - N; s = min(1 - "
+                  "kappa, S phi / (H_n - K_n)) = " + num(sel.staging_hit_share) + " with S the staging cache's "
+                  "blocks (" + (in.host_cache_bytes ? format_bytes(*in.host_cache_bytes) + " given" :
+                                std::string("none given: only last step's reads are staged")) +
+                  ") and phi the share of its reads not selected again since (then they went up): a read stays S / R "
+                  "steps (R = W h' N reads per step), and a given NVMe-homed block is newly selected with q = W (1 - "
+                  "o) h' / H_n per step, phi = (1 - (1 - q)^(S/R)) / ((S/R) q), solved with N by bisection; the "
+                  "staging cache is taken as in steady state (a short run after prefill may still hold prefill's "
+                  "blocks there); u = " + num(sel.staged_upload_share) +
+                  " from the planner's uploads per list over the staged blocks per list (iterated to agree)");
+      a.push_back("GPU-resident share of the selection = " + num(sel.gpu_share) + ", from NVMe = " +
+                  num(sel.nvme_share) + ", from host memory = " + num(sel.host_share) +
+                  "; no prefetch of NVMe blocks for future steps is modeled (all NVMe reads are issued after top-k)");
+    }
   }
   a.push_back("decode: layers run one after another (each layer's query depends on the previous layer's "
               "output), all layers alike: one layer is planned by the real planner and its lane-schedule makespan "
@@ -810,6 +822,12 @@ Result<PlanReport> simulate(const SimInputs& in) {
   r.rates = rates_from_profile(in.machine, in.model.shape, in.policy, in.batch, in.constants);
   KVT_RETURN_IF_ERROR(validate(r.rates).with_context("rates from machine '" + in.machine.name + "'"));
   r.selection = model_selection(in, r.cap);
+  if (in.selection_shares) {
+    r.selection.gpu_share = in.selection_shares->gpu_share;
+    r.selection.nvme_share = in.selection_shares->nvme_share;
+    r.selection.host_share = std::max(0.0, 1.0 - r.selection.gpu_share - r.selection.nvme_share);
+    r.selection.measured = true;
+  }
   KVT_RETURN_IF_ERROR(add_decode(in, r));
   add_prefill(in, r);
   add_assumptions(in, r);
@@ -862,7 +880,7 @@ nlohmann::json to_json(const PlanReport& r) {
         {"gpu_summary_bytes", pl.gpu_summary_bytes}}},
       {"decode_scoring", pl.gpu_summary_bytes > 0 ? "gpu" : "cpu"},
       {"selection",
-       {{"source", "modeled"},
+       {{"source", sel.measured ? "given (measured)" : "modeled"},
         {"overlap", sel.overlap},
         {"topk_blocks", sel.topk_blocks},
         {"gpu_share", sel.gpu_share},

@@ -46,6 +46,10 @@ po::options_description plan_options() {
       "default: none modeled, so only the last step's NVMe reads are still in host memory")(
       "selection-overlap", po::value<std::string>(),
       "share of each step's top-k also selected the step before, in [0, 1] (default 0.6, modeled)")(
+      "selection-shares", po::value<std::string>(),
+      "gpu=G,nvme=N: measured shares of each step's selected blocks that are GPU-resident and read from NVMe "
+      "(the rest in host memory; e.g. from a trace or kvtier bench e2e's blocks_per_layer_step), instead of "
+      "the modeled ones")(
       "score-on", po::value<std::string>()->default_value("gpu"),
       "where decode scores the summaries: gpu (mean keys mirrored in the GPU budget, when they fit a quarter "
       "of it) or cpu")(
@@ -92,6 +96,35 @@ std::string read_options(const po::variables_map& vm, Options& o) {
     const double v = std::strtod(text.c_str(), &end);
     if (text.empty() || *end != '\0' || !(v >= 0 && v <= 1)) return "--selection-overlap '" + text + "' must be a number in [0, 1]";
     q.selection_overlap = v;
+  }
+  if (vm.count("selection-shares") != 0) {
+    const std::string text = vm["selection-shares"].as<std::string>();
+    const std::string why = "--selection-shares '" + text + "': give gpu=G,nvme=N, each in [0, 1], G + N <= 1";
+    runtime::MeasuredSelection m;
+    bool gpu = false, nvme = false;
+    size_t begin = 0;
+    while (begin <= text.size()) {
+      const size_t end = std::min(text.find(',', begin), text.size());
+      const std::string item = text.substr(begin, end - begin);
+      const size_t eq = item.find('=');
+      if (eq == std::string::npos) return why;
+      const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+      char* stop = nullptr;
+      const double v = std::strtod(value.c_str(), &stop);
+      if (value.empty() || *stop != '\0' || !(v >= 0 && v <= 1)) return why;
+      if (key == "gpu" && !gpu) {
+        m.gpu_share = v;
+        gpu = true;
+      } else if (key == "nvme" && !nvme) {
+        m.nvme_share = v;
+        nvme = true;
+      } else {
+        return why;
+      }
+      begin = end + 1;
+    }
+    if (!gpu || !nvme || m.gpu_share + m.nvme_share > 1 + 1e-9) return why;
+    q.selection_shares = m;
   }
   const std::string score_on = vm["score-on"].as<std::string>();
   if (score_on != "gpu" && score_on != "cpu") return "--score-on '" + score_on + "': give gpu or cpu";

@@ -440,6 +440,30 @@ TEST_CASE("to_json has the documented keys") {
   CHECK(j["assumptions"].size() >= 10);
 }
 
+TEST_CASE("measured selection shares replace the modeled ones, and the same shares time the same") {
+  SimInputs in = nvme_homes_128k();
+  in.host_cache_bytes = 1 * kGiB;
+  const PlanReport modeled = run(in);
+  CHECK_FALSE(modeled.selection.measured);
+  // The modeled shares, given back as measured: the same plan and time (the
+  // planner's upload share u is then not iterated, so allow for that).
+  in.selection_shares = MeasuredSelection{modeled.selection.gpu_share, modeled.selection.nvme_share};
+  const PlanReport same = run(in);
+  CHECK(same.selection.measured);
+  CHECK(same.selection.gpu_share == modeled.selection.gpu_share);
+  CHECK(same.selection.host_share == doctest::Approx(modeled.selection.host_share));
+  CHECK(same.step_us_attention == doctest::Approx(modeled.step_us_attention).epsilon(1e-6));
+  CHECK(to_json(same)["selection"]["source"] == "given (measured)");
+  // More NVMe reads per step, fewer GPU hits: a slower step, more drive time.
+  in.selection_shares = MeasuredSelection{0.1, 0.4};
+  const PlanReport worse = run(in);
+  CHECK(worse.step_us_attention > modeled.step_us_attention);
+  CHECK(worse.traffic.nvme_read_bytes > modeled.traffic.nvme_read_bytes);
+  bool said = false;
+  for (const std::string& s : worse.assumptions) said = said || s.find("GIVEN (measured)") != std::string::npos;
+  CHECK(said);
+}
+
 TEST_CASE("invalid inputs are named") {
   struct Case {
     const char* field;
@@ -449,6 +473,8 @@ TEST_CASE("invalid inputs are named") {
       {"context_tokens", [](SimInputs& in) { in.context_tokens = 0; }},
       {"batch", [](SimInputs& in) { in.batch = 0; }},
       {"selection_overlap", [](SimInputs& in) { in.selection_overlap = 1.5; }},
+      {"selection_shares", [](SimInputs& in) { in.selection_shares = MeasuredSelection{0.8, 0.3}; }},
+      {"selection_shares", [](SimInputs& in) { in.selection_shares = MeasuredSelection{-0.1, 0.3}; }},
       {"gpu_budget_bytes", [](SimInputs& in) { in.gpu_budget_bytes = 20 * kGiB; }},
       {"host_budget_bytes", [](SimInputs& in) { in.host_budget_bytes = 1024 * kGiB; }},
       {"chunk_tokens", [](SimInputs& in) { in.policy.chunk_tokens = 48; }},

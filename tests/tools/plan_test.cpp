@@ -87,6 +87,14 @@ TEST_CASE("kvtier plan: bad input is one line naming the problem, exit code 2") 
              "chunk_tokens"},
         Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --selection-overlap 2",
              "--selection-overlap"},
+        Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --selection-shares "
+             "gpu=0.7,nvme=0.5",
+             "--selection-shares"},
+        Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --selection-shares gpu=0.7",
+             "--selection-shares"},
+        Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --selection-shares "
+             "gpu=0.5,cpu=0.1",
+             "--selection-shares"},
         Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --gpu-budget 64GiB",
              "gpu_budget_bytes"},
         Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --late never", "--late"},

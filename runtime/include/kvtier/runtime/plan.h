@@ -19,6 +19,7 @@
 namespace kvtier::runtime {
 
 using scheduler::LatePolicy;
+using scheduler::MeasuredSelection;
 using scheduler::PlanReport;
 
 struct PlanRequest {
@@ -32,6 +33,7 @@ struct PlanRequest {
   std::optional<uint64_t> host_budget_bytes;
   std::optional<uint64_t> host_cache_bytes;   // NVMe staging cache beyond the host budget (SimInputs)
   std::optional<double> selection_overlap;
+  std::optional<scheduler::MeasuredSelection> selection_shares;  // scheduler::SimInputs::selection_shares
   bool score_on_gpu = true;  // scheduler::SimInputs::score_on_gpu
 };
 

@@ -41,6 +41,15 @@ struct SimConstants {
   uint64_t max_context_tokens_searched = 1ull << 36;  // upper end of the largest-context search
 };
 
+// Where a step's selected blocks are, measured rather than modeled (from a
+// trace, or kvtier bench e2e's blocks_per_layer_step): the shares of the
+// selection that are GPU-resident and that are read from NVMe in a step; the
+// rest is in host memory.
+struct MeasuredSelection {
+  double gpu_share = 0;
+  double nvme_share = 0;
+};
+
 struct SimModel {
   std::string name;
   ModelShape shape;
@@ -59,6 +68,9 @@ struct SimInputs {
   std::optional<uint64_t> gpu_budget_bytes;   // GPU memory for KV (hot set + block cache); default: derived
   std::optional<uint64_t> host_budget_bytes;  // host RAM for KV blocks (summaries apart); default: derived
   std::optional<double> selection_overlap;    // step-to-step top-k overlap in [0, 1]; default kDefaultOverlap
+  // Given: the selection's shares per tier are these, not modeled (the
+  // overlap then only labels the report).
+  std::optional<MeasuredSelection> selection_shares;
   // Of host RAM beyond host_budget_bytes, per sequence: the staging cache
   // that keeps NVMe blocks read by earlier steps (ExecutorOptions::
   // host_cache_bytes, one per sequence); unset models none, so that only
@@ -141,6 +153,7 @@ struct SelectionModel {
   double nvme_homed_cached_share = 0;  // kappa = NVMe-homed copies the GPU cache holds / NVMe-homed far blocks
   double staging_hit_share = 0;        // s = a new NVMe-homed selection found in the staging cache
   double staged_upload_share = 1;      // u = re-selected staged blocks the planner uploads (fixed point with it)
+  bool measured = false;               // gpu/host/nvme shares given (SimInputs::selection_shares), not modeled
 };
 
 struct PlanReport {
