@@ -30,7 +30,6 @@
 #include "kvtier/runtime/machine_info.h"
 #include "kvtier/runtime/model_catalog.h"
 #include "kvtier/runtime/synthetic_run.h"
-#include "kvtier/scheduler/trace.h"
 #include "options.h"
 
 namespace fs = std::filesystem;
@@ -488,7 +487,7 @@ int run_demo(DemoOptions& o, std::ostream& out, std::ostream& err) {
     }
   }
   // run_synthetic measures overlap on a trace of its own unless given one.
-  scheduler::TraceRecorder trace;
+  runtime::TraceRecorder trace;
   if (o.trace) o.run.engine.trace = &trace;
   ProgressBar bar(err);
   if (o.progress) o.run.progress = [&bar](uint64_t done, uint64_t total) { bar.update(done, total); };

@@ -34,6 +34,9 @@
 
 namespace kvtier::runtime {
 
+// A Chrome trace of a run's lanes (EngineOptions::trace), as the runtime offers it.
+using TraceRecorder = scheduler::TraceRecorder;
+
 enum class DeviceChoice : uint8_t { kAuto, kCpu, kCuda };
 
 struct EngineOptions {
