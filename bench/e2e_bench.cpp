@@ -685,6 +685,8 @@ nlohmann::json prefill_breakdown_json(const scheduler::ExecutorStats& x) {
           {"fetch_uploads_per_layer_block", static_cast<double>(x.prefill_fetch_uploads) / pb},
           {"fetch_read_ahead_blocks_per_layer_block", static_cast<double>(x.fetch_read_ahead_blocks) / pb},
           {"home_write_land_ms_per_layer_block", x.prefill_home_write_us / pb / 1e3},
+          {"home_write_copy_ms_per_layer_block", x.prefill_home_write_copy_us / pb / 1e3},
+          {"home_write_file_ms_per_layer_block", x.prefill_home_write_file_us / pb / 1e3},
           {"home_write_nvme_blocks_per_layer_block", static_cast<double>(x.prefill_home_write_nvme_blocks) / pb},
           // Waits inside "pin" for a block still being written home.
           {"home_write_early_joins", x.home_write_early_joins},

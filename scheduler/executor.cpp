@@ -731,6 +731,8 @@ Status Executor::prefill(SequenceKv& seq, uint32_t layer, uint64_t first_token, 
   stats_.home_write_wait_us += wall_us() - t_join;
   if (landed.ok()) {  // a failed write's time and blocks would skew the write rate they give
     stats_.prefill_home_write_us += writing.land_us();
+    stats_.prefill_home_write_copy_us += writing.copy_us();
+    stats_.prefill_home_write_file_us += writing.file_write_us();
     stats_.prefill_home_write_nvme_blocks += writing.nvme_blocks();
   }
   KVT_RETURN_IF_ERROR(landed.with_context("prefill of layer " + std::to_string(layer) + ", tokens " +

@@ -128,6 +128,9 @@ class WriteBehind {
   // writes), and how many of its blocks went to NVMe.
   double land_us() const { return land_us_; }
   size_t nvme_blocks() const { return write_.nvme_size(); }
+  // Of land_us: the copies, and the file's NVMe writes (HomeWrite).
+  double copy_us() const { return write_.copy_us(); }
+  double file_write_us() const { return write_.file_write_us(); }
 
  private:
   storage::HomeWrite write_;

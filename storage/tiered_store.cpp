@@ -158,7 +158,7 @@ struct TieredStore::Impl {
 
   // A write's copies home, on the thread that calls HomeWrite::land.
   Status land(HomeWrite::State& w, const ParallelFor& parallel_for);
-  Status land_nvme(const HomeWrite::State& w, const ParallelFor& parallel_for);
+  Status land_nvme(HomeWrite::State& w, const ParallelFor& parallel_for);
   Result<std::byte*> bounce_for(uint64_t bytes);
 };
 
@@ -667,6 +667,9 @@ struct HomeWrite::State {
   bool host_landed = false;  // the host homes hold the new bytes
   Status landed = unavailable("the write was ended before it landed; its blocks are unwritten");
   bool finished = false;
+  // Where land() spent its time: copies (host homes, and NVMe blocks into
+  // the bounce buffer with their checksums) and the file's writes.
+  double copy_us = 0, file_write_us = 0;
 };
 
 namespace {
@@ -777,7 +780,7 @@ Result<std::byte*> TieredStore::Impl::bounce_for(uint64_t bytes) {
   return bounce.get();
 }
 
-Status TieredStore::Impl::land_nvme(const HomeWrite::State& w, const ParallelFor& parallel_for) {
+Status TieredStore::Impl::land_nvme(HomeWrite::State& w, const ParallelFor& parallel_for) {
   const uint64_t payload = geometry.block_bytes(), slot = geometry.slot_bytes();
   const size_t per_piece = std::max<uint64_t>(1, kBounceBytesMax / slot);
   // One buffer per store: writes landing on several threads take turns.
@@ -792,20 +795,25 @@ Status TieredStore::Impl::land_nvme(const HomeWrite::State& w, const ParallelFor
     // where it used to make a serial CRC pass over each batch of them first
     // (the drive idle meanwhile).
     crcs.resize(n);
+    const auto c0 = std::chrono::steady_clock::now();
     for_ranges(parallel_for, n, kCopyGrainBlocks, [&](size_t begin, size_t end) {
       for (size_t k = begin; k < end; ++k) {
         copy_padded(buf + k * slot, w.writes[w.nvme[first + k]].data, payload, slot);
         crcs[k] = crc32c(buf + k * slot, slot);
       }
     });
+    const auto c1 = std::chrono::steady_clock::now();
+    w.copy_us += std::chrono::duration<double, std::micro>(c1 - c0).count();
     io.clear();
     for (size_t k = 0; k < n; ++k) io.push_back(BlockIo{w.writes[w.nvme[first + k]].block, buf + k * slot});
     const size_t batch = config.write_batch_blocks;  // 1 to kFileBatchBlocks (create checks it)
     for (size_t at = 0; at < n; at += batch) {
       const size_t m = std::min(batch, n - at);
-      KVT_RETURN_IF_ERROR(file->write_blocks(std::span<const BlockIo>(io).subspan(at, m),
-                                             std::span<const uint32_t>(crcs).subspan(at, m)));
+      const Status st = file->write_blocks(std::span<const BlockIo>(io).subspan(at, m),
+                                           std::span<const uint32_t>(crcs).subspan(at, m));
+      if (!st.ok()) return st;
     }
+    w.file_write_us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - c1).count();
   }
   return Status::ok_status();
 }
@@ -813,9 +821,11 @@ Status TieredStore::Impl::land_nvme(const HomeWrite::State& w, const ParallelFor
 // Copies only: the block state changes in finish_locked, on the caller's side.
 Status TieredStore::Impl::land(HomeWrite::State& w, const ParallelFor& parallel_for) {
   const uint64_t payload = geometry.block_bytes(), slot = geometry.slot_bytes();
+  const auto t0 = std::chrono::steady_clock::now();
   for_ranges(parallel_for, w.host.size(), kCopyGrainBlocks, [&](size_t begin, size_t end) {
     for (size_t k = begin; k < end; ++k) copy_padded(w.host[k].second, w.writes[w.host[k].first].data, payload, slot);
   });
+  w.copy_us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
   w.host_landed = true;
   return land_nvme(w, parallel_for);
 }
@@ -920,6 +930,8 @@ bool HomeWrite::holds(uint32_t block) const {
 
 size_t HomeWrite::size() const { return state_ == nullptr ? 0 : state_->writes.size(); }
 size_t HomeWrite::nvme_size() const { return state_ == nullptr ? 0 : state_->nvme.size(); }
+double HomeWrite::copy_us() const { return state_ == nullptr ? 0 : state_->copy_us; }
+double HomeWrite::file_write_us() const { return state_ == nullptr ? 0 : state_->file_write_us; }
 
 // ---------------------------------------------------------------- protection
 

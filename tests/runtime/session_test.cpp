@@ -218,6 +218,10 @@ TEST_CASE("full budget: prefill and decode over three tiers equal dense attentio
       const uint64_t block_bytes = BlockGeometry(shape(), policy(kAll).chunk_tokens).block_bytes();
       CHECK(st.prefill_home_write_nvme_blocks * block_bytes == pl.nvme_home_bytes);
       CHECK(st.prefill_home_write_us > 0);
+      // Its parts: copies and file writes, each within the land time.
+      CHECK(st.prefill_home_write_copy_us > 0);
+      CHECK(st.prefill_home_write_file_us > 0);
+      CHECK(st.prefill_home_write_copy_us + st.prefill_home_write_file_us <= st.prefill_home_write_us);
       // With every chunk selected, query p attends keys 0..p: the pairs over
       // all layers and q heads are those of dense causal attention, in passes.
       const ModelShape sh = shape();

@@ -133,6 +133,9 @@ struct ExecutorStats {
   // start, overlapped or not) and the NVMe-homed blocks among them.
   uint64_t prefill_fetch_nvme_reads = 0, prefill_fetch_uploads = 0;
   double prefill_home_write_us = 0;
+  // Of it: the copies (host homes, NVMe blocks into the write buffer with
+  // their checksums, through the CPU workers) and the file's NVMe writes.
+  double prefill_home_write_copy_us = 0, prefill_home_write_file_us = 0;
   uint64_t prefill_home_write_nvme_blocks = 0;
   // The attention of prefill's passes, from its call to its results on the
   // host (on a GPU: the tail's upload, the lists, the kernels, the copies and

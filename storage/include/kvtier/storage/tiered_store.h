@@ -155,6 +155,10 @@ class HomeWrite {
   bool holds(uint32_t block) const;
   size_t size() const;  // blocks written
   size_t nvme_size() const;  // of them, blocks homed on NVMe
+  // After land() returned: its time in copies (host homes; NVMe blocks into
+  // the write buffer, with their checksums) and in the file's NVMe writes.
+  double copy_us() const;
+  double file_write_us() const;
 
   struct State;
 
