@@ -87,7 +87,9 @@ def plan(args, point, overlap, summary, late=None, shares=None):
     if late is not None:
         cmd += ["--late", late]
     if shares is not None:
-        cmd += ["--selection-shares", f"gpu={shares[0]:.4f},nvme={shares[1]:.4f}"]
+        g = round(shares[0], 4)
+        n = min(round(shares[1], 4), round(1 - g, 4))  # rounded, the two must not pass 1
+        cmd += ["--selection-shares", f"gpu={g:.4f},nvme={n:.4f}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"validate_plan: {' '.join(cmd)} failed: {out.stderr.strip()}")

@@ -185,7 +185,8 @@ std::string plan_text(const PlanReport& r) {
      << percent(r.prefill_bottleneck.utilisation) << "); attention and tiering alone "
      << num(r.prefill_seconds_attention, "%.1f") << " s\n";
   for (const std::string& w : r.warnings) os << "warning: " << w << "\n";
-  os << "assumptions (checked against measured runs on one H200 host: docs/plan.md, Validation):\n";
+  os << "assumptions (checked against measured runs on one H200 host and a build machine's CPU stand-in: "
+        "docs/plan.md, Validation):\n";
   for (const std::string& a : r.assumptions) os << "  - " << a << "\n";
   return os.str();
 }

@@ -659,7 +659,8 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   if (sel.measured) {
     a.push_back("selection statistics GIVEN (measured), not modeled: of each step's selected blocks " +
                 num(sel.gpu_share) + " GPU-resident, " + num(sel.nvme_share) + " read from NVMe, " +
-                num(sel.host_share) + " in host memory (the staging and cache models are not used)");
+                num(sel.host_share) + " in host memory (the staging and cache models are not used); all NVMe "
+                "reads are issued after top-k (no prefetch for future steps)");
   } else {
     a.push_back("selection statistics are MODELED, not measured from a trace: step-to-step top-k overlap o = " +
                 num(sel.overlap) +
@@ -775,13 +776,14 @@ void add_assumptions(const SimInputs& in, PlanReport& r) {
   a.push_back("checked against kvtier bench e2e on one H200 host with a profile kvtier calibrate measured there "
               "in the same lease; the latest, out of sample (bench/results/2026-11-29-plan-validation-h200-v12/, "
               "docs/plan.md): decode within 15% at 3 of 6 configurations with correlated queries (worst +23%), 5 "
-              "of 6 with uncorrelated ones (worst -31% at 1M, where the runs reuse staged blocks more than "
-              "selections spread evenly over the far blocks allow), late=summary at 2 of 6 (worst -21%), prefill "
+              "of 6 with uncorrelated ones (worst -31% at 1M, where the runs read fewer blocks from NVMe than "
+              "selections spread evenly over the far blocks would: likely more reuse of staged blocks), "
+              "late=summary at 2 of 6 (worst -21%), prefill "
               "at 4 of 6 (worst -25%: the NVMe home writes, taken as hidden behind the block's work, were partly "
               "waited for, and the fetch's reads took longer than modeled); the same point run twice in that "
               "lease moved by up to 28%; presets carry that host's executor times, not those of the machine "
               "asked about. On a 2-core build machine's CPU stand-in: decode within 16% where NVMe reads set "
-              "the step, 21-33% slow where they do not, prefill 60-68% slow "
+              "the step (from errors that cancel), 21-33% slow where they do not, prefill 60-68% slow "
               "(bench/results/2026-11-29-plan-validation-build-machine/)");
 }
 
@@ -822,6 +824,10 @@ Result<PlanReport> simulate(const SimInputs& in) {
   r.rates = rates_from_profile(in.machine, in.model.shape, in.policy, in.batch, in.constants);
   KVT_RETURN_IF_ERROR(validate(r.rates).with_context("rates from machine '" + in.machine.name + "'"));
   r.selection = model_selection(in, r.cap);
+  if (in.selection_shares && in.selection_shares->nvme_share > 0 && r.cap.placement.nvme.blocks == 0)
+    return invalid_argument(std::string(kWhat) + ": selection_shares nvme=" + num(in.selection_shares->nvme_share) +
+                            " but no block of this placement is on NVMe; give nvme=0, or budgets that put blocks "
+                            "there");
   if (in.selection_shares) {
     r.selection.gpu_share = in.selection_shares->gpu_share;
     r.selection.nvme_share = in.selection_shares->nvme_share;
@@ -888,9 +894,10 @@ nlohmann::json to_json(const PlanReport& r) {
         {"nvme_share", sel.nvme_share},
         {"host_homed_far_share", sel.host_homed_far_share},
         {"nvme_homed_share", sel.nvme_homed_share},
-        {"nvme_homed_cached_share", sel.nvme_homed_cached_share},
-        {"staging_hit_share", sel.staging_hit_share},
-        {"staged_upload_share", sel.staged_upload_share}}},
+        // The selection model's own quantities: none when the shares were given.
+        {"nvme_homed_cached_share", sel.measured ? nlohmann::json() : nlohmann::json(sel.nvme_homed_cached_share)},
+        {"staging_hit_share", sel.measured ? nlohmann::json() : nlohmann::json(sel.staging_hit_share)},
+        {"staged_upload_share", sel.measured ? nlohmann::json() : nlohmann::json(sel.staged_upload_share)}}},
       {"rates",
        {{"gpu_attend_gbps", r.rates.gpu_attend_gbps},
         {"cpu_attend_gbps", r.rates.cpu_attend_gbps},

@@ -124,6 +124,9 @@ std::string read_options(const po::variables_map& vm, Options& o) {
       begin = end + 1;
     }
     if (!gpu || !nvme || m.gpu_share + m.nvme_share > 1 + 1e-9) return why;
+    if (vm.count("sweep") != 0)
+      return "--selection-shares with --sweep: shares measured in one run do not hold at other contexts or machines; "
+             "drop one of them";
     q.selection_shares = m;
   }
   const std::string score_on = vm["score-on"].as<std::string>();

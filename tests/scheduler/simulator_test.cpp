@@ -454,6 +454,13 @@ TEST_CASE("measured selection shares replace the modeled ones, and the same shar
   CHECK(same.selection.host_share == doctest::Approx(modeled.selection.host_share));
   CHECK(same.step_us_attention == doctest::Approx(modeled.step_us_attention).epsilon(1e-6));
   CHECK(to_json(same)["selection"]["source"] == "given (measured)");
+  CHECK(to_json(same)["selection"]["staging_hit_share"].is_null());  // the model's own, unused
+  // NVMe reads where no block is on NVMe cannot be: refused, naming the field.
+  SimInputs all_gpu = inputs("h200,ddr5-512g,nvme-gen5", 131072);
+  all_gpu.selection_shares = MeasuredSelection{0.5, 0.1};
+  const Result<PlanReport> refused = simulate(all_gpu);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.status().message().find("selection_shares nvme=0.1") != std::string::npos);
   // More NVMe reads per step, fewer GPU hits: a slower step, more drive time.
   in.selection_shares = MeasuredSelection{0.1, 0.4};
   const PlanReport worse = run(in);

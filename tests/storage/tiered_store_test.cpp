@@ -740,7 +740,7 @@ TEST_CASE("a write in flight is never read from home; its gpu copies serve it, a
   REQUIRE(w->finish().ok());
   CHECK_FALSE(w->holds(90));
   CHECK(ranges > 1);  // the copies went through the lent pool
-  // 64 host homes and 36 NVMe homes: both phases took time, within the land.
+  // 64 host homes and 36 NVMe homes: both phases took time.
   CHECK(w->copy_us() > 0);
   CHECK(w->file_write_us() > 0);
   check_version(s, 0, 100, Tier::kHost, 1);

@@ -95,6 +95,9 @@ TEST_CASE("kvtier plan: bad input is one line naming the problem, exit code 2") 
         Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --selection-shares "
              "gpu=0.5,cpu=0.1",
              "--selection-shares"},
+        Case{"plan --model llama-3.1-8b --machine rtx4090,ddr5-128g,nvme-gen4 --sweep context=128K:1M "
+             "--selection-shares gpu=0.5,nvme=0.1",
+             "--selection-shares with --sweep"},
         Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --gpu-budget 64GiB",
              "gpu_budget_bytes"},
         Case{"plan --model llama-3.1-8b --context 1M --machine rtx4090,ddr5-128g,nvme-gen4 --late never", "--late"},

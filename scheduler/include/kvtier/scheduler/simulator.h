@@ -7,7 +7,8 @@
 // selections, and its task graph is timed on the one-queue-per-lane virtual
 // clock (lane_schedule) with rates taken from the machine profile. Which tier
 // each selected block is in is MODELED from the policy and a step-to-step
-// selection overlap, not measured from a trace; every modeled quantity and
+// selection overlap, unless measured shares are given
+// (SimInputs::selection_shares); every modeled quantity and
 // constant is listed in PlanReport::assumptions. docs/plan.md has the model's
 // equations and its validation against measured runs.
 #pragma once

@@ -155,8 +155,10 @@ class HomeWrite {
   bool holds(uint32_t block) const;
   size_t size() const;  // blocks written
   size_t nvme_size() const;  // of them, blocks homed on NVMe
-  // After land() returned: its time in copies (host homes; NVMe blocks into
-  // the write buffer, with their checksums) and in the file's NVMe writes.
+  // After land() returned ok: its time in copies (host homes; NVMe blocks
+  // into the write buffer, with their checksums) and in the file's NVMe
+  // writes. The wait for the store's one write buffer is in neither. After a
+  // failed land() they hold what was timed before the failure.
   double copy_us() const;
   double file_write_us() const;
 
