@@ -461,8 +461,9 @@ Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std
     std::vector<uint32_t> want;
     for (size_t i : missing) want.push_back(blocks[i]);
     KVT_RETURN_IF_ERROR(land_before_fetch(writing, want, stats_));
-    // The blocks found only on NVMe are read into host staging together, up
-    // to kFetchBatch in one request, and their uploads go last: a few such
+    // The blocks found only on NVMe are read into host staging together, in
+    // one request of up to half the staging cache (at least kFetchBatch, which
+    // the cache always holds), and their uploads go last: a few such
     // blocks spread over many upload requests, each waited for in turn, had
     // the drive read them a few at a time (prefill's fetch at 1M spent about
     // half a millisecond per read on the H200 host, validation v11). The
@@ -477,8 +478,11 @@ Status Executor::pin_on_gpu(SequenceKv& seq, uint32_t layer, std::span<const std
       std::vector<size_t> host_first, nvme_last;
       for (size_t k = 0; k < want.size(); ++k) (where[k] == Tier::kNvme ? nvme_last : host_first).push_back(missing[k]);
       if (!nvme_last.empty()) {
+        // Half the cache, so that a later request's reads cannot evict these
+        // before their uploads (requests run in order).
+        const size_t most = std::max<size_t>(kFetchBatch, seq.store_->staging_slots() / 2);
         std::vector<uint32_t> reads;
-        for (size_t k = 0; k < std::min(kFetchBatch, nvme_last.size()); ++k) reads.push_back(blocks[nvme_last[k]]);
+        for (size_t k = 0; k < std::min(most, nvme_last.size()); ++k) reads.push_back(blocks[nvme_last[k]]);
         ahead.start(reads);
         stats_.fetch_read_ahead_blocks += reads.size();
         missing = std::move(host_first);

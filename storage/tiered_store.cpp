@@ -1043,6 +1043,8 @@ BlockFile& TieredStore::file() { return *impl_->file; }
 ComputeBackend& TieredStore::backend() { return impl_->backend; }
 DeviceArena& TieredStore::gpu_arena() { return *impl_->gpu_arena; }
 
+uint32_t TieredStore::staging_slots() const { return impl_->cache_arena->capacity(); }
+
 uint32_t TieredStore::gpu_room() const {
   std::lock_guard lock(impl_->mu);
   const uint32_t evictable = impl_->table.gpu_policy().size();

@@ -266,6 +266,21 @@ TEST_CASE("full budget: prefill and decode over three tiers equal dense attentio
   }
 }
 
+TEST_CASE("with room in staging, prefill reads every NVMe-only block it fetches ahead of its uploads") {
+  test::TempDir dir("kvt-session");
+  EngineOptions o = options(dir.path(), kAll);
+  o.host_bytes = 512 * 4096;        // 448 staging slots (read-ahead requests of up to 224), 64 host homes
+  o.host_cache_bytes = 448 * 4096;
+  auto engine = make_engine(o);
+  auto session = engine->create_session(kContext, "a");
+  REQUIRE_MESSAGE(session.ok(), session.status().to_string());
+  prefill(**session, model(kContext, 7), kContext, 300, nullptr);
+  const scheduler::ExecutorStats st = engine->stats();
+  // Some passes fetch more than 32 NVMe-only blocks; all go in one request.
+  CHECK(st.prefill_fetch_nvme_reads > 0);
+  CHECK(st.fetch_read_ahead_blocks == st.prefill_fetch_nvme_reads);
+}
+
 TEST_CASE("sparse budget: selection, fidelity report and a batch that equals sessions alone") {
   test::TempDir dir("kvt-session");
   auto engine = make_engine(options(dir.path(), 8, 4));

@@ -257,6 +257,8 @@ class TieredStore {
   StoreStats stats() const;
   // GPU slots this context could fill now: free within its quota plus evictable.
   uint32_t gpu_room() const;
+  // Slots of the host staging cache for NVMe-homed blocks (fixed at creation).
+  uint32_t staging_slots() const;
   std::string describe() const;   // tiers, slots, how memory is pinned, how I/O runs
   BlockFile& file();
   ComputeBackend& backend();
