@@ -118,10 +118,14 @@ def compare(args):
                "nvme_used": main["placement_bytes_sequence0"]["nvme_home"] > 0}
         # The late=summary phase (rho 0.9, run after the two others) reports no
         # overlap of its own: the main phase's, same query correlation, is used.
-        for phase, steps_key, overlap_key, late in (
-                ("rho 0.9", "decode_steps_per_s", "selection_overlap", None),
-                ("rho 0", "decode_steps_per_s_uncorrelated", "selection_overlap_uncorrelated", None),
-                ("rho 0.9, late=summary", "decode_steps_per_s_late_summary", "selection_overlap", "summary")):
+        # The two late=wait phases are also predicted from the run's own
+        # selection shares (GPU-resident and NVMe-read blocks per layer step
+        # over the selected ones): what is left is the timing model's error,
+        # apart from the selection model's.
+        for phase, steps_key, overlap_key, late, stats_key in (
+                ("rho 0.9", "decode_steps_per_s", "selection_overlap", None, "stats"),
+                ("rho 0", "decode_steps_per_s_uncorrelated", "selection_overlap_uncorrelated", None, "stats_second"),
+                ("rho 0.9, late=summary", "decode_steps_per_s_late_summary", "selection_overlap", "summary", None)):
             if steps_key not in r or r[steps_key] is None or r.get(overlap_key) is None:
                 continue
             measured = r[steps_key]
@@ -130,22 +134,16 @@ def compare(args):
             row[f"decode {phase}"] = {"measured_overlap": r[overlap_key], "predicted_steps_per_s": predicted,
                                       "measured_steps_per_s": measured,
                                       "error": error(predicted, measured) if predicted else None, "plan": cmd}
-        # The same phases with the run's own selection shares (GPU-resident and
-        # NVMe-read blocks per layer step over the selected ones): what is
-        # left is the timing model's error, apart from the selection model's.
-        for phase, steps_key, overlap_key, stats_key in (
-                ("rho 0.9", "decode_steps_per_s", "selection_overlap", "stats"),
-                ("rho 0", "decode_steps_per_s_uncorrelated", "selection_overlap_uncorrelated", "stats_second")):
-            blocks = main.get(stats_key, {}).get("blocks_per_layer_step", {})
-            if r.get(steps_key) is None or not blocks.get("selected"):
+            blocks = main.get(stats_key, {}).get("blocks_per_layer_step", {}) if stats_key else {}
+            if not blocks.get("selected"):
                 continue
             shares = (blocks["gpu_resident"] / blocks["selected"], blocks["nvme_read"] / blocks["selected"])
-            pj, cmd = plan(args, point, r.get(overlap_key), summary, None, shares)
+            pj, cmd = plan(args, point, r[overlap_key], summary, late, shares)
             predicted = pj["decode_tokens_per_s"]["attention_tiering"]
             row[f"decode {phase}, measured selection"] = {
                 "measured_gpu_share": shares[0], "measured_nvme_share": shares[1],
-                "predicted_steps_per_s": predicted, "measured_steps_per_s": r[steps_key],
-                "error": error(predicted, r[steps_key]) if predicted else None, "plan": cmd}
+                "predicted_steps_per_s": predicted, "measured_steps_per_s": measured,
+                "error": error(predicted, measured) if predicted else None, "plan": cmd}
         if "decode_steps_per_s" in r:
             pj, cmd = plan(args, point, None, summary)
             predicted = pj["decode_tokens_per_s"]["attention_tiering"]

@@ -6,6 +6,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <sstream>
 
@@ -106,6 +107,27 @@ Result<SparsityPolicy> parse_policy_overrides(std::string_view text, SparsityPol
   }
   KVT_RETURN_IF_ERROR(validate(base));
   return base;
+}
+
+Result<MeasuredSelection> parse_selection_shares(std::string_view text) {
+  const std::string why = "'" + std::string(text) + "': give gpu=G,nvme=N, each in [0, 1], G + N <= 1";
+  MeasuredSelection m;
+  bool gpu = false, nvme = false;
+  for (std::string_view item : split(text, ',')) {
+    const size_t eq = item.find('=');
+    if (eq == std::string_view::npos) return invalid_argument(why);
+    const std::string_view key = trim(item.substr(0, eq));
+    const std::string value(trim(item.substr(eq + 1)));
+    char* stop = nullptr;
+    const double v = std::strtod(value.c_str(), &stop);
+    if (value.empty() || *stop != '\0' || !(v >= 0 && v <= 1)) return invalid_argument(why);
+    bool& seen = key == "gpu" ? gpu : nvme;
+    if ((key != "gpu" && key != "nvme") || seen) return invalid_argument(why);
+    (key == "gpu" ? m.gpu_share : m.nvme_share) = v;
+    seen = true;
+  }
+  if (!gpu || !nvme || m.gpu_share + m.nvme_share > 1 + 1e-9) return invalid_argument(why);
+  return m;
 }
 
 Result<PlanReport> plan(const PlanRequest& q) {

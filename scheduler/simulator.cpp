@@ -824,13 +824,14 @@ Result<PlanReport> simulate(const SimInputs& in) {
   r.rates = rates_from_profile(in.machine, in.model.shape, in.policy, in.batch, in.constants);
   KVT_RETURN_IF_ERROR(validate(r.rates).with_context("rates from machine '" + in.machine.name + "'"));
   r.selection = model_selection(in, r.cap);
-  if (in.selection_shares && in.selection_shares->nvme_share > 0 && r.cap.placement.nvme.blocks == 0)
-    return invalid_argument(std::string(kWhat) + ": selection_shares nvme=" + num(in.selection_shares->nvme_share) +
-                            " but no block of this placement is on NVMe; give nvme=0, or budgets that put blocks "
-                            "there");
   if (in.selection_shares) {
-    r.selection.gpu_share = in.selection_shares->gpu_share;
-    r.selection.nvme_share = in.selection_shares->nvme_share;
+    const MeasuredSelection& m = *in.selection_shares;
+    if (m.nvme_share > 0 && r.cap.placement.nvme.blocks == 0)
+      return invalid_argument(std::string(kWhat) + ": selection_shares nvme=" + num(m.nvme_share) +
+                              " but no block of this placement is on NVMe; give nvme=0, or budgets that put blocks "
+                              "there");
+    r.selection.gpu_share = m.gpu_share;
+    r.selection.nvme_share = m.nvme_share;
     r.selection.host_share = std::max(0.0, 1.0 - r.selection.gpu_share - r.selection.nvme_share);
     r.selection.measured = true;
   }
@@ -857,6 +858,8 @@ nlohmann::json to_json(const PlanReport& r) {
   json lanes = json::array();
   for (const LaneUse& l : r.lanes) lanes.push_back(lane_json(l));
   const SelectionModel& sel = r.selection;
+  // The selection model's own quantities: null when the shares were given.
+  const auto model_only = [&sel](double x) { return sel.measured ? json() : json(x); };
   const Traffic& t = r.traffic;
   return {
       {"model", r.model},
@@ -894,10 +897,9 @@ nlohmann::json to_json(const PlanReport& r) {
         {"nvme_share", sel.nvme_share},
         {"host_homed_far_share", sel.host_homed_far_share},
         {"nvme_homed_share", sel.nvme_homed_share},
-        // The selection model's own quantities: none when the shares were given.
-        {"nvme_homed_cached_share", sel.measured ? nlohmann::json() : nlohmann::json(sel.nvme_homed_cached_share)},
-        {"staging_hit_share", sel.measured ? nlohmann::json() : nlohmann::json(sel.staging_hit_share)},
-        {"staged_upload_share", sel.measured ? nlohmann::json() : nlohmann::json(sel.staged_upload_share)}}},
+        {"nvme_homed_cached_share", model_only(sel.nvme_homed_cached_share)},
+        {"staging_hit_share", model_only(sel.staging_hit_share)},
+        {"staged_upload_share", model_only(sel.staged_upload_share)}}},
       {"rates",
        {{"gpu_attend_gbps", r.rates.gpu_attend_gbps},
         {"cpu_attend_gbps", r.rates.cpu_attend_gbps},

@@ -98,36 +98,12 @@ std::string read_options(const po::variables_map& vm, Options& o) {
     q.selection_overlap = v;
   }
   if (vm.count("selection-shares") != 0) {
-    const std::string text = vm["selection-shares"].as<std::string>();
-    const std::string why = "--selection-shares '" + text + "': give gpu=G,nvme=N, each in [0, 1], G + N <= 1";
-    runtime::MeasuredSelection m;
-    bool gpu = false, nvme = false;
-    size_t begin = 0;
-    while (begin <= text.size()) {
-      const size_t end = std::min(text.find(',', begin), text.size());
-      const std::string item = text.substr(begin, end - begin);
-      const size_t eq = item.find('=');
-      if (eq == std::string::npos) return why;
-      const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
-      char* stop = nullptr;
-      const double v = std::strtod(value.c_str(), &stop);
-      if (value.empty() || *stop != '\0' || !(v >= 0 && v <= 1)) return why;
-      if (key == "gpu" && !gpu) {
-        m.gpu_share = v;
-        gpu = true;
-      } else if (key == "nvme" && !nvme) {
-        m.nvme_share = v;
-        nvme = true;
-      } else {
-        return why;
-      }
-      begin = end + 1;
-    }
-    if (!gpu || !nvme || m.gpu_share + m.nvme_share > 1 + 1e-9) return why;
+    Result<runtime::MeasuredSelection> m = runtime::parse_selection_shares(vm["selection-shares"].as<std::string>());
+    if (!m.ok()) return "--selection-shares " + m.status().message();
     if (vm.count("sweep") != 0)
       return "--selection-shares with --sweep: shares measured in one run do not hold at other contexts or machines; "
              "drop one of them";
-    q.selection_shares = m;
+    q.selection_shares = *m;
   }
   const std::string score_on = vm["score-on"].as<std::string>();
   if (score_on != "gpu" && score_on != "cpu") return "--score-on '" + score_on + "': give gpu or cpu";

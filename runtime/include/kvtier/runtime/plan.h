@@ -47,6 +47,10 @@ Result<scheduler::SimModel> resolve_model(std::string_view name_or_path);
 // Errors name the key; the result is validated.
 Result<SparsityPolicy> parse_policy_overrides(std::string_view text, SparsityPolicy base = {});
 
+// Measured selection shares "gpu=G,nvme=N" (each in [0, 1], G + N <= 1, both
+// given once); the error quotes the text and says the form.
+Result<MeasuredSelection> parse_selection_shares(std::string_view text);
+
 // Resolves the model and machine and simulates.
 Result<PlanReport> plan(const PlanRequest& request);
 
